@@ -1,0 +1,374 @@
+"""Tokenizers behind one interface, built by name as in Megatron-LM (``--tokenizer-type``).
+
+Every tokenizer exposes ``encode``, ``decode``, ``vocab_size`` and the special ids ``eod``,
+``pad``, ``mask``, ``cls``, ``sep`` (``None`` where the vocabulary has no such token).
+
+- ``SentencePieceTokenizer``: a ``.model`` file (``tools/train_tokenizer.py`` writes one with
+  ``<pad>``, ``</s>`` (eod, sep), ``<s>`` (cls) and a ``<mask>`` control symbol).
+- ``GPT2BPETokenizer``: byte-level BPE from ``vocab.json`` + ``merges.txt``; the special tokens
+  ``<s> </s> <pad> <mask>`` follow the RoBERTa convention and are appended after the vocabulary
+  when it lacks them. ``eod`` is ``<|endoftext|>`` when present, else ``</s>``.
+- ``HFTokenizer``: a HuggingFace ``tokenizer.json`` (needs the optional ``tokenizers`` package).
+- ``NullTokenizer``: text is space-separated ids; ``eod = vocab_size - 1`` (Megatron's convention).
+"""
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from functools import lru_cache
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPT2BPETokenizer", "HFTokenizer", "NullTokenizer")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be built; the message names the flag and the path."""
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids, plus the special ids the datasets need."""
+
+    @abstractmethod
+    def encode(self, text: str) -> List[int]:
+        """Token ids of ``text`` (no special tokens added)."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of a list of token ids."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included."""
+
+    @property
+    def eod(self) -> Optional[int]:
+        """End-of-document id, appended by ``--append-eod``."""
+        return None
+
+    @property
+    def pad(self) -> Optional[int]:
+        """Padding id."""
+        return None
+
+    @property
+    def mask(self) -> Optional[int]:
+        """Mask id for masked-LM training."""
+        return None
+
+    @property
+    def cls(self) -> Optional[int]:
+        """Start-of-sample id for masked-LM training."""
+        return None
+
+    @property
+    def sep(self) -> Optional[int]:
+        """Separator id (end of sample, document boundary) for masked-LM training."""
+        return None
+
+    def special_ids(self) -> List[int]:
+        """The distinct special ids this tokenizer defines."""
+        ids = {self.eod, self.pad, self.mask, self.cls, self.sep}
+        return sorted(i for i in ids if i is not None)
+
+
+def _first(*ids: Optional[int]) -> Optional[int]:
+    """The first id that is not None."""
+    return next((i for i in ids if i is not None), None)
+
+
+def _require_file(path: Optional[str], flag: str, tokenizer_type: str) -> str:
+    if not path:
+        raise TokenizerError(f"{tokenizer_type} needs {flag}")
+    if not os.path.isfile(path):
+        raise TokenizerError(f"{flag} {path}: file not found")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# SentencePiece
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model file."""
+
+    def __init__(self, model_file: str) -> None:
+        import sentencepiece
+
+        _require_file(model_file, "--tokenizer-model", "SentencePieceTokenizer")
+        self._sp = sentencepiece.SentencePieceProcessor()
+        try:
+            self._sp.Load(model_file)
+        except (OSError, RuntimeError) as error:
+            raise TokenizerError(
+                f"--tokenizer-model {model_file}: not a SentencePiece model ({error})"
+            ) from None
+        eos = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
+        bos = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+        pad = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
+        self._eod = _first(self._piece("<eod>", "<EOD>"), eos)
+        self._sep = _first(self._piece("<sep>", "<SEP>"), eos)
+        self._cls = _first(self._piece("<cls>", "<CLS>"), bos)
+        self._mask = self._piece("<mask>", "<MASK>")
+        self._pad = _first(pad, self._piece("<pad>", "<PAD>"))
+
+    def _piece(self, *pieces: str) -> Optional[int]:
+        unk = self._sp.unk_id()
+        for piece in pieces:
+            idx = self._sp.PieceToId(piece)
+            if idx != unk and self._sp.IdToPiece(idx) == piece:
+                return idx
+        return None
+
+    def encode(self, text: str) -> List[int]:
+        return self._sp.EncodeAsIds(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.DecodeIds([int(i) for i in ids])
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.GetPieceSize()
+
+    eod = property(lambda self: self._eod)
+    pad = property(lambda self: self._pad)
+    mask = property(lambda self: self._mask)
+    cls = property(lambda self: self._cls)
+    sep = property(lambda self: self._sep)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPT-2 byte-level BPE
+
+_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Without the ``regex`` package: letters = word characters that are neither digits nor "_".
+_GPT2_PATTERN_RE = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"""
+
+ROBERTA_SPECIALS = ("<s>", "</s>", "<pad>", "<mask>")
+
+
+def _compile_pretokenizer():
+    try:
+        import regex
+
+        return regex.compile(_GPT2_PATTERN)
+    except ImportError:  # close approximation: \d is narrower than \p{N}
+        import re
+
+        return re.compile(_GPT2_PATTERN_RE)
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> Dict[int, str]:
+    """GPT-2's reversible map of the 256 byte values to printable unicode characters."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+class GPT2BPETokenizer(Tokenizer):
+    """Byte-level BPE from a GPT-2 style ``vocab.json`` and ``merges.txt``."""
+
+    def __init__(self, vocab_file: str, merge_file: str) -> None:
+        _require_file(vocab_file, "--vocab-file", "GPT2BPETokenizer")
+        _require_file(merge_file, "--merge-file", "GPT2BPETokenizer")
+        try:
+            with open(vocab_file, encoding="utf-8") as f:
+                self.encoder: Dict[str, int] = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise TokenizerError(f"--vocab-file {vocab_file}: not a JSON vocabulary ({error})") from None
+        self.bpe_ranks = _read_merges(merge_file)
+        next_id = max(self.encoder.values(), default=-1) + 1
+        for token in ROBERTA_SPECIALS:
+            if token not in self.encoder:
+                self.encoder[token] = next_id
+                next_id += 1
+        self.decoder = {i: t for t, i in self.encoder.items()}
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        self._pattern = _compile_pretokenizer()
+        self._cache: Dict[str, List[str]] = {}
+        self._eod = self.encoder.get("<|endoftext|>", self.encoder["</s>"])
+
+    def _bpe(self, word: str) -> List[str]:
+        cached = self._cache.get(word)
+        if cached is not None:
+            return cached
+        parts = list(word)
+        while len(parts) > 1:
+            pairs = [(parts[i], parts[i + 1]) for i in range(len(parts) - 1)]
+            best = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
+            if best not in self.bpe_ranks:
+                break
+            merged: List[str] = []
+            i = 0
+            while i < len(parts):
+                if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        if len(self._cache) < 100_000:
+            self._cache[word] = parts
+        return parts
+
+    def encode(self, text: str) -> List[int]:
+        ids: List[int] = []
+        for word in self._pattern.findall(text):
+            mapped = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+            for piece in self._bpe(mapped):
+                if piece not in self.encoder:
+                    raise ValueError(f"BPE piece {piece!r} is not in the vocabulary")
+                ids.append(self.encoder[piece])
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        text = "".join(self.decoder[int(i)] for i in ids)
+        return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace")
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.encoder)
+
+    eod = property(lambda self: self._eod)
+    pad = property(lambda self: self.encoder["<pad>"])
+    mask = property(lambda self: self.encoder["<mask>"])
+    cls = property(lambda self: self.encoder["<s>"])
+    sep = property(lambda self: self.encoder["</s>"])
+
+
+def _read_merges(merge_file: str) -> Dict[Tuple[str, str], int]:
+    ranks: Dict[Tuple[str, str], int] = {}
+    with open(merge_file, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.rstrip("\n")
+            if not line or (lineno == 1 and line.startswith("#version")):
+                continue
+            parts = line.split(" ")
+            if len(parts) != 2:
+                raise TokenizerError(
+                    f"--merge-file {merge_file}:{lineno}: expected two symbols, got {line!r}"
+                )
+            ranks.setdefault((parts[0], parts[1]), len(ranks))
+    return ranks
+
+
+# ---------------------------------------------------------------------------------------------
+# HuggingFace tokenizer.json
+
+
+class HFTokenizer(Tokenizer):
+    """A HuggingFace ``tokenizer.json`` loaded with the ``tokenizers`` package."""
+
+    def __init__(self, tokenizer_file: str) -> None:
+        _require_file(tokenizer_file, "--tokenizer-model", "HFTokenizer")
+        try:
+            import tokenizers
+        except ImportError:
+            raise TokenizerError(
+                "HFTokenizer needs the 'tokenizers' package: pip install tokenizers"
+            ) from None
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(tokenizer_file)
+        except Exception as error:  # the Rust side raises a generic Exception
+            raise TokenizerError(
+                f"--tokenizer-model {tokenizer_file}: not a tokenizer.json ({error})"
+            ) from None
+        find = self._first_id
+        self._eod = find("<|endoftext|>", "</s>", "<eos>", "[SEP]")
+        self._pad = find("<pad>", "[PAD]", "<|pad|>")
+        self._mask = find("<mask>", "[MASK]")
+        self._cls = find("<s>", "[CLS]", "<cls>")
+        self._sep = find("</s>", "[SEP]", "<sep>")
+
+    def _first_id(self, *tokens: str) -> Optional[int]:
+        for token in tokens:
+            idx = self._tok.token_to_id(token)
+            if idx is not None:
+                return int(idx)
+        return None
+
+    def encode(self, text: str) -> List[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    eod = property(lambda self: self._eod)
+    pad = property(lambda self: self._pad)
+    mask = property(lambda self: self._mask)
+    cls = property(lambda self: self._cls)
+    sep = property(lambda self: self._sep)
+
+
+# ---------------------------------------------------------------------------------------------
+# Null tokenizer
+
+
+class NullTokenizer(Tokenizer):
+    """Text is whitespace-separated integer ids; ``eod = vocab_size - 1`` as in Megatron-LM."""
+
+    def __init__(self, vocab_size: int) -> None:
+        if vocab_size is None or int(vocab_size) < 2:
+            raise TokenizerError(f"NullTokenizer needs --vocab-size >= 2, got {vocab_size}")
+        self._vocab_size = int(vocab_size)
+
+    def encode(self, text: str) -> List[int]:
+        try:
+            ids = [int(x) for x in text.split()]
+        except ValueError:
+            raise ValueError(f"NullTokenizer expects space-separated integers, got {text[:40]!r}") from None
+        bad = [i for i in ids if not 0 <= i < self._vocab_size]
+        if bad:
+            raise ValueError(f"NullTokenizer: id {bad[0]} outside [0, {self._vocab_size})")
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eod(self) -> int:
+        return self._vocab_size - 1
+
+
+def build_tokenizer(
+    tokenizer_type: str,
+    tokenizer_model: Optional[str] = None,
+    vocab_file: Optional[str] = None,
+    merge_file: Optional[str] = None,
+    vocab_size: Optional[int] = None,
+) -> Tokenizer:
+    """Build a tokenizer from Megatron-style ``--tokenizer-type`` and file flags."""
+    if tokenizer_type == "SentencePieceTokenizer":
+        return SentencePieceTokenizer(_require_file(tokenizer_model, "--tokenizer-model", tokenizer_type))
+    if tokenizer_type == "GPT2BPETokenizer":
+        return GPT2BPETokenizer(vocab_file, merge_file)
+    if tokenizer_type == "HFTokenizer":
+        return HFTokenizer(_require_file(tokenizer_model, "--tokenizer-model", tokenizer_type))
+    if tokenizer_type == "NullTokenizer":
+        if vocab_size is None:
+            raise TokenizerError("NullTokenizer needs --vocab-size")
+        return NullTokenizer(vocab_size)
+    raise TokenizerError(
+        f"--tokenizer-type {tokenizer_type!r} is not one of {', '.join(TOKENIZER_TYPES)}"
+    )

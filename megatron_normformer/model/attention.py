@@ -1,0 +1,69 @@
+"""Self-attention with NormFormer's HeadScale, heads split across the TP group.
+
+Each rank owns num_heads / TP heads: its slice of the fused QKV projection (column-parallel, laid
+out [heads, (q, k, v), head_dim]), its heads' HeadScale gammas, and its input columns of the
+row-parallel output projection W_O. With the paper's placement (pre-proj) HeadScale therefore needs
+no communication.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron_normformer.config import ModelConfig
+from megatron_normformer.parallel.layers import ColumnParallelLinear, InitSpec, RowParallelLinear, mark_parallel
+from megatron_normformer.parallel.random import get_rng_tracker
+
+
+class ParallelAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_number: int, pstate, seed: int, device=None):
+        super().__init__()
+        tp = pstate.tp_size
+        self.cfg = cfg
+        self.local_heads = cfg.num_attention_heads // tp
+        self.head_dim = cfg.head_dim
+        prefix = f"layers.{layer_number}.attention"
+        out_std = cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
+        groups = (pstate.tp_group, pstate.tp_rank, tp)
+        self.qkv = ColumnParallelLinear(
+            cfg.hidden_size, 3 * cfg.hidden_size, *groups, device=device,
+            init=InitSpec(seed, f"{prefix}.qkv.weight", cfg.init_method_std,
+                          logical_shape=(cfg.num_attention_heads, 3, self.head_dim, cfg.hidden_size)))
+        self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, *groups, device=device,
+                                       init=InitSpec(seed, f"{prefix}.dense.weight", out_std))
+        if cfg.scale_heads:
+            # HeadScale gamma (init 1): sharded with the heads before W_O, replicated after it.
+            pre = cfg.head_scale_position == "pre-proj"
+            n = self.local_heads if pre else cfg.num_attention_heads
+            self.head_scale = mark_parallel(nn.Parameter(torch.ones(n, device=device)), 0 if pre else None)
+        else:
+            self.register_parameter("head_scale", None)
+
+    def forward(self, x: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        """x: [batch, seq, hidden] (replicated) -> [batch, seq, hidden] (replicated).
+
+        ``attention_mask``: None for causal attention, else a boolean [batch, 1, 1|seq, seq] mask
+        where True means "may attend" (bidirectional models with padding).
+        """
+        b, s, _ = x.shape
+        qkv = self.qkv(x).view(b, s, self.local_heads, 3, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # [b, heads, s, head_dim]
+        dropout = self.cfg.attention_dropout if self.training else 0.0
+        causal = not self.cfg.bidirectional
+        if dropout > 0.0:
+            with get_rng_tracker().fork():  # this rank's heads get their own dropout stream
+                context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask,
+                                                         dropout_p=dropout, is_causal=causal)
+        else:
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask,
+                                                     is_causal=causal)
+        if self.head_scale is not None and self.cfg.head_scale_position == "pre-proj":
+            context = context * self.head_scale.view(1, -1, 1, 1).to(context.dtype)
+        out = self.dense(context.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))
+        if self.head_scale is not None and self.cfg.head_scale_position == "post-proj":
+            out = out.view(b, s, -1, self.head_dim) * self.head_scale.view(-1, 1).to(out.dtype)
+            out = out.view(b, s, -1)
+        return out

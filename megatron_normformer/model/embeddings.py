@@ -1,0 +1,55 @@
+"""Token embedding (vocab-parallel) plus sinusoidal or learned positions."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron_normformer.config import ModelConfig
+from megatron_normformer.parallel.layers import InitSpec, VocabParallelEmbedding, mark_parallel
+from megatron_normformer.parallel.init import init_normal_
+
+
+def sinusoidal_positions(num_positions: int, dim: int) -> torch.Tensor:
+    """[num_positions, dim]: for i < dim/2, freq_i = exp(-i ln(10000) / (dim/2 - 1));
+    each row is [sin(p freq), cos(p freq)] concatenated (fairseq / Shortformer layout)."""
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, dtype=torch.float64) * -(math.log(10000.0) / max(half - 1, 1)))
+    angles = torch.arange(num_positions, dtype=torch.float64).unsqueeze(1) * freq.unsqueeze(0)
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: ModelConfig, pstate, seed: int, device=None):
+        super().__init__()
+        self.cfg = cfg
+        self.word_embeddings = VocabParallelEmbedding(
+            cfg.padded_vocab_size(pstate.tp_size), cfg.vocab_size, cfg.hidden_size,
+            pstate.tp_group, pstate.tp_rank, pstate.tp_size, device=device,
+            init=InitSpec(seed, "embedding.word_embeddings.weight", cfg.init_method_std))
+        self.embed_scale = math.sqrt(cfg.hidden_size) if cfg.scale_embedding else 1.0
+        if cfg.position_embedding_type == "learned":
+            self.position_embeddings = mark_parallel(nn.Parameter(
+                torch.empty(cfg.max_position_embeddings, cfg.hidden_size, device=device)), None)
+            init_normal_(self.position_embeddings, seed, "embedding.position_embeddings.weight",
+                         self.position_embeddings.shape, cfg.init_method_std)
+        else:
+            self.register_parameter("position_embeddings", None)
+            self.register_buffer(
+                "sinusoid", sinusoidal_positions(cfg.max_position_embeddings, cfg.hidden_size).to(device),
+                persistent=False)
+
+    def forward(self, tokens: torch.Tensor, position_ids=None) -> torch.Tensor:
+        seq = tokens.size(1)
+        if seq > self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence length {seq} exceeds --max-position-embeddings "
+                             f"({self.cfg.max_position_embeddings})")
+        x = self.word_embeddings(tokens)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        table = self.position_embeddings if self.position_embeddings is not None else self.sinusoid
+        positions = table[:seq].unsqueeze(0) if position_ids is None else table[position_ids]
+        x = x + positions.to(x.dtype)
+        return F.dropout(x, self.cfg.hidden_dropout, self.training)

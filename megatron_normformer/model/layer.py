@@ -1,0 +1,49 @@
+"""The NormFormer layer (paper Sec. 2, Fig. 1): Pre-LN plus four switchable operations.
+
+    h = LN_in(x)
+    a = Attention(h)                     HeadScale (--scale-heads) inside, per head
+    a = LN_post_attn(a)                  --scale-attn
+    x = x + dropout(a)
+    y = MLP(LN_pre_mlp(x))               FFN LN over all of F inside (--scale-fc)
+    x = lambda * x + dropout(y)          ResScale (--scale-resids), FFN residual only
+
+With all four off this is the plain Pre-LN transformer layer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron_normformer.config import ModelConfig
+from megatron_normformer.model.attention import ParallelAttention
+from megatron_normformer.model.mlp import ParallelMLP
+from megatron_normformer.model.norms import LayerNorm
+from megatron_normformer.parallel.layers import mark_parallel
+
+
+class NormFormerLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_number: int, pstate, seed: int, device=None):
+        super().__init__()
+        eps, d = cfg.layernorm_epsilon, cfg.hidden_size
+        self.layer_number = layer_number
+        self.hidden_dropout = cfg.hidden_dropout
+        self.input_layernorm = LayerNorm(d, eps, device)
+        self.attention = ParallelAttention(cfg, layer_number, pstate, seed, device)
+        self.post_attention_layernorm = LayerNorm(d, eps, device) if cfg.scale_attn else None
+        self.pre_mlp_layernorm = LayerNorm(d, eps, device)
+        self.mlp = ParallelMLP(cfg, layer_number, pstate, seed, device)
+        if cfg.scale_resids:
+            self.resid_scale = mark_parallel(nn.Parameter(torch.ones(d, device=device)), None)
+        else:
+            self.register_parameter("resid_scale", None)
+
+    def forward(self, x: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        a = self.attention(self.input_layernorm(x), attention_mask)
+        if self.post_attention_layernorm is not None:
+            a = self.post_attention_layernorm(a)
+        x = x + F.dropout(a, self.hidden_dropout, self.training)
+
+        y = self.mlp(self.pre_mlp_layernorm(x))
+        residual = x * self.resid_scale if self.resid_scale is not None else x
+        return residual + F.dropout(y, self.hidden_dropout, self.training)

@@ -1,0 +1,46 @@
+"""The FFN: column-parallel W_1, activation, NormFormer's FFN LN over all of F, row-parallel W_2."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron_normformer.config import ModelConfig
+from megatron_normformer.model.norms import PartitionedLayerNorm
+from megatron_normformer.parallel.layers import ColumnParallelLinear, InitSpec, RowParallelLinear
+
+
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
+
+ACTIVATION_FNS = {
+    "gelu": F.gelu,  # exact (erf) form
+    "relu": F.relu,
+    "relu_squared": relu_squared,
+}
+
+
+class ParallelMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_number: int, pstate, seed: int, device=None):
+        super().__init__()
+        prefix = f"layers.{layer_number}.mlp"
+        groups = (pstate.tp_group, pstate.tp_rank, pstate.tp_size)
+        out_std = cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
+        self.activation = ACTIVATION_FNS[cfg.activation_fn]
+        self.fc1 = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, *groups, device=device,
+                                        init=InitSpec(seed, f"{prefix}.fc1.weight", cfg.init_method_std))
+        self.ffn_layernorm = (
+            PartitionedLayerNorm(cfg.ffn_hidden_size // pstate.tp_size, cfg.layernorm_epsilon,
+                                 pstate.tp_group, device=device)
+            if cfg.scale_fc else None)
+        self.fc2 = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, *groups, device=device,
+                                     init=InitSpec(seed, f"{prefix}.fc2.weight", out_std))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.activation(self.fc1(x))
+        if self.ffn_layernorm is not None:
+            u = self.ffn_layernorm(u)
+        return self.fc2(u)

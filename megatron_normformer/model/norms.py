@@ -1,0 +1,99 @@
+"""LayerNorms: the replicated one (apex's fused kernel when importable) and the partitioned FFN LN.
+
+The FFN LN normalises the FFN inner activation u of size F. Under tensor parallelism u is split along
+F, so a per-shard LayerNorm would make the model depend on the TP degree (what metaseq and NeMo do).
+:class:`PartitionedLayerNorm` computes the exact LayerNorm over all of F: each rank's mean and sum of
+squared deviations are combined across the group (Chan et al.'s parallel variance, stable in fp32),
+and the backward all-reduces the two per-token sums the input gradient needs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron_normformer.parallel.layers import mark_parallel
+from megatron_normformer.parallel.mappings import all_reduce_no_grad
+
+try:  # apex is optional: used when importable, never required
+    from apex.normalization import FusedLayerNorm as _ApexLayerNorm  # type: ignore
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    _ApexLayerNorm = None
+
+
+def LayerNorm(hidden_size: int, eps: float, device=None) -> nn.Module:
+    """A replicated LayerNorm; apex's fused kernel on GPU when apex is installed."""
+    if _ApexLayerNorm is not None and torch.cuda.is_available() and (device is None or str(device) != "meta"):
+        norm = _ApexLayerNorm(hidden_size, eps=eps)
+    else:
+        norm = nn.LayerNorm(hidden_size, eps=eps, device=device)
+    for p in norm.parameters():
+        mark_parallel(p, None)
+    return norm
+
+
+def _group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+class _PartitionedLayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, group):
+        world = _group_size(group)
+        compute = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(compute)
+        n_local = xf.size(-1)
+        n_total = n_local * world
+        local_mean = xf.mean(dim=-1)
+        local_m2 = (xf - local_mean.unsqueeze(-1)).square().sum(dim=-1)
+        if world > 1:
+            stats = torch.stack([local_mean, local_m2])
+            gathered = [torch.empty_like(stats) for _ in range(world)]
+            dist.all_gather(gathered, stats.contiguous(), group=group)
+            gathered = torch.stack(gathered)  # [world, 2, ...]
+            means, m2s = gathered[:, 0], gathered[:, 1]
+            mean = means.mean(dim=0)
+            m2 = m2s.sum(dim=0) + n_local * (means - mean).square().sum(dim=0)
+        else:
+            mean, m2 = local_mean, local_m2
+        rstd = torch.rsqrt(m2 / n_total + eps)
+        xhat = (xf - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+        y = xhat * weight.to(compute) + bias.to(compute)
+        ctx.save_for_backward(xhat, rstd, weight)
+        ctx.group, ctx.n_total = group, n_total
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        xhat, rstd, weight = ctx.saved_tensors
+        gy = grad_y.to(xhat.dtype)
+        grad_xhat = gy * weight.to(xhat.dtype)
+        sums = torch.stack([grad_xhat.sum(dim=-1), (grad_xhat * xhat).sum(dim=-1)])
+        all_reduce_no_grad(sums, ctx.group)
+        mean_g, mean_gx = sums[0] / ctx.n_total, sums[1] / ctx.n_total
+        grad_x = (grad_xhat - mean_g.unsqueeze(-1) - xhat * mean_gx.unsqueeze(-1)) * rstd.unsqueeze(-1)
+        reduce_dims = tuple(range(gy.dim() - 1))
+        grad_w = (gy * xhat).sum(dim=reduce_dims).to(weight.dtype)
+        grad_b = gy.sum(dim=reduce_dims).to(weight.dtype)
+        return grad_x.to(grad_y.dtype), grad_w, grad_b, None, None
+
+
+def partitioned_layer_norm(x, weight, bias, eps: float, group) -> torch.Tensor:
+    """Exact LayerNorm over the last dimension of ``x`` concatenated across ``group``."""
+    if _group_size(group) == 1:
+        return F.layer_norm(x, (x.size(-1),), weight, bias, eps)
+    return _PartitionedLayerNormFunction.apply(x, weight, bias, eps, group)
+
+
+class PartitionedLayerNorm(nn.Module):
+    """LayerNorm over a dimension split across the TP group; gamma/beta split the same way."""
+
+    def __init__(self, local_size: int, eps: float, tp_group, device=None):
+        super().__init__()
+        self.eps, self.tp_group = eps, tp_group
+        self.weight = mark_parallel(nn.Parameter(torch.ones(local_size, device=device)), 0)
+        self.bias = mark_parallel(nn.Parameter(torch.zeros(local_size, device=device)), 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return partitioned_layer_norm(x, self.weight, self.bias, self.eps, self.tp_group)

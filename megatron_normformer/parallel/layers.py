@@ -1,0 +1,134 @@
+"""Megatron-style tensor-parallel layers.
+
+A weight's shard carries two attributes that the rest of the code (gradient gathering, checkpoint
+conversion, weight-decay grouping) reads instead of guessing:
+
+- ``tensor_model_parallel``: True when the parameter is split across the TP group;
+- ``partition_dim``: the dimension it is split along.
+
+Replicated parameters have ``tensor_model_parallel = False``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron_normformer.parallel.init import normal_shard
+from megatron_normformer.parallel.mappings import (
+    copy_to_tensor_parallel,
+    gather_from_tensor_parallel,
+    reduce_from_tensor_parallel,
+)
+
+
+def mark_parallel(param: torch.Tensor, partition_dim: Optional[int]) -> torch.Tensor:
+    param.tensor_model_parallel = partition_dim is not None
+    param.partition_dim = partition_dim
+    return param
+
+
+@dataclass
+class InitSpec:
+    """How to draw a weight: N(0, std^2) from the stream named ``name``.
+
+    ``logical_shape`` describes the full tensor with its partition dimension first when the
+    physical layout interleaves several logical pieces (e.g. QKV as [heads, 3, head_dim, hidden]).
+    """
+
+    seed: int
+    name: str
+    std: float
+    logical_shape: Optional[Sequence[int]] = None
+
+
+def _fill(param: torch.Tensor, spec: InitSpec, full_shape, partition_dim, rank, world):
+    if param.device.type == "meta":
+        return
+    if spec.logical_shape is not None:
+        values = normal_shard(spec.seed, spec.name, spec.logical_shape, spec.std, 0, rank, world)
+    else:
+        values = normal_shard(spec.seed, spec.name, full_shape, spec.std, partition_dim, rank, world)
+    with torch.no_grad():
+        param.copy_(values.reshape(param.shape).to(device=param.device, dtype=param.dtype))
+
+
+class _ParallelLinear(nn.Module):
+    partition_dim: int  # of the [out, in] weight
+
+    def __init__(self, input_size: int, output_size: int, tp_group, tp_rank: int, tp_size: int,
+                 init: InitSpec, bias: bool = True, device=None):
+        super().__init__()
+        self.tp_group, self.tp_size = tp_group, tp_size
+        full = (output_size, input_size)
+        local = list(full)
+        local[self.partition_dim] //= tp_size
+        self.weight = mark_parallel(nn.Parameter(torch.empty(*local, device=device)), self.partition_dim)
+        _fill(self.weight, init, full, self.partition_dim, tp_rank, tp_size)
+        if bias:
+            bias_partition = 0 if self.partition_dim == 0 else None
+            n = local[0]
+            self.bias = mark_parallel(nn.Parameter(torch.zeros(n, device=device)), bias_partition)
+        else:
+            self.register_parameter("bias", None)
+
+
+class ColumnParallelLinear(_ParallelLinear):
+    """Y = X A^T + b with A split by rows (output features) across the TP group.
+
+    The input is replicated; the output is this rank's slice unless ``gather_output``.
+    """
+
+    partition_dim = 0
+
+    def __init__(self, *args, gather_output: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gather_output = gather_output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = copy_to_tensor_parallel(x, self.tp_group)
+        y = F.linear(x, self.weight, self.bias)
+        return gather_from_tensor_parallel(y, self.tp_group) if self.gather_output else y
+
+
+class RowParallelLinear(_ParallelLinear):
+    """Y = X A^T + b with A split by columns (input features): the input arrives already split,
+    partial products are summed over the TP group, the (replicated) bias is added once."""
+
+    partition_dim = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = reduce_from_tensor_parallel(F.linear(x, self.weight), self.tp_group)
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding split by vocabulary rows across the TP group.
+
+    Rows at or past ``vocab_size`` (padding up to a TP-friendly size) are zero and never looked up.
+    """
+
+    def __init__(self, padded_vocab_size: int, vocab_size: int, hidden_size: int, tp_group,
+                 tp_rank: int, tp_size: int, init: InitSpec, device=None):
+        super().__init__()
+        self.tp_group = tp_group
+        self.vocab_size, self.padded_vocab_size = vocab_size, padded_vocab_size
+        per_rank = padded_vocab_size // tp_size
+        self.vocab_start, self.vocab_end = tp_rank * per_rank, (tp_rank + 1) * per_rank
+        self.weight = mark_parallel(nn.Parameter(torch.empty(per_rank, hidden_size, device=device)), 0)
+        _fill(self.weight, init, (padded_vocab_size, hidden_size), 0, tp_rank, tp_size)
+        if self.weight.device.type != "meta":
+            padded_from = max(0, vocab_size - self.vocab_start)
+            with torch.no_grad():
+                self.weight[padded_from:].zero_()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.tp_group is None or torch.distributed.get_world_size(self.tp_group) == 1:
+            return F.embedding(tokens, self.weight)
+        outside = (tokens < self.vocab_start) | (tokens >= self.vocab_end)
+        local = (tokens - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tensor_parallel(out, self.tp_group)

@@ -1,0 +1,203 @@
+"""Process discovery and the tensor / pipeline / data-parallel process groups.
+
+world = TP x PP x DP, ranks ordered as in Megatron: TP varies fastest, then DP, then PP, so
+
+    rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+
+A :class:`ParallelState` holds the groups and is passed explicitly to whatever needs them. It also
+answers DeepSpeed's ``mpu`` protocol (``get_model_parallel_group`` and friends), so the same object is
+handed to ``deepspeed.initialize(mpu=...)``.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_normformer.config import ConfigError
+
+
+@dataclass
+class LaunchEnv:
+    """Rank facts read from whatever launcher started this process."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str
+
+
+def _mpi_master_addr(world_size: int, local_size: int) -> str:
+    """The address of MPI rank 0, via mpi4py when present, else localhost for a single node."""
+    try:
+        from mpi4py import MPI  # type: ignore
+
+        return MPI.COMM_WORLD.bcast(socket.gethostbyname(socket.gethostname()), root=0)
+    except ImportError:
+        if local_size != world_size:
+            raise ConfigError(
+                "mpirun across nodes needs MASTER_ADDR set to the first node's address "
+                "(e.g. mpirun -x MASTER_ADDR=node0 ...) or mpi4py installed to discover it")
+        return "127.0.0.1"
+
+
+def read_launch_env() -> LaunchEnv:
+    """Ranks from torchrun / the deepspeed launcher (RANK, WORLD_SIZE, ...), OpenMPI or PMI.
+
+    A plain ``python script.py`` is a world of one. Nothing has to be set by hand on one machine.
+    """
+    env = os.environ
+    port = int(env.get("MASTER_PORT", "29500"))
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                         env.get("MASTER_ADDR", "127.0.0.1"), port, "env")
+    for prefix, launcher in (("OMPI_COMM_WORLD_", "openmpi"), ("PMI_", "pmi"), ("PMIX_", "pmix")):
+        if prefix + "RANK" in env and prefix + "SIZE" in env:
+            rank, world = int(env[prefix + "RANK"]), int(env[prefix + "SIZE"])
+            local_rank = int(env.get(prefix + "LOCAL_RANK", env.get("MPI_LOCALRANKID", rank)))
+            local_size = int(env.get(prefix + "LOCAL_SIZE", env.get("MPI_LOCALNRANKS", world)))
+            addr = env.get("MASTER_ADDR") or _mpi_master_addr(world, local_size)
+            return LaunchEnv(rank, world, local_rank, addr, port, launcher)
+    return LaunchEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port, "single")
+
+
+def initialize_distributed(backend: Optional[str] = None, timeout_minutes: int = 30) -> LaunchEnv:
+    """Initialise torch.distributed from the launcher's environment (idempotent).
+
+    Exports RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT so that DeepSpeed, which reads
+    them too, agrees with us whatever the launcher was.
+    """
+    launch = read_launch_env()
+    for key, value in (("RANK", launch.rank), ("WORLD_SIZE", launch.world_size),
+                       ("LOCAL_RANK", launch.local_rank), ("MASTER_ADDR", launch.master_addr),
+                       ("MASTER_PORT", launch.master_port)):
+        os.environ[key] = str(value)
+    if dist.is_initialized():
+        return launch
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+    dist.init_process_group(backend=backend, init_method="env://", rank=launch.rank,
+                            world_size=launch.world_size,
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
+    return launch
+
+
+def rank_grid(world_size: int, tp: int, pp: int):
+    """Rank lists of every TP, DP and PP group, in Megatron order (TP fastest, then DP, then PP)."""
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
+            f"--pipeline-model-parallel-size ({pp})")
+    dp = world_size // (tp * pp)
+
+    def rank(p, d, t):
+        return p * dp * tp + d * tp + t
+
+    tp_groups = [[rank(p, d, t) for t in range(tp)] for p in range(pp) for d in range(dp)]
+    dp_groups = [[rank(p, d, t) for d in range(dp)] for p in range(pp) for t in range(tp)]
+    pp_groups = [[rank(p, d, t) for p in range(pp)] for d in range(dp) for t in range(tp)]
+    mp_groups = [[rank(p, d, t) for p in range(pp) for t in range(tp)] for d in range(dp)]
+    return tp_groups, dp_groups, pp_groups, mp_groups
+
+
+class ParallelState:
+    """The process groups of one rank. Also DeepSpeed's ``mpu``.
+
+    In DeepSpeed's vocabulary "model parallel" means every rank that holds a different piece of the
+    same replica: the TP group without pipelining, TP x PP with it.
+    """
+
+    def __init__(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1):
+        tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+        if not dist.is_initialized():
+            raise RuntimeError("initialize_distributed() must run before ParallelState()")
+        world, me = dist.get_world_size(), dist.get_rank()
+        tp_groups, dp_groups, pp_groups, mp_groups = rank_grid(world, tp, pp)
+        self.tp_size, self.pp_size, self.dp_size = tp, pp, world // (tp * pp)
+        self.world_size, self.rank = world, me
+
+        def build(groups):
+            # Every rank must create every group, in the same order.
+            mine = None
+            for ranks in groups:
+                group = dist.new_group(ranks) if len(ranks) < world else dist.group.WORLD
+                if me in ranks:
+                    mine, mine_ranks = group, ranks
+            return mine, mine_ranks
+
+        self.tp_group, self.tp_ranks = build(tp_groups)
+        self.dp_group, self.dp_ranks = build(dp_groups)
+        self.pp_group, self.pp_ranks = build(pp_groups)
+        self.mp_group, self.mp_ranks = build(mp_groups)
+        self.tp_rank = self.tp_ranks.index(me)
+        self.dp_rank = self.dp_ranks.index(me)
+        self.pp_rank = self.pp_ranks.index(me)
+
+    # -- convenience -------------------------------------------------------------------------
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def __repr__(self):
+        return (f"ParallelState(rank={self.rank}, tp={self.tp_rank}/{self.tp_size}, "
+                f"dp={self.dp_rank}/{self.dp_size}, pp={self.pp_rank}/{self.pp_size})")
+
+    # -- DeepSpeed / Megatron mpu protocol ---------------------------------------------------
+    def get_model_parallel_group(self):
+        return self.mp_group
+
+    def get_model_parallel_rank(self) -> int:
+        return self.mp_ranks.index(self.rank)
+
+    def get_model_parallel_world_size(self) -> int:
+        return len(self.mp_ranks)
+
+    def get_tensor_model_parallel_group(self):
+        return self.tp_group
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.tp_rank
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.tp_size
+
+    def get_pipeline_model_parallel_group(self):
+        return self.pp_group
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.pp_rank
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.pp_size
+
+    def get_data_parallel_group(self):
+        return self.dp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.dp_size
+
+
+class SingleProcessState(ParallelState):
+    """A world of one without torch.distributed: for tools and single-process inference."""
+
+    def __init__(self):  # noqa: D401 - deliberately skips the group building
+        self.tp_size = self.pp_size = self.dp_size = self.world_size = 1
+        self.rank = self.tp_rank = self.dp_rank = self.pp_rank = 0
+        self.tp_group = self.dp_group = self.pp_group = self.mp_group = None
+        self.tp_ranks = self.dp_ranks = self.pp_ranks = self.mp_ranks = [0]
