@@ -86,9 +86,95 @@ def parallel_config_from_args(args: argparse.Namespace) -> ParallelConfig:
 
 
 def parse_or_exit(parser: argparse.ArgumentParser, build, argv=None):
-    """Parse and build configs; a ConfigError becomes argparse's usage error (exit 2, one line)."""
+    """Parse and build configs; a ConfigError becomes one line on stderr and exit status 2."""
     args = parser.parse_args(argv)
     try:
         return args, build(args)
     except ConfigError as e:
-        parser.error(str(e))
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+
+
+# -- training, data, checkpoint, logging, DeepSpeed ---------------------------------------------
+
+def _add_dataclass_group(parser, title: str, cls, flag_names=None):
+    """One argparse group from a config dataclass: ``--field-name``, help from the field docstring."""
+    import typing
+
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flags = (flag_names or {}).get(f.name) or ["--" + f.name.replace("_", "-")]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kind = hints[f.name]
+        base = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
+        base = base[0]
+        kwargs = dict(default=default, help=field_help(cls, f.name), dest=f.name)
+        if base is bool:
+            kwargs["action"] = "store_true"
+        else:
+            if typing.get_origin(base) in (list, typing.List):
+                base = typing.get_args(base)[0]
+            kwargs["type"] = base
+            for key in ("choices", "nargs"):
+                if key in f.metadata:
+                    kwargs[key] = f.metadata[key]
+        group.add_argument(*flags, **kwargs)
+    return group
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from megatron_normformer.training.config import (
+        CheckpointConfig,
+        DataConfig,
+        DeepSpeedConfig,
+        LoggingConfig,
+        OptimizerConfig,
+        TrainingConfig,
+    )
+
+    _add_dataclass_group(parser, "training", TrainingConfig)
+    _add_dataclass_group(parser, "optimizer and learning-rate schedule", OptimizerConfig)
+    _add_dataclass_group(parser, "data and tokenizer", DataConfig)
+    _add_dataclass_group(parser, "checkpointing", CheckpointConfig)
+    _add_dataclass_group(parser, "logging", LoggingConfig)
+    ds = _add_dataclass_group(parser, "DeepSpeed", DeepSpeedConfig,
+                              {"deepspeed_config": ["--deepspeed_config", "--deepspeed-config"]})
+    ds.add_argument("--deepspeed", action="store_true",
+                    help="Accepted for Megatron-DeepSpeed compatibility: the DeepSpeed engine is always used.")
+    ds.add_argument("--no-pipeline-parallel", action="store_true",
+                    help="Accepted for Megatron-DeepSpeed compatibility: a plain (non-pipeline) engine "
+                         "is used whenever --pipeline-model-parallel-size is 1.")
+    ds.add_argument("--local_rank", "--local-rank", type=int, default=None, dest="local_rank",
+                    help="Set by the deepspeed launcher; the LOCAL_RANK environment variable wins.")
+    run = parser.add_argument_group("run")
+    run.add_argument("--dry-run", "--print-config", action="store_true", dest="dry_run",
+                     help="Validate the flags, print the resolved configuration as JSON and exit "
+                          "without starting processes or training.")
+    return parser
+
+
+def build_pretrain_parser(description: str = "NormFormer GPT pretraining on DeepSpeed"):
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    add_model_args(parser)
+    add_parallel_args(parser)
+    add_training_args(parser)
+    return parser
+
+
+def run_config_from_args(args: argparse.Namespace, vocab_size: int | None = None):
+    """All typed configs of a training run. ``vocab_size`` comes from the tokenizer when one is
+    built; otherwise ``--vocab-size`` (NullTokenizer / mock data) must be given."""
+    from megatron_normformer.training.config import CONFIG_CLASSES, RunConfig
+
+    parts = {}
+    for cls in CONFIG_CLASSES:
+        parts[cls.__name__] = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    if vocab_size is None and args.vocab_size is None:
+        raise ConfigError("--vocab-size is required with --mock-data or --tokenizer-type NullTokenizer "
+                          "(other tokenizers give it)")
+    model = model_config_from_args(args, vocab_size)
+    run = RunConfig(model=model, parallel=parallel_config_from_args(args),
+                    optim=parts["OptimizerConfig"], train=parts["TrainingConfig"],
+                    data=parts["DataConfig"], ckpt=parts["CheckpointConfig"],
+                    log=parts["LoggingConfig"], ds=parts["DeepSpeedConfig"])
+    return run.validate()

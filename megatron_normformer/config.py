@@ -203,7 +203,9 @@ def normformer_extra_parameters(cfg: ModelConfig) -> int:
 
 def field_help(cls, name: str) -> str:
     """The docstring under a dataclass field, used as argparse help."""
-    return _FIELD_DOCS.get(cls, {}).get(name, "")
+    if cls not in _FIELD_DOCS:  # configs defined elsewhere (e.g. training/config.py)
+        _FIELD_DOCS[cls] = _collect_field_docs(cls)
+    return _FIELD_DOCS[cls].get(name, "")
 
 
 def _collect_field_docs(cls) -> dict:

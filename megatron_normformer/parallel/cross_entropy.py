@@ -15,7 +15,7 @@ from megatron_normformer.parallel.mappings import all_reduce_no_grad
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_start, vocab_size, group):
-        logits = logits.float()
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         local_vocab = logits.size(-1)
         if vocab_start + local_vocab > vocab_size:
             logits = logits.clone()

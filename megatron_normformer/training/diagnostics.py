@@ -1,0 +1,77 @@
+"""NormFormer diagnostics (paper Figs. 3 and 4) and the TP-aware gradient norm.
+
+Gradients are read between the last backward of an iteration and the optimizer step. Where they
+live depends on the ZeRO stage: ``param.grad`` at stage 0 (already averaged over DP), DeepSpeed's
+partitions at stages 1-3, read back whole with ``deepspeed.utils.safe_get_full_grad`` (a
+collective over DP at stage 3, so every rank calls these functions together).
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+import torch.distributed as dist
+
+from megatron_normformer.parallel.mappings import full_tensor
+
+
+def _grad(p: torch.Tensor, zero_stage: int):
+    if zero_stage == 0:
+        return p.grad
+    from deepspeed.utils import safe_get_full_grad
+
+    return safe_get_full_grad(p)
+
+
+def grad_norm(model, pstate, zero_stage: int) -> float:
+    """Global L2 norm of the gradient, each TP-replicated parameter counted once."""
+    total = torch.zeros(1, dtype=torch.float64)
+    for p in model.parameters():
+        g = _grad(p, zero_stage)
+        if g is None:
+            continue
+        if getattr(p, "tensor_model_parallel", False) or pstate.tp_rank == 0:
+            total += g.detach().double().pow(2).sum().cpu()
+    if pstate.tp_size > 1:
+        dist.all_reduce(total, group=pstate.tp_group)
+    return total.sqrt().item()
+
+
+def fc2_grad_l1(model, pstate, zero_stage: int) -> Dict[str, float]:
+    """Per-layer L1 norm of the fc2 weight gradient (Fig. 3), summed over the TP shards."""
+    norms = []
+    for layer in model.layers:
+        g = _grad(layer.mlp.fc2.weight, zero_stage)
+        norms.append(torch.zeros((), dtype=torch.float64) if g is None
+                     else g.detach().double().abs().sum().cpu())
+    stacked = torch.stack(norms)
+    if pstate.tp_size > 1:
+        dist.all_reduce(stacked, group=pstate.tp_group)
+    return {f"normformer/fc2_grad_l1/layer_{i}": v.item() for i, v in enumerate(stacked)}
+
+
+def scale_parameters(model, pstate, zero_stage: int) -> Dict[str, torch.Tensor]:
+    """Full (TP-gathered) HeadScale gamma, FFN-LN weight, post-attention-LN weight and ResScale
+    lambda of every layer (Fig. 4). Collective over TP (and over DP at ZeRO-3)."""
+    import contextlib
+
+    wanted = []
+    for i, layer in enumerate(model.layers):
+        for tag, p in (("head_scale", getattr(layer.attention, "head_scale", None)),
+                       ("ffn_ln_weight", getattr(getattr(layer.mlp, "ffn_layernorm", None), "weight", None)),
+                       ("post_attn_ln_weight", getattr(layer.post_attention_layernorm, "weight", None)),
+                       ("resid_scale", layer.resid_scale)):
+            if p is not None:
+                wanted.append((f"normformer/{tag}/layer_{i}", p))
+    if not wanted:
+        return {}
+    gather = contextlib.nullcontext()
+    if zero_stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters([p for _, p in wanted], modifier_rank=None)
+    out = {}
+    with gather:
+        for tag, p in wanted:
+            out[tag] = full_tensor(p, p.detach().clone(), pstate.tp_group)
+    return out

@@ -1,0 +1,111 @@
+"""The DeepSpeed config of a run: generated from the flags, or a user's JSON checked against them."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Optional, Set
+
+from megatron_normformer.config import ConfigError
+from megatron_normformer.training.config import RunConfig
+
+
+def generate(run: RunConfig, dp: int, gas: int) -> Dict:
+    t = run.train
+    zero: Dict = {"stage": run.ds.zero_stage}
+    if run.ds.zero_stage > 0:
+        zero.update(contiguous_gradients=True, overlap_comm=False)
+    if run.ds.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if run.ds.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    cfg = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": t.micro_batch_size * gas * dp,
+        "gradient_clipping": run.optim.clip_grad,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.bf16},
+        "fp16": {"enabled": t.fp16, "loss_scale": t.loss_scale or 0,
+                 "initial_scale_power": t.initial_loss_scale_power, "loss_scale_window": 1000,
+                 "hysteresis": 2, "min_loss_scale": 1},
+        # We log ourselves; our torch AdamW also runs with offloaded optimizer states.
+        "steps_per_print": 2 ** 31 - 1,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+    }
+    return cfg
+
+
+def load_user_config(path: str) -> Dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"--deepspeed_config {path}: no such file")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--deepspeed_config {path}: not valid JSON ({e})") from None
+
+
+def reconcile(run: RunConfig, user: Dict, explicit: Set[str], dp: int) -> RunConfig:
+    """Take settings the user's DeepSpeed config gives into ``run``; an explicit flag that says
+    otherwise is an error naming both. Returns ``run`` (updated in place)."""
+    t, where = run.train, f"--deepspeed_config"
+    for key in ("optimizer", "scheduler"):
+        if key in user:
+            raise ConfigError(f"{where}: remove the {key!r} section; the optimizer (AdamW, Megatron "
+                              "parameter groups) and LR schedule come from the --lr/--adam-* flags")
+
+    def take(flag: str, dest_obj, dest: str, value, shown: Optional[str] = None):
+        current = getattr(dest_obj, dest)
+        if flag in explicit and current != value:
+            raise ConfigError(f"{flag} {current} contradicts {shown} = {value} in {where}")
+        setattr(dest_obj, dest, value)
+
+    if "train_micro_batch_size_per_gpu" in user:
+        take("--micro-batch-size", t, "micro_batch_size", int(user["train_micro_batch_size_per_gpu"]),
+             "train_micro_batch_size_per_gpu")
+    global_from_cfg = None
+    if "train_batch_size" in user:
+        global_from_cfg = int(user["train_batch_size"])
+        shown = "train_batch_size"
+    elif "gradient_accumulation_steps" in user:
+        global_from_cfg = int(user["gradient_accumulation_steps"]) * t.micro_batch_size * dp
+        shown = "gradient_accumulation_steps x micro batch x data-parallel size"
+    if global_from_cfg is not None:
+        take("--global-batch-size", t, "global_batch_size", global_from_cfg, shown)
+        if "train_batch_size" in user and "gradient_accumulation_steps" in user:
+            gas = int(user["gradient_accumulation_steps"])
+            if gas * t.micro_batch_size * dp != global_from_cfg:
+                raise ConfigError(f"{where}: train_batch_size {global_from_cfg} != "
+                                  f"gradient_accumulation_steps {gas} x micro batch "
+                                  f"{t.micro_batch_size} x data-parallel size {dp}")
+    zero = user.get("zero_optimization", {})
+    if "stage" in zero:
+        take("--zero-stage", run.ds, "zero_stage", int(zero["stage"]), "zero_optimization.stage")
+    if "offload_optimizer" in zero or "offload_param" in zero:
+        devs = {zero.get(k, {}).get("device", "none") for k in ("offload_optimizer", "offload_param")}
+        take("--cpu-offload", run.ds, "cpu_offload", "cpu" in devs, "zero_optimization.offload_*")
+    for name in ("bf16", "fp16"):
+        if name in user:
+            take("--" + name, t, name, bool(user[name].get("enabled", False)), f"{name}.enabled")
+    if "gradient_clipping" in user:
+        take("--clip-grad", run.optim, "clip_grad", float(user["gradient_clipping"]),
+             "gradient_clipping")
+    return run.validate()
+
+
+def build(run: RunConfig, dp: int, gas: int, user: Optional[Dict] = None) -> Dict:
+    """The config passed to deepspeed.initialize: generated, with the user's file laid over it."""
+    cfg = generate(run, dp, gas)
+    if user:
+        merged = dict(cfg)
+        for key, value in user.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        cfg = merged
+        cfg["train_batch_size"] = run.train.micro_batch_size * gas * dp
+        cfg["gradient_accumulation_steps"] = gas
+    return cfg

@@ -1,0 +1,95 @@
+"""Model, optimizer, LR schedule and the DeepSpeed engine of a run, built in one place."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+
+from megatron_normformer.config import ConfigError
+from megatron_normformer.model.gpt import GPTModel
+from megatron_normformer.parallel import random as tp_random
+from megatron_normformer.training.config import RunConfig
+from megatron_normformer.training.schedule import LRSchedule
+
+
+@dataclass
+class Engine:
+    engine: object  # deepspeed.DeepSpeedEngine
+    model: GPTModel
+    schedule: LRSchedule
+    ds_config: Dict
+    zero_stage: int
+
+
+def _shape(p: torch.Tensor):
+    return tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitions leave p.shape empty
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_all: bool) -> List[Dict]:
+    """Megatron grouping: biases and 1-D parameters (norm weights, HeadScale, ResScale) get no
+    weight decay. ``decay_all`` (fairseq) decays everything."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if decay_all or not (name.endswith(".bias") or len(_shape(p)) == 1):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def check_precision(run: RunConfig) -> None:
+    if (run.train.bf16 or run.train.fp16) and not torch.cuda.is_available():
+        flag = "--bf16" if run.train.bf16 else "--fp16"
+        raise ConfigError(f"{flag} needs a GPU: DeepSpeed's mixed-precision optimizers do not run on "
+                          "the CPU accelerator; train in fp32 (no precision flag) on CPU")
+
+
+def build_engine(run: RunConfig, pstate, ds_config: Dict) -> Engine:
+    import deepspeed
+
+    check_precision(run)
+    stage = ds_config["zero_optimization"]["stage"]
+    if run.train.checkpoint_activations:
+        # DeepSpeed's checkpoint replays the TP dropout stream: make its tracker ours.
+        deepspeed.checkpointing.configure(pstate, partition_activations=False,
+                                          contiguous_checkpointing=False, checkpoint_in_cpu=False,
+                                          synchronize=False, profile=False)
+        tp_random.set_rng_tracker(deepspeed.checkpointing.get_cuda_rng_tracker())
+    tp_random.seed_everything(run.train.seed, pstate.tp_rank, pstate.pp_rank)
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    if stage == 3:
+        # Every module partitions its parameters over DP right after its own __init__ has filled
+        # them, so no rank ever holds the full model.
+        remote = "cpu" if run.ds.cpu_offload else None
+        with deepspeed.zero.Init(mpu=pstate, config_dict_or_path=ds_config, remote_device=remote):
+            model = GPTModel(run.model, pstate, seed=run.train.seed, device=device)
+        # Weights read outside their own module's forward must be gathered for the whole forward.
+        deepspeed.zero.register_external_parameter(model, model.embedding.word_embeddings.weight)
+        if model.head.weight is not None:
+            deepspeed.zero.register_external_parameter(model, model.head.weight)
+    else:
+        model = GPTModel(run.model, pstate, seed=run.train.seed, device=device)
+    if run.train.checkpoint_activations:
+        model.checkpoint_fn = lambda layer, x, mask: deepspeed.checkpointing.checkpoint(layer, x, mask)
+
+    o = run.optim
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay, o.weight_decay_all), lr=o.lr,
+                                  betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps)
+    global_batch = ds_config["train_batch_size"]
+    iters = run.train_iters(global_batch)
+    schedule = LRSchedule(optimizer, o.lr, o.min_lr, o.lr_warmup_iters, o.lr_decay_iters or iters,
+                          o.lr_decay_style)
+    engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                      lr_scheduler=schedule, mpu=pstate,
+                                                      config=ds_config)
+    # ZeRO rebuilds the parameter groups inside its own optimizer wrapper: drive those.
+    schedule.optimizer = ds_optimizer
+    schedule.apply()
+    return Engine(engine, model, schedule, ds_config, stage)

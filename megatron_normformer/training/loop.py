@@ -1,0 +1,280 @@
+"""The training loop: data, steps, evaluation, logging, checkpoints, signals.
+
+``train(run, pstate)`` runs on every rank and returns a summary (per-iteration losses and grad
+norms, evaluations) that the tests compare across layouts.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_normformer.config import ConfigError
+from megatron_normformer.training import checkpointing, diagnostics
+from megatron_normformer.training.config import RunConfig
+from megatron_normformer.training.engine import Engine, build_engine
+from megatron_normformer.training.metrics import (
+    MetricsSink,
+    flops_per_iteration,
+    format_log_line,
+    peak_tflops_per_device,
+    safe_ppl,
+)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); the message names the iteration."""
+
+
+def print_rank(msg: str, rank: Optional[int] = 0) -> None:
+    if rank is None or dist.get_rank() == (rank if rank >= 0 else dist.get_world_size() + rank):
+        print(msg, flush=True)
+
+
+# -- data -------------------------------------------------------------------------------------
+
+def build_datasets(run: RunConfig, train_samples: int, eval_samples: int, vocab_size: int):
+    from megatron_normformer.data import build_train_valid_test_datasets
+
+    d = run.data
+    n_eval = eval_samples if run.log.eval_iters > 0 else 0
+    try:
+        return build_train_valid_test_datasets(
+            d.data_path, d.split, run.train.seq_length, run.train.seed,
+            [train_samples, n_eval, n_eval], cache_path=d.data_cache_path, mock=d.mock_data,
+            vocab_size=vocab_size)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def micro_batches(dataset, consumed: int, total: int, run: RunConfig, pstate):
+    from megatron_normformer.data import MegatronPretrainingSampler, collate_samples
+
+    sampler = MegatronPretrainingSampler(total, consumed, run.train.micro_batch_size,
+                                         pstate.dp_rank, pstate.dp_size)
+    workers = run.data.num_workers
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples,
+                                         num_workers=workers, pin_memory=torch.cuda.is_available(),
+                                         persistent_workers=False)
+    return iter(loader)
+
+
+def _to_device(batch: Dict[str, torch.Tensor]):
+    tokens = batch["text"]
+    if torch.cuda.is_available():
+        tokens = tokens.cuda(non_blocking=True)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+# -- signals ----------------------------------------------------------------------------------
+
+class StopFlag:
+    """SIGTERM / SIGINT set a flag; the loop finishes the step, saves and exits."""
+
+    def __init__(self):
+        self.signal_name: Optional[str] = None
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        """True on every rank if any rank got a signal."""
+        flag = torch.tensor([1 if self.signal_name else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# -- steps ------------------------------------------------------------------------------------
+
+def _dp_mean(x: torch.Tensor, pstate) -> float:
+    x = x.detach().double().cpu().reshape(1)
+    if pstate.dp_size > 1:
+        dist.all_reduce(x, group=pstate.dp_group)
+        x /= pstate.dp_size
+    return x.item()
+
+
+def train_step(e: Engine, batches, gas: int, pstate, want_diagnostics: bool) -> Dict:
+    engine, model = e.engine, e.model
+    losses, diag = [], {}
+    for _ in range(gas):
+        tokens, labels = _to_device(next(batches))
+        # Loss mask is all ones for GPT: the mean over the micro-batch's tokens.
+        loss = engine(tokens, labels).mean()
+        engine.backward(loss)
+        if engine.is_gradient_accumulation_boundary():
+            if e.zero_stage == 0:
+                diag["grad_norm"] = diagnostics.grad_norm(model, pstate, 0)
+            if want_diagnostics:
+                diag.update(diagnostics.fc2_grad_l1(model, pstate, e.zero_stage))
+        engine.step()
+        losses.append(loss.detach())
+    if e.zero_stage != 0:
+        norm = engine.get_global_grad_norm()
+        diag["grad_norm"] = None if norm is None else float(norm)
+    diag["lm_loss"] = _dp_mean(torch.stack(losses).mean(), pstate)
+    return diag
+
+
+@torch.no_grad()
+def evaluate(e: Engine, dataset, eval_iters: int, global_batch: int, run: RunConfig, pstate) -> float:
+    """Mean loss over the first ``eval_iters`` global batches of ``dataset`` (the same batches at
+    every evaluation, so evaluations are comparable and resume-exact)."""
+    e.engine.eval()
+    total = eval_iters * global_batch
+    batches = micro_batches(dataset, 0, total, run, pstate)
+    losses = [e.engine(*_to_device(b)).mean() for b in batches]
+    e.engine.train()
+    return _dp_mean(torch.stack(losses).mean(), pstate)
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int) -> Dict:
+    """Train as configured; return the per-iteration summary (same on every rank)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dp, gas, global_batch = run.batch_layout(world)
+    train_iters = run.train_iters(global_batch)
+    seq = run.train.seq_length
+    writer_rank = world - 1
+    run_dict = run.to_dict()
+
+    e = build_engine(run, pstate, ds_config)
+    state = dict(iteration=0, consumed_samples=0, consumed_tokens=0)
+    if run.ckpt.load:
+        state = checkpointing.load_checkpoint(e.engine, run_dict, run.ckpt.load,
+                                              load_optim=not run.ckpt.no_load_optim,
+                                              load_rng=not run.ckpt.no_load_rng)
+        print_rank(f"> resumed from {run.ckpt.load} at iteration {state['iteration']}")
+    datasets = build_datasets(run, train_iters * global_batch, run.log.eval_iters * global_batch,
+                              vocab_size)
+    train_ds, valid_ds, test_ds = datasets
+
+    sink = MetricsSink(run.log.metrics_file, run.log.tensorboard_dir, rank == writer_rank)
+    flops = flops_per_iteration(run.model, global_batch, seq, run.model.padded_vocab_size(pstate.tp_size),
+                                run.train.checkpoint_activations)
+    peak = peak_tflops_per_device(run.log.peak_flops_per_device, run.train.bf16 or run.train.fp16)
+    summary = dict(losses={}, grad_norms={}, lrs={}, val={}, fc2_grad_l1={}, stopped_by=None,
+                   train_iters=train_iters, global_batch=global_batch, gas=gas, dp=dp)
+    stop = StopFlag()
+    saved_at = None
+
+    def save():
+        nonlocal saved_at
+        if run.ckpt.save and saved_at != state["iteration"]:
+            tag = checkpointing.save_checkpoint(e.engine, run_dict, state, run.ckpt.save)
+            saved_at = state["iteration"]
+            print_rank(f"> saved checkpoint {run.ckpt.save}/{tag}")
+
+    def run_eval(split: str, dataset, step: int):
+        if dataset is None or run.log.eval_iters == 0:
+            return
+        loss = evaluate(e, dataset, run.log.eval_iters, global_batch, run, pstate)
+        ppl = safe_ppl(loss)
+        summary["val" if split == "validation" else split][step] = loss
+        line = (f" {split} loss at iteration {step} | lm loss value: {loss:.6E} | "
+                f"lm loss PPL: {'n/a' if ppl is None else format(ppl, '.3f')} |")
+        print_rank("-" * len(line) + "\n" + line + "\n" + "-" * len(line), writer_rank)
+        key = "val" if split == "validation" else split
+        sink.record({"iteration": step, f"{key}_loss": loss, f"{key}_ppl": ppl})
+        sink.scalars({f"{key}/loss": loss, f"{key}/ppl": ppl}, step)
+
+    try:
+        if state["iteration"] >= train_iters:
+            print_rank(f"> nothing to do: already trained {state['iteration']} of {train_iters} iterations")
+            return summary
+        batches = micro_batches(train_ds, state["consumed_samples"], train_iters * global_batch,
+                                run, pstate)
+        window = dict(time=0.0, iters=0, loss=0.0, skipped_before=e.engine.skipped_steps)
+        print_rank(f"> training {train_iters} iterations: global batch {global_batch} = micro "
+                   f"{run.train.micro_batch_size} x DP {dp} x accumulation {gas}; TP "
+                   f"{pstate.tp_size}, ZeRO-{e.zero_stage}")
+        while state["iteration"] < train_iters:
+            it = state["iteration"] + 1
+            log_now = it % run.log.log_interval == 0 or it == train_iters
+            lr = e.schedule.current_lr()
+            skipped_before = e.engine.skipped_steps
+            t0 = time.time()
+            step = train_step(e, batches, gas, pstate, log_now and sink_wants_diag(run))
+            dt = time.time() - t0
+            skipped = e.engine.skipped_steps > skipped_before
+            loss = step["lm_loss"]
+            if not math.isfinite(loss) and not skipped:
+                raise TrainingError(f"iteration {it}: lm loss is {loss}; stopping (lower --lr, "
+                                    "enable --clip-grad or resume from the last checkpoint)")
+            state.update(iteration=it, consumed_samples=state["consumed_samples"] + global_batch)
+            state["consumed_tokens"] = state["consumed_samples"] * seq
+            summary["losses"][it] = loss
+            summary["grad_norms"][it] = step.get("grad_norm")
+            summary["lrs"][it] = lr
+            window["time"] += dt
+            window["iters"] += 1
+            if log_now:
+                ms = 1000 * window["time"] / window["iters"]
+                tps = global_batch * seq / (ms / 1000)
+                tflops = flops / (ms / 1000) / world / 1e12
+                loss_scale = 1.0
+                if run.train.fp16:
+                    opt = e.engine.optimizer
+                    loss_scale = float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 1.0)))
+                m = dict(iteration=it, train_iters=train_iters, consumed_samples=state["consumed_samples"],
+                         consumed_tokens=state["consumed_tokens"], lm_loss=loss, ppl=safe_ppl(loss),
+                         lr=lr, grad_norm=step.get("grad_norm"), loss_scale=loss_scale,
+                         ms_per_iter=ms, tokens_per_sec=tps, tflops_per_device=tflops,
+                         mfu=None if peak is None else tflops / peak, global_batch_size=global_batch,
+                         skipped_iters=e.engine.skipped_steps - window["skipped_before"])
+                print_rank(format_log_line(m), writer_rank)
+                sink.record({k: m[k] for k in ("iteration", "consumed_samples", "consumed_tokens",
+                                               "lm_loss", "lr", "grad_norm", "loss_scale",
+                                               "ms_per_iter", "tokens_per_sec", "tflops_per_device",
+                                               "mfu")})
+                sink.scalars({"train/lm_loss": loss, "train/ppl": m["ppl"], "train/lr": lr,
+                              "train/grad_norm": m["grad_norm"], "train/loss_scale": loss_scale,
+                              "train/tokens_per_sec": tps, "train/tflops_per_device": tflops,
+                              "train/mfu": m["mfu"]}, it)
+                fc2 = {k: v for k, v in step.items() if k.startswith("normformer/")}
+                if fc2:
+                    summary["fc2_grad_l1"][it] = fc2
+                    sink.scalars(fc2, it)
+                if sink_wants_diag(run):
+                    sink.histograms(diagnostics.scale_parameters(e.model, pstate, e.zero_stage), it)
+                window.update(time=0.0, iters=0, skipped_before=e.engine.skipped_steps)
+            if run.log.eval_iters and it % run.log.eval_interval == 0 and it < train_iters:
+                run_eval("validation", valid_ds, it)
+            if run.ckpt.save_interval and it % run.ckpt.save_interval == 0:
+                save()
+            if stop.agreed():
+                summary["stopped_by"] = stop.signal_name or "signal"
+                save()
+                print_rank(f"> {summary['stopped_by']} received: stopped after iteration {it}"
+                           + (f", checkpoint in {run.ckpt.save}" if run.ckpt.save else
+                              " (no --save: nothing saved)"))
+                return summary
+            if run.train.exit_interval and it % run.train.exit_interval == 0 and it < train_iters:
+                summary["stopped_by"] = "exit-interval"
+                save()
+                print_rank(f"> --exit-interval {run.train.exit_interval}: stopped after iteration {it}")
+                return summary
+        save()
+        run_eval("validation", valid_ds, state["iteration"])
+        run_eval("test", test_ds, state["iteration"])
+        return summary
+    finally:
+        summary.update(iteration=state["iteration"], consumed_samples=state["consumed_samples"])
+        stop.restore()
+        sink.close()
+
+
+def sink_wants_diag(run: RunConfig) -> bool:
+    return bool(run.log.tensorboard_dir)

@@ -1,0 +1,133 @@
+"""Throughput, FLOPs and MFU, the Megatron-style progress line, the metrics file and TensorBoard.
+
+FLOPs per iteration follow Narayanan et al. (2021), generalised to an FFN of size F and counting
+the NormFormer extras. Forward FLOPs of one layer on B sequences of s tokens, width h:
+
+    QKV and output projections  8 B s h^2      attention scores and mixing  4 B s^2 h
+    FFN                         4 B s h F      NormFormer (elementwise)      see below
+
+and the logits 2 B s h V. Backward costs twice the forward; recomputing activations adds one more
+forward of the layers. With F = 4h and no NormFormer this is the paper's
+72 B s l h^2 (1 + s/(6h) + V/(12 l h)). NormFormer adds per token and layer about 5h (post-attention
+LN) + 5F (FFN LN) + h (HeadScale) + h (ResScale) forward FLOPs: negligible, counted for honesty.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Dict, Optional
+
+import torch
+
+from megatron_normformer.config import ModelConfig
+
+LN_FLOPS_PER_ELEMENT = 5
+
+# Dense peak TFLOP/s per device: (bf16/fp16 tensor core, tf32/fp32 used for fp32 training).
+PEAK_TFLOPS = {
+    "H200": (989.0, 494.5),
+    "H100": (989.0, 494.5),
+    "A100": (312.0, 156.0),
+    "A10": (125.0, 62.5),
+    "L40S": (362.0, 183.0),
+    "L4": (121.0, 60.0),
+    "V100": (125.0, 15.7),
+}
+
+
+def flops_per_iteration(cfg: ModelConfig, global_batch: int, seq: int, padded_vocab: int,
+                        recompute: bool = False) -> float:
+    b, s, h, f, l = global_batch, seq, cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_layers
+    layer = 8 * b * s * h * h + 4 * b * s * s * h + 4 * b * s * h * f
+    extra = 0
+    if cfg.scale_attn:
+        extra += LN_FLOPS_PER_ELEMENT * h
+    if cfg.scale_fc:
+        extra += LN_FLOPS_PER_ELEMENT * f
+    if cfg.scale_heads:
+        extra += h
+    if cfg.scale_resids:
+        extra += h
+    layer += b * s * extra
+    logits = 2 * b * s * h * padded_vocab
+    return (4 if recompute else 3) * l * layer + 3 * logits
+
+
+def peak_tflops_per_device(flag: Optional[float], half_precision: bool) -> Optional[float]:
+    """The flag if given, else the known peak of this GPU, else None (MFU shown as n/a)."""
+    if flag:
+        return flag
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name().upper()
+    for key, (half, full) in PEAK_TFLOPS.items():
+        if key in name:
+            return half if half_precision else full
+    return None
+
+
+def format_log_line(m: Dict) -> str:
+    """Megatron's progress line."""
+    def num(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+
+    parts = [
+        f" iteration {m['iteration']:8d}/{m['train_iters']:8d}",
+        f"consumed samples: {m['consumed_samples']:12d}",
+        f"elapsed time per iteration (ms): {m['ms_per_iter']:.1f}",
+        f"learning rate: {m['lr']:.3E}",
+        f"global batch size: {m['global_batch_size']:5d}",
+        f"lm loss: {m['lm_loss']:.6E}",
+        f"ppl: {num(m.get('ppl'), '.3f')}",
+        f"loss scale: {m['loss_scale']:.1f}",
+        f"grad norm: {num(m.get('grad_norm'), '.3f')}",
+        f"number of skipped iterations: {m['skipped_iters']:3d}",
+        f"number of nan iterations: {m.get('nan_iters', 0):3d}",
+        f"tokens/s: {m['tokens_per_sec']:.1f}",
+        f"TFLOP/s per device: {m['tflops_per_device']:.3f}",
+        f"MFU: {'n/a' if m.get('mfu') is None else format(100 * m['mfu'], '.2f') + '%'}",
+    ]
+    return " | ".join(parts) + " |"
+
+
+def safe_ppl(loss: float) -> Optional[float]:
+    return math.exp(loss) if loss < 700 else None
+
+
+class MetricsSink:
+    """The metrics file (JSON lines) and TensorBoard; only the writing rank holds open files."""
+
+    def __init__(self, metrics_file: Optional[str], tensorboard_dir: Optional[str], writer: bool):
+        self.file = self.tb = None
+        if not writer:
+            return
+        if metrics_file:
+            os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
+            self.file = open(metrics_file, "a", buffering=1)
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=tensorboard_dir)
+
+    def record(self, record: Dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+
+    def scalars(self, values: Dict[str, Optional[float]], step: int) -> None:
+        if self.tb is not None:
+            for tag, v in values.items():
+                if v is not None:
+                    self.tb.add_scalar(tag, v, step)
+
+    def histograms(self, values: Dict[str, torch.Tensor], step: int) -> None:
+        if self.tb is not None:
+            for tag, v in values.items():
+                self.tb.add_histogram(tag, v.detach().float().cpu(), step)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
