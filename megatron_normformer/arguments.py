@@ -64,14 +64,20 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 _MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
 
 
-def model_config_from_args(args: argparse.Namespace, vocab_size: int | None = None) -> ModelConfig:
+def model_config_from_args(args: argparse.Namespace, vocab_size: int | None = None,
+                           bidirectional: bool = False) -> ModelConfig:
     """Defaults < ``--model-size`` preset < explicit flags. ``vocab_size`` comes from the tokenizer
-    when one is built; ``--vocab-size`` wins only where no tokenizer tells it."""
+    when one is built; ``--vocab-size`` wins only where no tokenizer tells it. ``bidirectional``
+    builds a masked-LM encoder, with RoBERTa's learned positions unless the flags say otherwise."""
     values = {}
+    if bidirectional:
+        values.update(bidirectional=True, position_embedding_type="learned",
+                      max_position_embeddings=512)
     if getattr(args, "model_size", None):
         values.update(dataclasses.asdict(MODEL_SIZE_PRESETS[args.model_size]))
         if args.model_size.startswith("bert"):
-            values["bidirectional"] = True
+            values.update(bidirectional=True, position_embedding_type="learned",
+                          max_position_embeddings=512)
     for name in _MODEL_FIELDS:
         given = getattr(args, name, None)
         if given is not None:

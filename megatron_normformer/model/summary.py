@@ -21,20 +21,22 @@ class _ShapeOnlyState(SingleProcessState):
 
 def summarize(cfg: ModelConfig, tensor_parallel_size: int = 1) -> dict:
     """Counts for the real vocabulary (padding rows excluded); per-rank counts at the given TP."""
+    from megatron_normformer.model.bert import BertModel
     from megatron_normformer.model.gpt import GPTModel
 
+    model_cls = BertModel if cfg.bidirectional else GPTModel
     with torch.device("meta"):
-        model = GPTModel(cfg, SingleProcessState(), device="meta")
+        model = model_cls(cfg, SingleProcessState(), device="meta")
     padding_rows = cfg.padded_vocab_size(1) - cfg.vocab_size
+    # Padding rows: the word embedding, an untied output layer, the masked LM's output bias.
     padding = padding_rows * cfg.hidden_size * (2 if cfg.untie_embeddings_and_output_weights else 1)
+    padding += padding_rows if cfg.bidirectional else 0
     embeddings = _numel(model.embedding) - padding_rows * cfg.hidden_size
     per_layer = _numel(model.layers[0])
-    output = 0
-    if model.head.weight is not None:
-        output = model.head.weight.numel() - padding_rows * cfg.hidden_size
     total = _numel(model) - padding
+    output = total - embeddings - per_layer * cfg.num_layers  # final LN + LM head
     with torch.device("meta"):
-        shard = GPTModel(cfg, _ShapeOnlyState(tensor_parallel_size), device="meta")
+        shard = model_cls(cfg, _ShapeOnlyState(tensor_parallel_size), device="meta")
     return {
         "total_parameters": total,
         "tensor_model_parallel_size": tensor_parallel_size,
@@ -42,10 +44,9 @@ def summarize(cfg: ModelConfig, tensor_parallel_size: int = 1) -> dict:
         "embedding_parameters": embeddings,
         "parameters_per_layer": per_layer,
         "num_layers": cfg.num_layers,
-        "final_layernorm_parameters": _numel(model.head.final_layernorm),
-        "output_layer_parameters": output,
+        "head_parameters": output,
         "normformer_extra_parameters": normformer_extra_parameters(cfg),
-        "non_embedding_parameters": total - embeddings - output,
+        "non_embedding_parameters": total - embeddings,
         "vocab_padding_parameters": padding,
         "hidden_size": cfg.hidden_size,
         "ffn_hidden_size": cfg.ffn_hidden_size,

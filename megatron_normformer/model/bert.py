@@ -1,0 +1,90 @@
+"""The NormFormer masked LM (RoBERTa-style encoder).
+
+The same NormFormer layer with bidirectional attention and a padding mask, a final LayerNorm (Pre-LN),
+and RoBERTa's LM head: dense -> gelu -> LayerNorm -> projection tied to the word embedding, plus a
+vocab-parallel output bias. The loss is computed on the masked positions only: their hidden states
+are selected before the head, so the vocabulary projection costs 15 % of a full one.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron_normformer.config import ModelConfig
+from megatron_normformer.model.embeddings import Embedding
+from megatron_normformer.model.layer import NormFormerLayer
+from megatron_normformer.model.norms import LayerNorm
+from megatron_normformer.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_normformer.parallel.init import init_normal_
+from megatron_normformer.parallel.layers import mark_parallel
+from megatron_normformer.parallel.mappings import copy_to_tensor_parallel, gather_from_tensor_parallel
+
+
+class RobertaLMHead(nn.Module):
+    def __init__(self, cfg: ModelConfig, pstate, seed: int, device=None):
+        super().__init__()
+        self.cfg, self.tp_group = cfg, pstate.tp_group
+        padded = cfg.padded_vocab_size(pstate.tp_size)
+        self.vocab_start = pstate.tp_rank * (padded // pstate.tp_size)
+        d = cfg.hidden_size
+        self.dense = nn.Linear(d, d, device=device)
+        mark_parallel(self.dense.weight, None)
+        mark_parallel(self.dense.bias, None)
+        init_normal_(self.dense.weight, seed, "lm_head.dense.weight", (d, d), cfg.init_method_std)
+        if self.dense.bias.device.type != "meta":
+            nn.init.zeros_(self.dense.bias)
+        self.layernorm = LayerNorm(d, cfg.layernorm_epsilon, device)
+        self.bias = mark_parallel(nn.Parameter(torch.zeros(padded // pstate.tp_size, device=device)), 0)
+
+    def logits(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+        h = self.layernorm(F.gelu(self.dense(hidden)))
+        return F.linear(copy_to_tensor_parallel(h, self.tp_group), embedding_weight, self.bias)
+
+
+class BertModel(nn.Module):
+    """Bidirectional NormFormer encoder with a RoBERTa LM head.
+
+    ``forward(tokens, padding_mask, labels, loss_mask)`` returns the per-token loss of the masked
+    positions, flattened to [num_masked] (fp32), in row-major order of ``loss_mask``. Without labels
+    it returns this rank's vocabulary slice of the logits at every position.
+    """
+
+    def __init__(self, cfg: ModelConfig, pstate, seed: int = 1234, device=None):
+        super().__init__()
+        if not cfg.bidirectional:
+            raise ValueError("BertModel needs a config with bidirectional=True")
+        cfg.validate(pstate.tp_size)
+        self.cfg, self.tp_group = cfg, pstate.tp_group
+        self.embedding = Embedding(cfg, pstate, seed, device)
+        self.layers = nn.ModuleList(
+            NormFormerLayer(cfg, i, pstate, seed, device) for i in range(cfg.num_layers))
+        self.final_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, device)
+        self.lm_head = RobertaLMHead(cfg, pstate, seed, device)
+        self.checkpoint_fn = None
+
+    def encode(self, tokens: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        # [b, 1, 1, s] boolean, True = may attend: no query ever looks at padding.
+        mask = None if padding_mask is None else padding_mask.bool()[:, None, None, :]
+        x = self.embedding(tokens)
+        for layer in self.layers:
+            if self.checkpoint_fn is not None and self.training:
+                x = self.checkpoint_fn(layer, x, mask)
+            else:
+                x = layer(x, mask)
+        return self.final_layernorm(x)
+
+    def forward(self, tokens, padding_mask=None, labels=None, loss_mask=None):
+        hidden = self.encode(tokens, padding_mask)
+        weight = self.embedding.word_embeddings.weight
+        if labels is None:
+            return self.lm_head.logits(hidden, weight)
+        selected = loss_mask.bool() if loss_mask is not None else labels >= 0
+        logits = self.lm_head.logits(hidden[selected], weight)
+        return vocab_parallel_cross_entropy(logits, labels[selected], self.lm_head.vocab_start,
+                                            self.cfg.vocab_size, self.tp_group)
+
+    def gather_logits(self, local_logits: torch.Tensor) -> torch.Tensor:
+        return gather_from_tensor_parallel(local_logits, self.tp_group)[..., : self.cfg.vocab_size]
