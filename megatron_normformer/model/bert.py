@@ -19,7 +19,7 @@ from megatron_normformer.model.layer import NormFormerLayer
 from megatron_normformer.model.norms import LayerNorm
 from megatron_normformer.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_normformer.parallel.init import init_normal_
-from megatron_normformer.parallel.layers import mark_parallel
+from megatron_normformer.parallel.layers import mark_parallel, mark_vocab
 from megatron_normformer.parallel.mappings import copy_to_tensor_parallel, gather_from_tensor_parallel
 
 
@@ -37,7 +37,7 @@ class RobertaLMHead(nn.Module):
         if self.dense.bias.device.type != "meta":
             nn.init.zeros_(self.dense.bias)
         self.layernorm = LayerNorm(d, cfg.layernorm_epsilon, device)
-        self.bias = mark_parallel(nn.Parameter(torch.zeros(padded // pstate.tp_size, device=device)), 0)
+        self.bias = mark_vocab(nn.Parameter(torch.zeros(padded // pstate.tp_size, device=device)))
 
     def logits(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
         h = self.layernorm(F.gelu(self.dense(hidden)))

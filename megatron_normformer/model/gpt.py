@@ -12,7 +12,7 @@ from megatron_normformer.model.embeddings import Embedding
 from megatron_normformer.model.layer import NormFormerLayer
 from megatron_normformer.model.norms import LayerNorm
 from megatron_normformer.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megatron_normformer.parallel.layers import InitSpec, _fill, mark_parallel
+from megatron_normformer.parallel.layers import InitSpec, fill_shard, mark_vocab
 from megatron_normformer.parallel.mappings import copy_to_tensor_parallel, gather_from_tensor_parallel
 
 
@@ -29,9 +29,9 @@ class LMHead(nn.Module):
         self.vocab_start = pstate.tp_rank * (padded // pstate.tp_size)
         self.final_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, device)
         if cfg.untie_embeddings_and_output_weights:
-            self.weight = mark_parallel(nn.Parameter(
-                torch.empty(padded // pstate.tp_size, cfg.hidden_size, device=device)), 0)
-            _fill(self.weight, InitSpec(seed, "output_layer.weight", cfg.init_method_std),
+            self.weight = mark_vocab(nn.Parameter(
+                torch.empty(padded // pstate.tp_size, cfg.hidden_size, device=device)))
+            fill_shard(self.weight, InitSpec(seed, "output_layer.weight", cfg.init_method_std),
                   (padded, cfg.hidden_size), 0, pstate.tp_rank, pstate.tp_size)
         else:
             self.register_parameter("weight", None)

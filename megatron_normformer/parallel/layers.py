@@ -31,6 +31,13 @@ def mark_parallel(param: torch.Tensor, partition_dim: Optional[int]) -> torch.Te
     return param
 
 
+def mark_vocab(param: torch.Tensor) -> torch.Tensor:
+    """A parameter whose dim 0 is the padded vocabulary, split across the TP group."""
+    mark_parallel(param, 0)
+    param.vocab_padded = True
+    return param
+
+
 @dataclass
 class InitSpec:
     """How to draw a weight: N(0, std^2) from the stream named ``name``.
@@ -45,7 +52,7 @@ class InitSpec:
     logical_shape: Optional[Sequence[int]] = None
 
 
-def _fill(param: torch.Tensor, spec: InitSpec, full_shape, partition_dim, rank, world):
+def fill_shard(param: torch.Tensor, spec: InitSpec, full_shape, partition_dim, rank, world):
     if param.device.type == "meta":
         return
     if spec.logical_shape is not None:
@@ -67,7 +74,7 @@ class _ParallelLinear(nn.Module):
         local = list(full)
         local[self.partition_dim] //= tp_size
         self.weight = mark_parallel(nn.Parameter(torch.empty(*local, device=device)), self.partition_dim)
-        _fill(self.weight, init, full, self.partition_dim, tp_rank, tp_size)
+        fill_shard(self.weight, init, full, self.partition_dim, tp_rank, tp_size)
         if bias:
             bias_partition = 0 if self.partition_dim == 0 else None
             n = local[0]
@@ -118,8 +125,8 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size, self.padded_vocab_size = vocab_size, padded_vocab_size
         per_rank = padded_vocab_size // tp_size
         self.vocab_start, self.vocab_end = tp_rank * per_rank, (tp_rank + 1) * per_rank
-        self.weight = mark_parallel(nn.Parameter(torch.empty(per_rank, hidden_size, device=device)), 0)
-        _fill(self.weight, init, (padded_vocab_size, hidden_size), 0, tp_rank, tp_size)
+        self.weight = mark_vocab(nn.Parameter(torch.empty(per_rank, hidden_size, device=device)))
+        fill_shard(self.weight, init, (padded_vocab_size, hidden_size), 0, tp_rank, tp_size)
         if self.weight.device.type != "meta":
             padded_from = max(0, vocab_size - self.vocab_start)
             with torch.no_grad():

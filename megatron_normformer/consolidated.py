@@ -1,0 +1,112 @@
+"""The consolidated release format: one fp32 safetensors file of full tensors plus the model config.
+
+    PATH.safetensors   every parameter as its full (TP-gathered) fp32 tensor, named as in the
+                       TP=1 model (e.g. ``layers.3.mlp.fc1.weight``); vocabulary rows unpadded
+                       (exactly ``vocab_size``); the config also sits in the file's metadata
+    PATH.json          the ModelConfig as JSON (``model_config.json`` style, for other tools)
+
+Layouts inside the tensors: the fused QKV weight is ``[heads, (q, k, v), head_dim, hidden]`` flattened
+to ``[3 * hidden, hidden]``; linear weights are ``[out, in]`` (torch convention).
+
+``full_state_dict`` gathers a TP-sharded model into this form (a collective over the TP group);
+``shard_state_dict`` cuts it back for any TP degree. Together they move weights between layouts.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Tuple
+
+import torch
+
+from megatron_normformer.config import ConfigError, ModelConfig
+from megatron_normformer.parallel.mappings import full_tensor
+
+FORMAT = "megatron_normformer.consolidated.v1"
+
+
+def _paths(path: str) -> Tuple[str, str]:
+    base = path[: -len(".safetensors")] if path.endswith(".safetensors") else path
+    return base + ".safetensors", base + ".json"
+
+
+def full_state_dict(model: torch.nn.Module, tp_group, vocab_size: int) -> Dict[str, torch.Tensor]:
+    """Full fp32 tensors of a TP-sharded model, on every TP rank (call on all of them)."""
+    out = {}
+    for name, param in model.named_parameters():
+        value = full_tensor(param, param.detach().float().cpu(), tp_group)
+        if getattr(param, "vocab_padded", False):
+            value = value[:vocab_size]
+        out[name] = value.contiguous()
+    return out
+
+
+def shard_state_dict(full: Dict[str, torch.Tensor], model: torch.nn.Module, tp_rank: int,
+                     tp_size: int) -> Dict[str, torch.Tensor]:
+    """This TP rank's slices of ``full``, shaped like ``model``'s parameters (vocab re-padded)."""
+    local = {}
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(full))
+    unexpected = sorted(set(full) - set(params))
+    if missing or unexpected:
+        raise ConfigError(f"checkpoint does not match the model: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+    for name, param in params.items():
+        value = full[name]
+        if getattr(param, "tensor_model_parallel", False):
+            dim = param.partition_dim
+            if getattr(param, "vocab_padded", False):
+                padded = param.shape[0] * tp_size
+                pad = torch.zeros((padded - value.shape[0],) + tuple(value.shape[1:]), dtype=value.dtype)
+                value = torch.cat([value, pad])
+            value = value.chunk(tp_size, dim=dim)[tp_rank]
+        if tuple(value.shape) != tuple(param.shape):
+            raise ConfigError(f"checkpoint tensor {name} has shape {tuple(value.shape)}, "
+                              f"the model expects {tuple(param.shape)}")
+        local[name] = value.contiguous()
+    return local
+
+
+def save_consolidated(path: str, full: Dict[str, torch.Tensor], cfg: ModelConfig) -> str:
+    from safetensors.torch import save_file
+
+    tensor_path, config_path = _paths(path)
+    os.makedirs(os.path.dirname(os.path.abspath(tensor_path)), exist_ok=True)
+    config_json = json.dumps(cfg.to_dict(), indent=1, sort_keys=True)
+    tmp = tensor_path + ".tmp"
+    save_file({k: v.float().contiguous() for k, v in full.items()}, tmp,
+              metadata={"format": FORMAT, "model_config": config_json})
+    os.replace(tmp, tensor_path)
+    with open(config_path + ".tmp", "w") as f:
+        f.write(config_json + "\n")
+    os.replace(config_path + ".tmp", config_path)
+    return tensor_path
+
+
+def load_consolidated(path: str) -> Tuple[Dict[str, torch.Tensor], ModelConfig]:
+    from safetensors import safe_open
+
+    tensor_path, _ = _paths(path)
+    if not os.path.isfile(tensor_path):
+        raise ConfigError(f"{tensor_path}: no such consolidated checkpoint")
+    with safe_open(tensor_path, framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT or "model_config" not in meta:
+            raise ConfigError(f"{tensor_path}: not a megatron_normformer consolidated checkpoint")
+        full = {k: f.get_tensor(k) for k in f.keys()}
+    return full, ModelConfig.from_dict(json.loads(meta["model_config"]))
+
+
+def build_model_from_consolidated(path: str, pstate, device=None):
+    """A GPTModel / BertModel for ``pstate``'s TP layout with the weights of ``path``."""
+    from megatron_normformer.model.bert import BertModel
+    from megatron_normformer.model.gpt import GPTModel
+
+    full, cfg = load_consolidated(path)
+    model_cls = BertModel if cfg.bidirectional else GPTModel
+    model = model_cls(cfg, pstate, device=device)
+    local = shard_state_dict(full, model, pstate.tp_rank, pstate.tp_size)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(local[name])
+    return model, cfg
