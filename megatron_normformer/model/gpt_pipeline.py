@@ -92,10 +92,14 @@ def stage_layer_counts(num_layers: int, num_stages: int) -> List[int]:
 def build_gpt_pipeline(cfg: ModelConfig, pstate, seed: int = 1234,
                        activation_checkpoint_interval: int = 0):
     """A ``PipelineModule`` over ``pstate``'s layout (TP fastest, then DP, then PP)."""
+    import deepspeed
+    import torch.distributed as dist
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     cfg.validate(pstate.tp_size)
+    # PipelineModule talks through deepspeed.comm, which wraps the already-initialised torch group.
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
     counts = stage_layer_counts(cfg.num_layers, pstate.pp_size)
     tied = not cfg.untie_embeddings_and_output_weights
     specs = [TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, cfg, pstate, seed,
