@@ -4,6 +4,10 @@ Each rank owns num_heads / TP heads: its slice of the fused QKV projection (colu
 out [heads, (q, k, v), head_dim]), its heads' HeadScale gammas, and its input columns of the
 row-parallel output projection W_O. With the paper's placement (pre-proj) HeadScale therefore needs
 no communication.
+
+Incremental decoding: ``forward(x, kv_cache=cache)`` appends this call's keys and values to
+``cache`` (an :class:`megatron_normformer.inference.kv_cache.KVCache`) and attends over everything
+cached so far; ``x`` then holds only the new positions. Without a cache nothing changes.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ class ParallelAttention(nn.Module):
         super().__init__()
         tp = pstate.tp_size
         self.cfg = cfg
+        self.layer_number = layer_number
         self.local_heads = cfg.num_attention_heads // tp
         self.head_dim = cfg.head_dim
         prefix = f"layers.{layer_number}.attention"
@@ -42,17 +47,24 @@ class ParallelAttention(nn.Module):
         else:
             self.register_parameter("head_scale", None)
 
-    def forward(self, x: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask=None, kv_cache=None) -> torch.Tensor:
         """x: [batch, seq, hidden] (replicated) -> [batch, seq, hidden] (replicated).
 
         ``attention_mask``: None for causal attention, else a boolean [batch, 1, 1|seq, seq] mask
         where True means "may attend" (bidirectional models with padding).
+        ``kv_cache``: optional cache for incremental (causal) decoding; it supplies the mask.
         """
         b, s, _ = x.shape
         qkv = self.qkv(x).view(b, s, self.local_heads, 3, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # [b, heads, s, head_dim]
         dropout = self.cfg.attention_dropout if self.training else 0.0
         causal = not self.cfg.bidirectional
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_number, k, v)
+            # Queries sit at the end of the cached keys, so SDPA's top-left causal mask is wrong
+            # unless nothing was cached before: the cache builds the mask (None = plain causal).
+            attention_mask = kv_cache.attention_mask(s, k.size(2), x.device)
+            causal = attention_mask is None and s == k.size(2)
         if dropout > 0.0:
             with get_rng_tracker().fork():  # this rank's heads get their own dropout stream
                 context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask,

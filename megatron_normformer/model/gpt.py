@@ -67,10 +67,16 @@ class GPTModel(nn.Module):
         self.checkpoint_fn: Optional[Callable] = None
 
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None, attention_mask=None):
+                position_ids: Optional[torch.Tensor] = None, attention_mask=None, kv_cache=None):
+        """``kv_cache`` (an ``inference.KVCache``) turns on incremental decoding: ``tokens`` are
+        the positions after those already cached, and positions default to continue from them."""
+        if kv_cache is not None and position_ids is None:
+            position_ids = kv_cache.position_ids(tokens.size(1), tokens.device)
         x = self.embedding(tokens, position_ids)
         for layer in self.layers:
-            if self.checkpoint_fn is not None and self.training:
+            if kv_cache is not None:
+                x = layer(x, attention_mask, kv_cache=kv_cache)
+            elif self.checkpoint_fn is not None and self.training:
                 x = self.checkpoint_fn(layer, x, attention_mask)
             else:
                 x = layer(x, attention_mask)

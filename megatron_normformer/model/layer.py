@@ -38,8 +38,8 @@ class NormFormerLayer(nn.Module):
         else:
             self.register_parameter("resid_scale", None)
 
-    def forward(self, x: torch.Tensor, attention_mask=None) -> torch.Tensor:
-        a = self.attention(self.input_layernorm(x), attention_mask)
+    def forward(self, x: torch.Tensor, attention_mask=None, kv_cache=None) -> torch.Tensor:
+        a = self.attention(self.input_layernorm(x), attention_mask, kv_cache=kv_cache)
         if self.post_attention_layernorm is not None:
             a = self.post_attention_layernorm(a)
         x = x + F.dropout(a, self.hidden_dropout, self.training)

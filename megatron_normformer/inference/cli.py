@@ -1,0 +1,64 @@
+"""Flags and set-up shared by the inference tools (``tools/generate.py``, ``tools/evaluate_ppl.py``)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from megatron_normformer.config import ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("checkpoint")
+    g.add_argument("--load", required=True,
+                   help="Consolidated checkpoint (PATH.safetensors or its base PATH) or a training "
+                        "checkpoint directory (any TP/PP/ZeRO layout).")
+    g.add_argument("--ckpt-tag", default=None,
+                   help="Iteration tag inside a training checkpoint directory (default: latest).")
+    g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N.")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="Inference precision.")
+
+
+def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
+    """The tokenizer flags of ``tools/preprocess_data.py``."""
+    from megatron_normformer.data.tokenizers import TOKENIZER_TYPES
+
+    g = parser.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
+    g.add_argument("--tokenizer-model", help="SentencePiece .model or HF tokenizer.json")
+    g.add_argument("--vocab-file", help="GPT-2 vocab.json")
+    g.add_argument("--merge-file", help="GPT-2 merges.txt")
+    g.add_argument("--vocab-size", type=int, help="NullTokenizer vocabulary size")
+
+
+def tokenizer_from_args(args):
+    from megatron_normformer.data.tokenizers import TokenizerError, build_tokenizer
+
+    try:
+        return build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file,
+                               args.merge_file, args.vocab_size)
+    except (TokenizerError, OSError) as error:
+        raise ConfigError(str(error)) from None
+
+
+def parallel_state_from_env():
+    """One process: no torch.distributed. Under torchrun: one TP group over all processes."""
+    from megatron_normformer.parallel.state import ParallelState, SingleProcessState, initialize_distributed
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return SingleProcessState()
+    launch = initialize_distributed()
+    return ParallelState(tensor_model_parallel_size=launch.world_size)
+
+
+def load_model_from_args(args, pstate):
+    """(model, cfg) on the requested device and dtype, for ``pstate``'s TP rank."""
+    from megatron_normformer.inference.loading import build_inference_model, resolve_device
+
+    device = resolve_device(args.device)
+    if device.type == "cuda" and pstate.world_size > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return build_inference_model(args.load, pstate, device, DTYPES[args.dtype], tag=args.ckpt_tag)
