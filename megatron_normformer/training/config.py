@@ -170,7 +170,7 @@ class RunConfig:
         """Checks that need no process group; raise ConfigError naming the flag(s)."""
         t, o, d = self.train, self.optim, self.data
         if self.parallel.pipeline_model_parallel_size != 1:
-            raise ConfigError("--pipeline-model-parallel-size > 1 requires the pipeline engine "
+            raise ConfigError("--pipeline-model-parallel-size: PP>1 requires the pipeline engine "
                               "(not in this build)")
         lengths = [name for name, v in (("--train-iters", t.train_iters),
                                         ("--train-samples", t.train_samples),

@@ -54,6 +54,8 @@ def build_engine(run: RunConfig, pstate, ds_config: Dict) -> Engine:
     import deepspeed
 
     check_precision(run)
+    # Adopt the process group we already created (zero.Init and friends read deepspeed.comm).
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     stage = ds_config["zero_optimization"]["stage"]
     if run.train.checkpoint_activations:
         # DeepSpeed's checkpoint replays the TP dropout stream: make its tracker ours.
@@ -68,7 +70,9 @@ def build_engine(run: RunConfig, pstate, ds_config: Dict) -> Engine:
         # Every module partitions its parameters over DP right after its own __init__ has filled
         # them, so no rank ever holds the full model.
         remote = "cpu" if run.ds.cpu_offload else None
-        with deepspeed.zero.Init(mpu=pstate, config_dict_or_path=ds_config, remote_device=remote):
+        # zero.Init partitions over data_parallel_group only; mpu alone would mean the whole world.
+        with deepspeed.zero.Init(data_parallel_group=pstate.dp_group, mpu=pstate,
+                                 config_dict_or_path=ds_config, remote_device=remote):
             model = GPTModel(run.model, pstate, seed=run.train.seed, device=device)
         # Weights read outside their own module's forward must be gathered for the whole forward.
         deepspeed.zero.register_external_parameter(model, model.embedding.word_embeddings.weight)

@@ -59,7 +59,10 @@ def micro_batches(dataset, consumed: int, total: int, run: RunConfig, pstate):
     workers = run.data.num_workers
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples,
                                          num_workers=workers, pin_memory=torch.cuda.is_available(),
-                                         persistent_workers=False)
+                                         persistent_workers=False,
+                                         # its own generator: creating the iterator must not draw
+                                         # from the global RNG, or a resumed run's dropout shifts
+                                         generator=torch.Generator().manual_seed(run.train.seed))
     return iter(loader)
 
 
@@ -165,7 +168,7 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int) -> Dict:
     flops = flops_per_iteration(run.model, global_batch, seq, run.model.padded_vocab_size(pstate.tp_size),
                                 run.train.checkpoint_activations)
     peak = peak_tflops_per_device(run.log.peak_flops_per_device, run.train.bf16 or run.train.fp16)
-    summary = dict(losses={}, grad_norms={}, lrs={}, val={}, fc2_grad_l1={}, stopped_by=None,
+    summary = dict(losses={}, grad_norms={}, lrs={}, val={}, test={}, fc2_grad_l1={}, stopped_by=None,
                    train_iters=train_iters, global_batch=global_batch, gas=gas, dp=dp)
     stop = StopFlag()
     saved_at = None
@@ -182,11 +185,11 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int) -> Dict:
             return
         loss = evaluate(e, dataset, run.log.eval_iters, global_batch, run, pstate)
         ppl = safe_ppl(loss)
-        summary["val" if split == "validation" else split][step] = loss
+        key = "val" if split == "validation" else split
+        summary[key][step] = loss
         line = (f" {split} loss at iteration {step} | lm loss value: {loss:.6E} | "
                 f"lm loss PPL: {'n/a' if ppl is None else format(ppl, '.3f')} |")
         print_rank("-" * len(line) + "\n" + line + "\n" + "-" * len(line), writer_rank)
-        key = "val" if split == "validation" else split
         sink.record({"iteration": step, f"{key}_loss": loss, f"{key}_ppl": ppl})
         sink.scalars({f"{key}/loss": loss, f"{key}/ppl": ppl}, step)
 

@@ -83,7 +83,6 @@ def format_log_line(m: Dict) -> str:
         f"loss scale: {m['loss_scale']:.1f}",
         f"grad norm: {num(m.get('grad_norm'), '.3f')}",
         f"number of skipped iterations: {m['skipped_iters']:3d}",
-        f"number of nan iterations: {m.get('nan_iters', 0):3d}",
         f"tokens/s: {m['tokens_per_sec']:.1f}",
         f"TFLOP/s per device: {m['tflops_per_device']:.3f}",
         f"MFU: {'n/a' if m.get('mfu') is None else format(100 * m['mfu'], '.2f') + '%'}",

@@ -1,0 +1,116 @@
+"""``pretrain_gpt.py``'s body: parse, build, run. Errors a user can cause end in one message."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Dict, List, Optional, Set
+
+from megatron_normformer.arguments import build_pretrain_parser, run_config_from_args
+from megatron_normformer.config import ConfigError
+
+
+def explicit_dests(parser, argv: List[str]) -> Set[str]:
+    """Destinations of the flags written on the command line (not left at their defaults)."""
+    given = set()
+    for token in argv:
+        if token.startswith("--"):
+            action = parser._option_string_actions.get(token.split("=", 1)[0])
+            if action is not None:
+                given.add(action.dest)
+    return given
+
+
+def _tokenizer_vocab(args) -> Optional[int]:
+    from megatron_normformer.data import TokenizerError, build_tokenizer
+
+    kind = args.tokenizer_type
+    if kind is None:
+        if args.mock_data or args.vocab_size is not None:
+            return None  # NullTokenizer semantics: --vocab-size sizes the model
+        raise ConfigError("--tokenizer-type is required with --data-path (or give --vocab-size for "
+                          "data made with the NullTokenizer)")
+    try:
+        return build_tokenizer(kind, args.tokenizer_model, args.vocab_file, args.merge_file,
+                               args.vocab_size).vocab_size
+    except (TokenizerError, OSError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def resolve(parser, argv: List[str]):
+    """(args, run config, user DeepSpeed config or None); ConfigError on a bad combination."""
+    from megatron_normformer.training import ds_config as dsc
+
+    args = parser.parse_args(argv)
+    vocab = _tokenizer_vocab(args)
+    run = run_config_from_args(args, vocab)
+    user = None
+    if run.ds.deepspeed_config:
+        user = dsc.load_user_config(run.ds.deepspeed_config)
+    return args, run, user, explicit_dests(parser, argv)
+
+
+def layout(run, user, explicit, world_size: int):
+    """Reconcile with the user's DeepSpeed config and return (ds config dict, dp, gas)."""
+    from megatron_normformer.training import ds_config as dsc
+
+    dp = run.parallel.data_parallel_size(world_size)
+    if user is not None:
+        dsc.reconcile(run, user, {"--" + d.replace("_", "-") for d in explicit}, dp)
+    dp, gas, _ = run.batch_layout(world_size)
+    return dsc.build(run, dp, gas, user), dp, gas
+
+
+def train_resolved(run, user=None, explicit=()):
+    """Train on the already-initialised world; return the loop's summary."""
+    import torch.distributed as dist
+
+    from megatron_normformer.parallel.state import ParallelState
+    from megatron_normformer.training.loop import train
+
+    ds, _, _ = layout(run, user, explicit, dist.get_world_size())
+    pstate = ParallelState(run.parallel.tensor_model_parallel_size,
+                           run.parallel.pipeline_model_parallel_size)
+    return train(run, pstate, ds, run.model.vocab_size)
+
+
+def train_from_argv(argv: List[str]) -> Dict:
+    """In-process training from flags (tests, notebooks): ConfigError propagates."""
+    args, run, user, explicit = resolve(build_pretrain_parser(), list(argv))
+    return train_resolved(run, user, explicit)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_pretrain_parser()
+    try:
+        args, run, user, explicit = resolve(parser, argv)
+        if args.dry_run:
+            from megatron_normformer.parallel.state import read_launch_env
+
+            world = read_launch_env().world_size
+            ds, dp, gas = layout(run, user, explicit, world)
+            print(json.dumps(dict(run.to_dict(), world_size=world, data_parallel_size=dp,
+                                  gradient_accumulation_steps=gas,
+                                  train_iters=run.train_iters(ds["train_batch_size"]),
+                                  deepspeed_config=ds), indent=1))
+            return {}
+    except ConfigError as e:
+        parser.error(str(e))
+
+    import torch.distributed as dist
+
+    from megatron_normformer.parallel.state import ParallelState, initialize_distributed
+    from megatron_normformer.training.loop import TrainingError
+
+    try:
+        initialize_distributed()
+        summary = train_resolved(run, user, explicit)
+    except (ConfigError, TrainingError) as e:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        os._exit(2 if isinstance(e, ConfigError) else 1)  # other ranks may be blocked in collectives
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary

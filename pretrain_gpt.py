@@ -1,0 +1,13 @@
+#!/usr/bin/env python
+"""Pretrain a NormFormer GPT on DeepSpeed.
+
+    deepspeed --num_gpus 8 pretrain_gpt.py --model-size 125M --scale-attn --scale-fc ...
+    torchrun --nproc-per-node 8 pretrain_gpt.py ...
+    mpirun -np 8 python pretrain_gpt.py ...
+
+See docs/training.md and examples/.
+"""
+from megatron_normformer.training.pretrain import main
+
+if __name__ == "__main__":
+    main()
