@@ -148,8 +148,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     ds.add_argument("--deepspeed", action="store_true",
                     help="Accepted for Megatron-DeepSpeed compatibility: the DeepSpeed engine is always used.")
     ds.add_argument("--no-pipeline-parallel", action="store_true",
-                    help="Accepted for Megatron-DeepSpeed compatibility: a plain (non-pipeline) engine "
-                         "is used whenever --pipeline-model-parallel-size is 1.")
+                    help="The plain (non-pipeline) engine, which ZeRO-2/3 need. It is used whenever "
+                         "--pipeline-model-parallel-size is 1; with a larger value this flag is an error.")
     ds.add_argument("--local_rank", "--local-rank", type=int, default=None, dest="local_rank",
                     help="Set by the deepspeed launcher; the LOCAL_RANK environment variable wins.")
     run = parser.add_argument_group("run")
@@ -175,6 +175,9 @@ def run_config_from_args(args: argparse.Namespace, vocab_size: int | None = None
     parts = {}
     for cls in CONFIG_CLASSES:
         parts[cls.__name__] = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    if args.no_pipeline_parallel and args.pipeline_model_parallel_size > 1:
+        raise ConfigError(f"--no-pipeline-parallel contradicts --pipeline-model-parallel-size "
+                          f"{args.pipeline_model_parallel_size}")
     if vocab_size is None and args.vocab_size is None:
         raise ConfigError("--vocab-size is required with --mock-data or --tokenizer-type NullTokenizer "
                           "(other tokenizers give it)")

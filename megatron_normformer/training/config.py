@@ -169,9 +169,18 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         """Checks that need no process group; raise ConfigError naming the flag(s)."""
         t, o, d = self.train, self.optim, self.data
-        if self.parallel.pipeline_model_parallel_size != 1:
-            raise ConfigError("--pipeline-model-parallel-size: PP>1 requires the pipeline engine "
-                              "(not in this build)")
+        pp = self.parallel.pipeline_model_parallel_size
+        if pp < 1:
+            raise ConfigError(f"--pipeline-model-parallel-size must be positive, got {pp}")
+        if pp > 1 and self.ds.zero_stage >= 2:
+            raise ConfigError(
+                f"--pipeline-model-parallel-size {pp} with --zero-stage {self.ds.zero_stage}: "
+                "DeepSpeed's pipeline engine supports ZeRO stages 0 and 1 only. Use --zero-stage 1 "
+                "with pipeline parallelism, or --pipeline-model-parallel-size 1 with ZeRO-2/3 "
+                "(tensor parallelism can take the memory pressure instead)")
+        if pp > 1 and self.model.num_layers < pp:
+            raise ConfigError(f"--num-layers ({self.model.num_layers}) must be at least "
+                              f"--pipeline-model-parallel-size ({pp})")
         lengths = [name for name, v in (("--train-iters", t.train_iters),
                                         ("--train-samples", t.train_samples),
                                         ("--train-tokens", t.train_tokens)) if v is not None]

@@ -55,16 +55,18 @@ def scale_parameters(model, pstate, zero_stage: int) -> Dict[str, torch.Tensor]:
     lambda of every layer (Fig. 4). Collective over TP (and over DP at ZeRO-3)."""
     import contextlib
 
+    from megatron_normformer.model.layer import NormFormerLayer
+
     wanted = []
-    for i, layer in enumerate(model.layers):
+    # This pipeline stage's layers (all of them without pipelining), by global layer number.
+    layers = [(m.layer_number, m) for m in model.modules() if isinstance(m, NormFormerLayer)]
+    for i, layer in layers:
         for tag, p in (("head_scale", getattr(layer.attention, "head_scale", None)),
                        ("ffn_ln_weight", getattr(getattr(layer.mlp, "ffn_layernorm", None), "weight", None)),
                        ("post_attn_ln_weight", getattr(layer.post_attention_layernorm, "weight", None)),
                        ("resid_scale", layer.resid_scale)):
             if p is not None:
                 wanted.append((f"normformer/{tag}/layer_{i}", p))
-    if not wanted:
-        return {}
     gather = contextlib.nullcontext()
     if zero_stage == 3:
         import deepspeed
@@ -73,5 +75,9 @@ def scale_parameters(model, pstate, zero_stage: int) -> Dict[str, torch.Tensor]:
     out = {}
     with gather:
         for tag, p in wanted:
-            out[tag] = full_tensor(p, p.detach().clone(), pstate.tp_group)
+            out[tag] = full_tensor(p, p.detach().clone(), pstate.tp_group).cpu()
+    if pstate.pp_size > 1:  # every stage's layers, for whichever rank writes the events
+        stages = [None] * pstate.pp_size
+        dist.all_gather_object(stages, out, group=pstate.pp_group)
+        out = {k: v for stage in stages for k, v in stage.items()}
     return out

@@ -16,10 +16,11 @@ from megatron_normformer.training.schedule import LRSchedule
 @dataclass
 class Engine:
     engine: object  # deepspeed.DeepSpeedEngine
-    model: GPTModel
+    model: torch.nn.Module  # GPTModel, or the stage's PipelineModule when pipelined
     schedule: LRSchedule
     ds_config: Dict
     zero_stage: int
+    pipeline: bool = False
 
 
 def _shape(p: torch.Tensor):
@@ -66,7 +67,15 @@ def build_engine(run: RunConfig, pstate, ds_config: Dict) -> Engine:
     tp_random.seed_everything(run.train.seed, pstate.tp_rank, pstate.pp_rank)
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    if stage == 3:
+    pipeline = pstate.pp_size > 1
+    if pipeline:
+        from megatron_normformer.model.gpt_pipeline import build_gpt_pipeline
+
+        model = build_gpt_pipeline(run.model, pstate, seed=run.train.seed,
+                                   activation_checkpoint_interval=int(run.train.checkpoint_activations))
+        if device is not None:
+            model = model.to(device)
+    elif stage == 3:
         # Every module partitions its parameters over DP right after its own __init__ has filled
         # them, so no rank ever holds the full model.
         remote = "cpu" if run.ds.cpu_offload else None
@@ -80,7 +89,7 @@ def build_engine(run: RunConfig, pstate, ds_config: Dict) -> Engine:
             deepspeed.zero.register_external_parameter(model, model.head.weight)
     else:
         model = GPTModel(run.model, pstate, seed=run.train.seed, device=device)
-    if run.train.checkpoint_activations:
+    if run.train.checkpoint_activations and not pipeline:  # the pipeline checkpoints per layer itself
         model.checkpoint_fn = lambda layer, x, mask: deepspeed.checkpointing.checkpoint(layer, x, mask)
 
     o = run.optim
@@ -90,10 +99,12 @@ def build_engine(run: RunConfig, pstate, ds_config: Dict) -> Engine:
     iters = run.train_iters(global_batch)
     schedule = LRSchedule(optimizer, o.lr, o.min_lr, o.lr_warmup_iters, o.lr_decay_iters or iters,
                           o.lr_decay_style)
+    # The pipeline engine builds its own groups from the module's topology (same rank order).
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                      lr_scheduler=schedule, mpu=pstate,
+                                                      lr_scheduler=schedule,
+                                                      mpu=None if pipeline else pstate,
                                                       config=ds_config)
     # ZeRO rebuilds the parameter groups inside its own optimizer wrapper: drive those.
     schedule.optimizer = ds_optimizer
     schedule.apply()
-    return Engine(engine, model, schedule, ds_config, stage)
+    return Engine(engine, model, schedule, ds_config, stage, pipeline)

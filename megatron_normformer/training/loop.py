@@ -108,7 +108,22 @@ def _dp_mean(x: torch.Tensor, pstate) -> float:
     return x.item()
 
 
+def _pipeline_micro_batches(batches, gas: int):
+    """What DeepSpeed's pipeline engine reads: (inputs, labels) per micro-batch. Only the first and
+    last stages draw from it; every rank builds it so the sampler stays in step everywhere."""
+    return iter([_to_device(next(batches)) for _ in range(gas)])
+
+
+def pipeline_train_step(e: Engine, batches, gas: int) -> Dict:
+    # 1F1B over ``gas`` micro-batches; the mean loss comes back averaged over DP on every rank.
+    loss = e.engine.train_batch(data_iter=_pipeline_micro_batches(batches, gas))
+    norm = e.engine.get_global_grad_norm()
+    return {"lm_loss": float(loss), "grad_norm": None if norm is None else float(norm)}
+
+
 def train_step(e: Engine, batches, gas: int, pstate, want_diagnostics: bool) -> Dict:
+    if e.pipeline:
+        return pipeline_train_step(e, batches, gas)
     engine, model = e.engine, e.model
     losses, diag = [], {}
     for _ in range(gas):
@@ -134,9 +149,13 @@ def train_step(e: Engine, batches, gas: int, pstate, want_diagnostics: bool) -> 
 def evaluate(e: Engine, dataset, eval_iters: int, global_batch: int, run: RunConfig, pstate) -> float:
     """Mean loss over the first ``eval_iters`` global batches of ``dataset`` (the same batches at
     every evaluation, so evaluations are comparable and resume-exact)."""
-    e.engine.eval()
     total = eval_iters * global_batch
     batches = micro_batches(dataset, 0, total, run, pstate)
+    if e.pipeline:
+        gas = global_batch // (run.train.micro_batch_size * pstate.dp_size)
+        losses = [e.engine.eval_batch(_pipeline_micro_batches(batches, gas)) for _ in range(eval_iters)]
+        return float(torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in losses]).mean())
+    e.engine.eval()
     losses = [e.engine(*_to_device(b)).mean() for b in batches]
     e.engine.train()
     return _dp_mean(torch.stack(losses).mean(), pstate)
