@@ -69,8 +69,10 @@ def _cli(*extra):
 
 
 @pytest.mark.parametrize("extra, message, code", [
-    (["--train-iters", "2", "--pipeline-model-parallel-size", "2"],
-     "PP>1 requires the pipeline engine (not in this build)", 2),
+    (["--train-iters", "2", "--pipeline-model-parallel-size", "2", "--zero-stage", "2"],
+     "DeepSpeed's pipeline engine supports ZeRO stages 0 and 1 only", 2),
+    (["--train-iters", "2", "--pipeline-model-parallel-size", "2", "--no-pipeline-parallel"],
+     "--no-pipeline-parallel contradicts --pipeline-model-parallel-size 2", 2),
     ([], "give exactly one of --train-iters, --train-samples, --train-tokens", 2),
     (["--train-iters", "2", "--bf16"], "--bf16 needs a GPU", 2),
     (["--train-iters", "2", "--global-batch-size", "3", "--micro-batch-size", "2"],

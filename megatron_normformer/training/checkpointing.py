@@ -45,8 +45,12 @@ def _atomic_text(path: str, text: str) -> None:
     _atomic_write(path, write)
 
 
-def save_checkpoint(engine, run_dict: Dict, state: Dict, save_dir: str) -> str:
-    """Save on every rank; ``state`` holds iteration / consumed_samples / consumed_tokens."""
+def save_checkpoint(engine, run_dict: Dict, state: Dict, save_dir: str, universal=None) -> str:
+    """Save on every rank; ``state`` holds iteration / consumed_samples / consumed_tokens.
+
+    ``universal`` = (module, pstate, model config) also writes the layout-independent state that
+    lets the checkpoint resume into another (TP, PP, ZeRO) layout.
+    """
     tag = tag_for(state["iteration"])
     rank = dist.get_rank()
     os.makedirs(save_dir, exist_ok=True)
@@ -55,6 +59,10 @@ def save_checkpoint(engine, run_dict: Dict, state: Dict, save_dir: str) -> str:
     os.makedirs(tag_dir, exist_ok=True)
     _atomic_write(os.path.join(tag_dir, f"rng_rank{rank:05d}.pt"),
                   lambda tmp: torch.save(get_all_rng_states(), tmp))
+    if universal is not None:
+        from megatron_normformer.universal import save_universal
+
+        save_universal(engine, *universal, tag_dir)
     if rank == 0:
         meta = dict(state, run=run_dict, world_size=dist.get_world_size())
         _atomic_text(os.path.join(tag_dir, "run.json"), json.dumps(meta, indent=1))
@@ -78,34 +86,60 @@ def read_latest(load_dir: str) -> str:
     return tag
 
 
-def check_compatible(meta: Dict, run_dict: Dict, world_size: int, load_dir: str) -> None:
-    """The checkpoint's model and layout must be this run's; the first difference is named."""
+def layout_differences(meta: Dict, run_dict: Dict, world_size: int, load_dir: str) -> list:
+    """Why DeepSpeed's own files cannot be loaded here (empty: they can). A different model is an
+    error naming the first differences; a different layout only reroutes the load."""
     saved, now = meta["run"], run_dict
-    diffs = [f"{k}: checkpoint {saved['model'].get(k)!r} vs this run {v!r}"
-             for k, v in now["model"].items()
-             if k not in ("hidden_dropout", "attention_dropout") and saved["model"].get(k) != v]
-    tp_saved = saved["parallel"]["tensor_model_parallel_size"]
-    tp_now = now["parallel"]["tensor_model_parallel_size"]
-    if tp_saved != tp_now:
-        diffs.append(f"tensor_model_parallel_size: checkpoint {tp_saved} vs this run {tp_now}")
+    model_diffs = [f"{k}: checkpoint {saved['model'].get(k)!r} vs this run {v!r}"
+                   for k, v in now["model"].items()
+                   if k not in ("hidden_dropout", "attention_dropout") and saved["model"].get(k) != v]
+    if model_diffs:
+        raise ConfigError(f"--load {load_dir}: checkpoint does not match this run: "
+                          + "; ".join(model_diffs))
+    if meta.get("universal_only"):
+        return ["converted checkpoint (no DeepSpeed files)"]
+    diffs = []
+    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        a, b = saved["parallel"].get(key, 1), now["parallel"].get(key, 1)
+        if a != b:
+            diffs.append(f"{key}: checkpoint {a} vs this run {b}")
     stage_saved, stage_now = saved["ds"]["zero_stage"], now["ds"]["zero_stage"]
     if stage_saved != stage_now:
         diffs.append(f"zero_stage: checkpoint {stage_saved} vs this run {stage_now}")
-    elif stage_now > 0 and meta["world_size"] != world_size:
-        diffs.append(f"world size with ZeRO-{stage_now} partitions: checkpoint {meta['world_size']} "
-                     f"vs this run {world_size}")
-    if diffs:
-        raise ConfigError(f"--load {load_dir}: checkpoint does not match this run: " + "; ".join(diffs))
+    elif meta["world_size"] != world_size:
+        diffs.append(f"world size: checkpoint {meta['world_size']} vs this run {world_size}")
+    return diffs
 
 
-def load_checkpoint(engine, run_dict: Dict, load_dir: str, load_optim: bool = True,
-                    load_rng: bool = True) -> Optional[Dict]:
-    """Restore everything; return the saved iteration / consumed_samples / consumed_tokens."""
+def load_checkpoint(e, run, pstate, load_dir: str, load_optim: bool = True, load_rng: bool = True,
+                    materialize_optimizer_state=None) -> Optional[Dict]:
+    """Restore everything; return the saved iteration / consumed_samples / consumed_tokens.
+
+    In the layout that wrote it, DeepSpeed's files are loaded and the resume is bit-exact. In any
+    other layout the layout-independent state is loaded instead (weights, Adam moments and step,
+    LR schedule position, data position); RNG streams restart from the seed, since dropout
+    streams are per-rank.
+    """
     tag = read_latest(load_dir)
     tag_dir = os.path.join(load_dir, tag)
     with open(os.path.join(tag_dir, "run.json")) as f:
         meta = json.load(f)
-    check_compatible(meta, run_dict, dist.get_world_size(), load_dir)
+    engine = e.engine
+    diffs = layout_differences(meta, run.to_dict(), dist.get_world_size(), load_dir)
+    state = {k: meta[k] for k in ("iteration", "consumed_samples", "consumed_tokens")}
+    if diffs:
+        from megatron_normformer.universal import load_universal
+
+        if dist.get_rank() == 0:
+            print(f"> --load {load_dir}: layout changed ({'; '.join(diffs)}); loading the "
+                  "layout-independent state", flush=True)
+        load_universal(engine, e.model, pstate, run.model, tag_dir,
+                       materialize_optimizer_state if load_optim else None)
+        if load_optim:
+            e.schedule.load_state_dict({"num_steps": state["iteration"]})
+        engine.global_steps = state["iteration"]
+        engine.global_samples = state["consumed_samples"]
+        return state
     path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optim,
                                      load_lr_scheduler_states=load_optim,
                                      load_module_only=not load_optim)
@@ -117,4 +151,4 @@ def load_checkpoint(engine, run_dict: Dict, load_dir: str, load_optim: bool = Tr
             raise ConfigError(f"--load {load_dir}: {rng_file} missing (saved with another world "
                               "size?); pass --no-load-rng to start fresh RNG streams")
         set_all_rng_states(torch.load(rng_file, weights_only=False))
-    return {k: meta[k] for k in ("iteration", "consumed_samples", "consumed_tokens")}
+    return state

@@ -116,6 +116,10 @@ class CheckpointConfig:
     """Load weights only: fresh optimizer and LR schedule (``--no-load-optim``)."""
     no_load_rng: bool = False
     """Do not restore the RNG states (``--no-load-rng``)."""
+    no_save_universal: bool = False
+    """Skip the layout-independent copy of weights and Adam moments saved next to DeepSpeed's
+    files (``--no-save-universal``): saves are faster and smaller, but the checkpoint can then only
+    resume in the layout that wrote it and ``tools/convert_checkpoint.py`` cannot read it."""
 
 
 @dataclass

@@ -145,6 +145,25 @@ def train_step(e: Engine, batches, gas: int, pstate, want_diagnostics: bool) -> 
     return diag
 
 
+def warmup_step(e: Engine, run: RunConfig, gas: int) -> None:
+    """One optimizer step on a batch of zeros (the caller zeroes the learning rate): it makes
+    DeepSpeed create its optimizer state, about to be overwritten by a checkpoint's. The RNG
+    streams are left as they were."""
+    from megatron_normformer.parallel.random import get_all_rng_states, set_all_rng_states
+
+    rng = get_all_rng_states()
+    tokens = torch.zeros(run.train.micro_batch_size, run.train.seq_length, dtype=torch.long)
+    if torch.cuda.is_available():
+        tokens = tokens.cuda()
+    if e.pipeline:
+        e.engine.train_batch(data_iter=iter([(tokens, tokens)] * gas))
+    else:
+        for _ in range(gas):
+            e.engine.backward(e.engine(tokens, tokens).mean())
+            e.engine.step()
+    set_all_rng_states(rng)
+
+
 @torch.no_grad()
 def evaluate(e: Engine, dataset, eval_iters: int, global_batch: int, run: RunConfig, pstate) -> float:
     """Mean loss over the first ``eval_iters`` global batches of ``dataset`` (the same batches at
@@ -175,9 +194,10 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int) -> Dict:
     e = build_engine(run, pstate, ds_config)
     state = dict(iteration=0, consumed_samples=0, consumed_tokens=0)
     if run.ckpt.load:
-        state = checkpointing.load_checkpoint(e.engine, run_dict, run.ckpt.load,
-                                              load_optim=not run.ckpt.no_load_optim,
-                                              load_rng=not run.ckpt.no_load_rng)
+        state = checkpointing.load_checkpoint(
+            e, run, pstate, run.ckpt.load, load_optim=not run.ckpt.no_load_optim,
+            load_rng=not run.ckpt.no_load_rng,
+            materialize_optimizer_state=lambda: warmup_step(e, run, gas))
         print_rank(f"> resumed from {run.ckpt.load} at iteration {state['iteration']}")
     datasets = build_datasets(run, train_iters * global_batch, run.log.eval_iters * global_batch,
                               vocab_size)
@@ -195,7 +215,8 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int) -> Dict:
     def save():
         nonlocal saved_at
         if run.ckpt.save and saved_at != state["iteration"]:
-            tag = checkpointing.save_checkpoint(e.engine, run_dict, state, run.ckpt.save)
+            universal = None if run.ckpt.no_save_universal else (e.model, pstate, run.model)
+            tag = checkpointing.save_checkpoint(e.engine, run_dict, state, run.ckpt.save, universal)
             saved_at = state["iteration"]
             print_rank(f"> saved checkpoint {run.ckpt.save}/{tag}")
 

@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Move checkpoints between layouts, or export the release format.
+
+    # any (TP, PP, ZeRO) training checkpoint -> one consolidated fp32 safetensors file + config JSON
+    python tools/convert_checkpoint.py --load runs/ckpt --output-consolidated release/model
+
+    # a training checkpoint -> a checkpoint for another (TP, PP), optimizer state included
+    python tools/convert_checkpoint.py --load runs/ckpt --save runs/ckpt_tp4 --target-tp 4 --target-pp 1
+
+    # a consolidated file -> a checkpoint to start training from (fresh optimizer)
+    python tools/convert_checkpoint.py --load release/model.safetensors --save runs/init --target-tp 2
+
+``pretrain_gpt.py --load`` also resumes a training checkpoint in a different layout directly; the
+re-sharded copy saves every rank from reading the full tensors at start-up.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_normformer.config import ConfigError  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load", required=True,
+                        help="A training checkpoint directory (its 'latest' tag) or a consolidated "
+                             ".safetensors file.")
+    parser.add_argument("--tag", default=None, help="Checkpoint tag to read instead of 'latest'.")
+    parser.add_argument("--output-consolidated", default=None, metavar="PATH",
+                        help="Write PATH.safetensors (full fp32 tensors) and PATH.json (model config).")
+    parser.add_argument("--save", default=None, help="Write a checkpoint for --target-tp/--target-pp here.")
+    parser.add_argument("--target-tp", type=int, default=1, help="Tensor-parallel degree of --save.")
+    parser.add_argument("--target-pp", type=int, default=1, help="Pipeline-parallel degree of --save.")
+    args = parser.parse_args(argv)
+    if bool(args.output_consolidated) == bool(args.save):
+        parser.error("give exactly one of --output-consolidated and --save")
+    if args.target_tp < 1 or args.target_pp < 1:
+        parser.error("--target-tp and --target-pp must be positive")
+
+    from megatron_normformer import checkpoint_convert as cc
+
+    consolidated_input = args.load.endswith(".safetensors") or os.path.isfile(args.load + ".safetensors")
+    try:
+        if args.output_consolidated:
+            if consolidated_input:
+                parser.error("--load is already a consolidated file")
+            path = cc.to_consolidated(args.load, args.output_consolidated, args.tag)
+            print(f"wrote {path} and its config JSON")
+        elif consolidated_input:
+            tag = cc.from_consolidated(args.load, args.save, args.target_tp, args.target_pp)
+            print(f"wrote {args.save}/{tag} for TP={args.target_tp}, PP={args.target_pp} (fresh optimizer)")
+        else:
+            tag = cc.reshard(args.load, args.save, args.target_tp, args.target_pp, args.tag)
+            print(f"wrote {args.save}/{tag} for TP={args.target_tp}, PP={args.target_pp}")
+    except (ConfigError, ValueError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()
