@@ -5,7 +5,8 @@
    (tools/make_demo_corpus.py), a 2,000-piece SentencePiece tokenizer (tools/train_tokenizer.py)
    and the Megatron .bin/.idx dataset (tools/preprocess_data.py), all under data/.
 2. Train a small NormFormer (4 layers, hidden 128, all four NormFormer operations) for 150
-   iterations with tensor parallelism 2 on 2 processes (torchrun), printing the losses.
+   iterations with tensor parallelism 2 on 2 processes (torchrun), printing the losses, and
+   save the checkpoint to data/demo_ckpt.
 """
 import os
 import subprocess
@@ -48,7 +49,9 @@ def main():
              "--data-path", dataset, "--split", "95,5,0", "--tokenizer-type", "SentencePieceTokenizer",
              "--tokenizer-model", spm + ".model", "--num-workers", "0",
              "--log-interval", "5", "--eval-interval", "50", "--eval-iters", "2",
-             "--metrics-file", os.path.join(DATA, "demo_metrics.jsonl")]
+             "--metrics-file", os.path.join(DATA, "demo_metrics.jsonl"),
+             # The README's generation / conversion / evaluation examples start from it.
+             "--save", os.path.join(DATA, "demo_ckpt")]
     print("+ " + " ".join(train), flush=True)
     subprocess.run(train, cwd=ROOT, check=True, env=env)
 

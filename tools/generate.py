@@ -91,8 +91,13 @@ def main(argv=None) -> int:
             ids = [tokenizer.encode(p) or [tokenizer.eod] for p in pending]
             result = generate(model, ids, args.max_new_tokens, sampling, eod=tokenizer.eod,
                               use_cache=not args.no_kv_cache, seed=args.seed)
-            for prompt, tokens, reason in zip(pending, result.tokens, result.finish_reasons):
-                text = tokenizer.decode(tokens)
+            for prompt, prompt_ids, tokens, reason in zip(pending, ids, result.tokens,
+                                                          result.finish_reasons):
+                # Decode with the prompt and cut it off: pieces that start a word carry their
+                # leading space only in context (SentencePiece, byte-level BPE).
+                prefix = tokenizer.decode(prompt_ids)
+                full = tokenizer.decode(prompt_ids + list(tokens))
+                text = full[len(prefix):] if full.startswith(prefix) else tokenizer.decode(tokens)
                 if not is_printer:
                     continue
                 if args.json:
