@@ -167,9 +167,11 @@ def build_pretrain_parser(description: str = "NormFormer GPT pretraining on Deep
     return parser
 
 
-def run_config_from_args(args: argparse.Namespace, vocab_size: int | None = None):
+def run_config_from_args(args: argparse.Namespace, vocab_size: int | None = None,
+                         bidirectional: bool = False):
     """All typed configs of a training run. ``vocab_size`` comes from the tokenizer when one is
-    built; otherwise ``--vocab-size`` (NullTokenizer / mock data) must be given."""
+    built; otherwise ``--vocab-size`` (NullTokenizer / mock data) must be given. ``bidirectional``:
+    the masked-LM encoder (``pretrain_bert.py``)."""
     from megatron_normformer.training.config import CONFIG_CLASSES, RunConfig
 
     parts = {}
@@ -181,7 +183,7 @@ def run_config_from_args(args: argparse.Namespace, vocab_size: int | None = None
     if vocab_size is None and args.vocab_size is None:
         raise ConfigError("--vocab-size is required with --mock-data or --tokenizer-type NullTokenizer "
                           "(other tokenizers give it)")
-    model = model_config_from_args(args, vocab_size)
+    model = model_config_from_args(args, vocab_size, bidirectional)
     run = RunConfig(model=model, parallel=parallel_config_from_args(args),
                     optim=parts["OptimizerConfig"], train=parts["TrainingConfig"],
                     data=parts["DataConfig"], ckpt=parts["CheckpointConfig"],

@@ -3,6 +3,7 @@
 Entry points for the training code:
 
 - ``build_train_valid_test_datasets(data_path, split, seq_length, seed, num_samples, ...)``
+- ``build_masked_lm_datasets(...)``: the same splits as masked-LM samples
 - ``MegatronPretrainingSampler`` and ``collate_samples`` for the DataLoader
 - ``build_tokenizer(tokenizer_type, ...)``
 
@@ -13,11 +14,11 @@ from typing import Any
 
 _EXPORTS = {
     "blended_dataset": ["BlendedDataset", "build_blending_indices", "parse_data_path"],
-    "builder": ["build_train_valid_test_datasets"],
+    "builder": ["build_masked_lm_datasets", "build_train_valid_test_datasets"],
     "gpt_dataset": ["GPTDataset", "MockGPTDataset", "build_gpt_indices", "split_document_ranges"],
     "indexed_dataset": ["IndexedDataset", "IndexedDatasetBuilder", "IndexedDatasetError",
                         "optimal_dtype"],
-    "masked_lm_dataset": ["IGNORE_INDEX", "MaskedLMDataset", "SpecialTokens"],
+    "masked_lm_dataset": ["IGNORE_INDEX", "MaskedLMDataset", "MockMaskedLMDataset", "SpecialTokens"],
     "samplers": ["MegatronPretrainingSampler", "collate_samples"],
     "tokenizers": ["GPT2BPETokenizer", "HFTokenizer", "NullTokenizer", "SentencePieceTokenizer",
                    "Tokenizer", "TokenizerError", "build_tokenizer"],

@@ -133,3 +133,50 @@ def _blend(
         descriptions = [d.description for d in datasets]
         result.append(BlendedDataset(datasets, w, size, name, cache_dir, barrier, descriptions))
     return tuple(result)
+
+
+def build_masked_lm_datasets(
+    data_path: Optional[Sequence[str]],
+    split: str,
+    seq_length: int,
+    seed: int,
+    train_valid_test_num_samples: Sequence[Optional[int]],
+    special=None,
+    cache_path: Optional[str] = None,
+    mock: bool = False,
+    vocab_size: Optional[int] = None,
+    barrier: Optional[Barrier] = None,
+) -> Datasets:
+    """Train/valid/test masked-LM datasets (None where a split is empty or asked for 0 samples).
+
+    The document ranges are those of ``build_train_valid_test_datasets``; each split is a
+    ``MaskedLMDataset`` (``special``: the tokenizer's ``SpecialTokens``). ``mock`` returns
+    ``MockMaskedLMDataset``s of ``vocab_size``. One prefix only: blending is not implemented for
+    masked LM.
+    """
+    from .masked_lm_dataset import MaskedLMDataset, MockMaskedLMDataset
+
+    if len(train_valid_test_num_samples) != 3:
+        raise ValueError("train_valid_test_num_samples needs three entries")
+    if mock:
+        return tuple(
+            None if not n else MockMaskedLMDataset(n, seq_length, vocab_size, seed + i)
+            for i, n in enumerate(train_valid_test_num_samples)
+        )
+    if not data_path:
+        raise ValueError("--data-path is required unless --mock-data is given")
+    weights, prefixes = parse_data_path(data_path)
+    if len(prefixes) != 1:
+        raise ValueError(f"--data-path: masked-LM pretraining takes one dataset prefix, got "
+                         f"{len(prefixes)} (blending is implemented for GPT only)")
+    indexed = _open(prefixes[0])
+    ranges = split_document_ranges(split, indexed.num_documents)
+    cache_dir = cache_path or default_cache_dir(prefixes[0])
+    out: List[Optional[MaskedLMDataset]] = []
+    for name, rng, n in zip(SPLIT_NAMES, ranges, train_valid_test_num_samples):
+        if rng is None or rng[1] <= rng[0] or n == 0:
+            out.append(None)
+            continue
+        out.append(MaskedLMDataset(indexed, rng[0], rng[1], seq_length, special, seed, n,
+                                   split_name=name, cache_dir=cache_dir, barrier=barrier))
+    return tuple(out)

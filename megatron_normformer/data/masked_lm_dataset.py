@@ -204,3 +204,36 @@ class MaskedLMDataset(torch.utils.data.Dataset):
         padding_mask = np.zeros(self.seq_length, dtype=np.int64)
         padding_mask[:n] = 1
         return {"text": text, "labels": labels, "loss_mask": loss_mask, "padding_mask": padding_mask}
+
+
+class MockMaskedLMDataset(MaskedLMDataset):
+    """Deterministic random masked-LM samples for tests and benchmarks (``--mock-data``).
+
+    Sample i depends only on ``(seed, i)``: ``<cls>``, between ``seq_length // 2 - 2`` and
+    ``seq_length - 2`` random non-special tokens, ``<sep>``, then padding; masked as the real
+    dataset masks. Special ids follow fairseq's dictionary order (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2)
+    with ``<mask>`` the last id.
+    """
+
+    def __init__(self, num_samples: int, seq_length: int, vocab_size: int, seed: int = 0,
+                 masking_prob: float = 0.15) -> None:
+        if vocab_size is None or vocab_size < 8:
+            raise ValueError("--mock-data for masked LM needs --vocab-size of at least 8")
+        if seq_length < 4:
+            raise ValueError(f"seq_length {seq_length} is too short for a masked-LM sample")
+        self.num_samples = int(num_samples)
+        self.seq_length = seq_length
+        self.seed = seed
+        self.masking_prob = masking_prob
+        self.special = SpecialTokens(cls=0, pad=1, sep=2, mask=vocab_size - 1, vocab_size=vocab_size)
+        self._specials = np.array(sorted({0, 1, 2, vocab_size - 1}), dtype=np.int64)
+        self._random_ids = np.setdiff1d(np.arange(vocab_size, dtype=np.int64), self._specials)
+
+    def __getitem__(self, idx: int) -> Dict[str, np.ndarray]:
+        if not 0 <= idx < self.num_samples:
+            raise IndexError(f"sample {idx} out of range for {self.num_samples} samples")
+        rng = np.random.default_rng([self.seed, int(idx)])
+        n = int(rng.integers(self.seq_length // 2 - 2, self.seq_length - 1))
+        body = rng.choice(self._random_ids, size=n)
+        tokens = np.concatenate(([self.special.cls], body, [self.special.sep])).astype(np.int64)
+        return self._mask(tokens, rng)

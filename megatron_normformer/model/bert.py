@@ -23,6 +23,20 @@ from megatron_normformer.parallel.layers import mark_parallel, mark_vocab
 from megatron_normformer.parallel.mappings import copy_to_tensor_parallel, gather_from_tensor_parallel
 
 
+class _Dense(nn.Module):
+    """Replicated h x h linear layer, initialised inside its own ``__init__`` (ZeRO-3's zero.Init
+    partitions a module's parameters as soon as its constructor returns)."""
+
+    def __init__(self, d: int, seed: int, std: float, device=None):
+        super().__init__()
+        self.weight = mark_parallel(nn.Parameter(torch.empty(d, d, device=device)), None)
+        self.bias = mark_parallel(nn.Parameter(torch.zeros(d, device=device)), None)
+        init_normal_(self.weight, seed, "lm_head.dense.weight", (d, d), std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
 class RobertaLMHead(nn.Module):
     def __init__(self, cfg: ModelConfig, pstate, seed: int, device=None):
         super().__init__()
@@ -30,12 +44,7 @@ class RobertaLMHead(nn.Module):
         padded = cfg.padded_vocab_size(pstate.tp_size)
         self.vocab_start = pstate.tp_rank * (padded // pstate.tp_size)
         d = cfg.hidden_size
-        self.dense = nn.Linear(d, d, device=device)
-        mark_parallel(self.dense.weight, None)
-        mark_parallel(self.dense.bias, None)
-        init_normal_(self.dense.weight, seed, "lm_head.dense.weight", (d, d), cfg.init_method_std)
-        if self.dense.bias.device.type != "meta":
-            nn.init.zeros_(self.dense.bias)
+        self.dense = _Dense(d, seed, cfg.init_method_std, device)
         self.layernorm = LayerNorm(d, cfg.layernorm_epsilon, device)
         self.bias = mark_vocab(nn.Parameter(torch.zeros(padded // pstate.tp_size, device=device)))
 

@@ -7,16 +7,16 @@ from typing import Dict, List
 import torch
 
 from megatron_normformer.config import ConfigError
-from megatron_normformer.model.gpt import GPTModel
 from megatron_normformer.parallel import random as tp_random
 from megatron_normformer.training.config import RunConfig
 from megatron_normformer.training.schedule import LRSchedule
+from megatron_normformer.training.tasks import get_task
 
 
 @dataclass
 class Engine:
     engine: object  # deepspeed.DeepSpeedEngine
-    model: torch.nn.Module  # GPTModel, or the stage's PipelineModule when pipelined
+    model: torch.nn.Module  # the task's model, or the stage's PipelineModule when pipelined
     schedule: LRSchedule
     ds_config: Dict
     zero_stage: int
@@ -51,9 +51,12 @@ def check_precision(run: RunConfig) -> None:
                           "the CPU accelerator; train in fp32 (no precision flag) on CPU")
 
 
-def build_engine(run: RunConfig, pstate, ds_config: Dict) -> Engine:
+def build_engine(run: RunConfig, pstate, ds_config: Dict, task=None) -> Engine:
+    """``task`` (``training/tasks.py``, GPT when None) says which model to build."""
     import deepspeed
 
+    task = get_task(task)
+    task.validate(run)
     check_precision(run)
     # Adopt the process group we already created (zero.Init and friends read deepspeed.comm).
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -82,13 +85,12 @@ def build_engine(run: RunConfig, pstate, ds_config: Dict) -> Engine:
         # zero.Init partitions over data_parallel_group only; mpu alone would mean the whole world.
         with deepspeed.zero.Init(data_parallel_group=pstate.dp_group, mpu=pstate,
                                  config_dict_or_path=ds_config, remote_device=remote):
-            model = GPTModel(run.model, pstate, seed=run.train.seed, device=device)
+            model = task.build_model(run.model, pstate, run.train.seed, device)
         # Weights read outside their own module's forward must be gathered for the whole forward.
-        deepspeed.zero.register_external_parameter(model, model.embedding.word_embeddings.weight)
-        if model.head.weight is not None:
-            deepspeed.zero.register_external_parameter(model, model.head.weight)
+        for param in task.external_parameters(model):
+            deepspeed.zero.register_external_parameter(model, param)
     else:
-        model = GPTModel(run.model, pstate, seed=run.train.seed, device=device)
+        model = task.build_model(run.model, pstate, run.train.seed, device)
     if run.train.checkpoint_activations and not pipeline:  # the pipeline checkpoints per layer itself
         model.checkpoint_fn = lambda layer, x, mask: deepspeed.checkpointing.checkpoint(layer, x, mask)
 

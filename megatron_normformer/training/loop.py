@@ -1,7 +1,9 @@
 """The training loop: data, steps, evaluation, logging, checkpoints, signals.
 
-``train(run, pstate)`` runs on every rank and returns a summary (per-iteration losses and grad
-norms, evaluations) that the tests compare across layouts.
+``train(run, pstate, ds_config, vocab_size, task)`` runs on every rank and returns a summary
+(per-iteration losses and grad norms, evaluations) that the tests compare across layouts. The task
+(``training/tasks.py``: GPT or masked LM) supplies the model, the data and the loss of a batch;
+everything else here is shared.
 """
 from __future__ import annotations
 
@@ -13,13 +15,12 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_normformer.config import ConfigError
 from megatron_normformer.training import checkpointing, diagnostics
 from megatron_normformer.training.config import RunConfig
 from megatron_normformer.training.engine import Engine, build_engine
+from megatron_normformer.training.tasks import GPTTask, get_task
 from megatron_normformer.training.metrics import (
     MetricsSink,
-    flops_per_iteration,
     format_log_line,
     peak_tflops_per_device,
     safe_ppl,
@@ -37,18 +38,10 @@ def print_rank(msg: str, rank: Optional[int] = 0) -> None:
 
 # -- data -------------------------------------------------------------------------------------
 
-def build_datasets(run: RunConfig, train_samples: int, eval_samples: int, vocab_size: int):
-    from megatron_normformer.data import build_train_valid_test_datasets
-
-    d = run.data
+def build_datasets(run: RunConfig, train_samples: int, eval_samples: int, vocab_size: int,
+                   task=None):
     n_eval = eval_samples if run.log.eval_iters > 0 else 0
-    try:
-        return build_train_valid_test_datasets(
-            d.data_path, d.split, run.train.seq_length, run.train.seed,
-            [train_samples, n_eval, n_eval], cache_path=d.data_cache_path, mock=d.mock_data,
-            vocab_size=vocab_size)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(str(e)) from None
+    return get_task(task).build_datasets(run, [train_samples, n_eval, n_eval], vocab_size)
 
 
 def micro_batches(dataset, consumed: int, total: int, run: RunConfig, pstate):
@@ -67,10 +60,8 @@ def micro_batches(dataset, consumed: int, total: int, run: RunConfig, pstate):
 
 
 def _to_device(batch: Dict[str, torch.Tensor]):
-    tokens = batch["text"]
-    if torch.cuda.is_available():
-        tokens = tokens.cuda(non_blocking=True)
-    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    """GPT (inputs, labels) on the device: what the pipeline engine reads."""
+    return GPTTask.inputs_and_labels(batch)
 
 
 # -- signals ----------------------------------------------------------------------------------
@@ -118,18 +109,24 @@ def pipeline_train_step(e: Engine, batches, gas: int) -> Dict:
     # 1F1B over ``gas`` micro-batches; the mean loss comes back averaged over DP on every rank.
     loss = e.engine.train_batch(data_iter=_pipeline_micro_batches(batches, gas))
     norm = e.engine.get_global_grad_norm()
-    return {"lm_loss": float(loss), "grad_norm": None if norm is None else float(norm)}
+    return {"lm_loss": float(loss), "grad_norm": None if norm is None else float(norm), "extra": {}}
 
 
-def train_step(e: Engine, batches, gas: int, pstate, want_diagnostics: bool) -> Dict:
+def _mean_over_micro_batches(values: List[Dict[str, torch.Tensor]], pstate) -> Dict[str, float]:
+    return {k: _dp_mean(torch.stack([v[k].detach().double() for v in values]).mean(), pstate)
+            for k in (values[0] if values else {})}
+
+
+def train_step(e: Engine, batches, gas: int, pstate, want_diagnostics: bool, task=None) -> Dict:
+    """One optimizer step over ``gas`` micro-batches: {lm_loss, grad_norm, extra, diagnostics}."""
     if e.pipeline:
         return pipeline_train_step(e, batches, gas)
+    task = get_task(task)
     engine, model = e.engine, e.model
-    losses, diag = [], {}
+    losses, extras, diag = [], [], {}
     for _ in range(gas):
-        tokens, labels = _to_device(next(batches))
-        # Loss mask is all ones for GPT: the mean over the micro-batch's tokens.
-        loss = engine(tokens, labels).mean()
+        loss, extra = task.loss(engine, next(batches))
+        extras.append(extra)
         engine.backward(loss)
         if engine.is_gradient_accumulation_boundary():
             if e.zero_stage == 0:
@@ -142,48 +139,55 @@ def train_step(e: Engine, batches, gas: int, pstate, want_diagnostics: bool) -> 
         norm = engine.get_global_grad_norm()
         diag["grad_norm"] = None if norm is None else float(norm)
     diag["lm_loss"] = _dp_mean(torch.stack(losses).mean(), pstate)
+    diag["extra"] = _mean_over_micro_batches(extras, pstate)
     return diag
 
 
-def warmup_step(e: Engine, run: RunConfig, gas: int) -> None:
+def warmup_step(e: Engine, run: RunConfig, gas: int, task=None) -> None:
     """One optimizer step on a batch of zeros (the caller zeroes the learning rate): it makes
     DeepSpeed create its optimizer state, about to be overwritten by a checkpoint's. The RNG
     streams are left as they were."""
     from megatron_normformer.parallel.random import get_all_rng_states, set_all_rng_states
 
+    task = get_task(task)
     rng = get_all_rng_states()
-    tokens = torch.zeros(run.train.micro_batch_size, run.train.seq_length, dtype=torch.long)
-    if torch.cuda.is_available():
-        tokens = tokens.cuda()
+    batch = task.dummy_batch(run)
     if e.pipeline:
-        e.engine.train_batch(data_iter=iter([(tokens, tokens)] * gas))
+        e.engine.train_batch(data_iter=iter([_to_device(batch)] * gas))
     else:
         for _ in range(gas):
-            e.engine.backward(e.engine(tokens, tokens).mean())
+            e.engine.backward(task.loss(e.engine, batch)[0])
             e.engine.step()
     set_all_rng_states(rng)
 
 
 @torch.no_grad()
-def evaluate(e: Engine, dataset, eval_iters: int, global_batch: int, run: RunConfig, pstate) -> float:
-    """Mean loss over the first ``eval_iters`` global batches of ``dataset`` (the same batches at
-    every evaluation, so evaluations are comparable and resume-exact)."""
+def evaluate(e: Engine, dataset, eval_iters: int, global_batch: int, run: RunConfig, pstate,
+             task=None) -> Dict[str, float]:
+    """{"loss": mean loss, plus the task's extra metrics} over the first ``eval_iters`` global
+    batches of ``dataset`` (the same batches at every evaluation, so evaluations are comparable and
+    resume-exact)."""
     total = eval_iters * global_batch
     batches = micro_batches(dataset, 0, total, run, pstate)
     if e.pipeline:
         gas = global_batch // (run.train.micro_batch_size * pstate.dp_size)
         losses = [e.engine.eval_batch(_pipeline_micro_batches(batches, gas)) for _ in range(eval_iters)]
-        return float(torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in losses]).mean())
+        return {"loss": float(torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in losses]).mean())}
+    task = get_task(task)
     e.engine.eval()
-    losses = [e.engine(*_to_device(b)).mean() for b in batches]
+    results = [task.loss(e.engine, b) for b in batches]
     e.engine.train()
-    return _dp_mean(torch.stack(losses).mean(), pstate)
+    out = {"loss": _dp_mean(torch.stack([loss for loss, _ in results]).mean(), pstate)}
+    out.update(_mean_over_micro_batches([extra for _, extra in results], pstate))
+    return out
 
 
 # -- the run ----------------------------------------------------------------------------------
 
-def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int) -> Dict:
-    """Train as configured; return the per-iteration summary (same on every rank)."""
+def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -> Dict:
+    """Train ``task`` (GPT when None) as configured; return the per-iteration summary (same on
+    every rank)."""
+    task = get_task(task)
     world, rank = dist.get_world_size(), dist.get_rank()
     dp, gas, global_batch = run.batch_layout(world)
     train_iters = run.train_iters(global_batch)
@@ -191,23 +195,24 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int) -> Dict:
     writer_rank = world - 1
     run_dict = run.to_dict()
 
-    e = build_engine(run, pstate, ds_config)
+    e = build_engine(run, pstate, ds_config, task)
     state = dict(iteration=0, consumed_samples=0, consumed_tokens=0)
     if run.ckpt.load:
         state = checkpointing.load_checkpoint(
             e, run, pstate, run.ckpt.load, load_optim=not run.ckpt.no_load_optim,
             load_rng=not run.ckpt.no_load_rng,
-            materialize_optimizer_state=lambda: warmup_step(e, run, gas))
+            materialize_optimizer_state=lambda: warmup_step(e, run, gas, task))
         print_rank(f"> resumed from {run.ckpt.load} at iteration {state['iteration']}")
     datasets = build_datasets(run, train_iters * global_batch, run.log.eval_iters * global_batch,
-                              vocab_size)
+                              vocab_size, task)
     train_ds, valid_ds, test_ds = datasets
 
     sink = MetricsSink(run.log.metrics_file, run.log.tensorboard_dir, rank == writer_rank)
-    flops = flops_per_iteration(run.model, global_batch, seq, run.model.padded_vocab_size(pstate.tp_size),
-                                run.train.checkpoint_activations)
+    flops = task.flops(run.model, global_batch, seq, run.model.padded_vocab_size(pstate.tp_size),
+                       run.train.checkpoint_activations)
     peak = peak_tflops_per_device(run.log.peak_flops_per_device, run.train.bf16 or run.train.fp16)
-    summary = dict(losses={}, grad_norms={}, lrs={}, val={}, test={}, fc2_grad_l1={}, stopped_by=None,
+    summary = dict(losses={}, grad_norms={}, lrs={}, val={}, test={}, fc2_grad_l1={}, extra={},
+                   val_extra={}, test_extra={}, stopped_by=None, task=task.name,
                    train_iters=train_iters, global_batch=global_batch, gas=gas, dp=dp)
     stop = StopFlag()
     saved_at = None
@@ -223,15 +228,21 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int) -> Dict:
     def run_eval(split: str, dataset, step: int):
         if dataset is None or run.log.eval_iters == 0:
             return
-        loss = evaluate(e, dataset, run.log.eval_iters, global_batch, run, pstate)
+        result = evaluate(e, dataset, run.log.eval_iters, global_batch, run, pstate, task)
+        loss = result.pop("loss")
         ppl = safe_ppl(loss)
         key = "val" if split == "validation" else split
         summary[key][step] = loss
+        if result:
+            summary[f"{key}_extra"][step] = result
         line = (f" {split} loss at iteration {step} | lm loss value: {loss:.6E} | "
-                f"lm loss PPL: {'n/a' if ppl is None else format(ppl, '.3f')} |")
+                f"lm loss PPL: {'n/a' if ppl is None else format(ppl, '.3f')} |"
+                + "".join(f" {k.replace('_', ' ')}: {v:.4f} |" for k, v in result.items()))
         print_rank("-" * len(line) + "\n" + line + "\n" + "-" * len(line), writer_rank)
-        sink.record({"iteration": step, f"{key}_loss": loss, f"{key}_ppl": ppl})
-        sink.scalars({f"{key}/loss": loss, f"{key}/ppl": ppl}, step)
+        sink.record({"iteration": step, f"{key}_loss": loss, f"{key}_ppl": ppl,
+                     **{f"{key}_{k}": v for k, v in result.items()}})
+        sink.scalars({f"{key}/loss": loss, f"{key}/ppl": ppl,
+                      **{f"{key}/{k}": v for k, v in result.items()}}, step)
 
     try:
         if state["iteration"] >= train_iters:
@@ -249,7 +260,7 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int) -> Dict:
             lr = e.schedule.current_lr()
             skipped_before = e.engine.skipped_steps
             t0 = time.time()
-            step = train_step(e, batches, gas, pstate, log_now and sink_wants_diag(run))
+            step = train_step(e, batches, gas, pstate, log_now and sink_wants_diag(run), task)
             dt = time.time() - t0
             skipped = e.engine.skipped_steps > skipped_before
             loss = step["lm_loss"]
@@ -261,6 +272,8 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int) -> Dict:
             summary["losses"][it] = loss
             summary["grad_norms"][it] = step.get("grad_norm")
             summary["lrs"][it] = lr
+            if step["extra"]:
+                summary["extra"][it] = step["extra"]
             window["time"] += dt
             window["iters"] += 1
             if log_now:
@@ -276,16 +289,18 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int) -> Dict:
                          lr=lr, grad_norm=step.get("grad_norm"), loss_scale=loss_scale,
                          ms_per_iter=ms, tokens_per_sec=tps, tflops_per_device=tflops,
                          mfu=None if peak is None else tflops / peak, global_batch_size=global_batch,
-                         skipped_iters=e.engine.skipped_steps - window["skipped_before"])
+                         skipped_iters=e.engine.skipped_steps - window["skipped_before"],
+                         **step["extra"])
                 print_rank(format_log_line(m), writer_rank)
                 sink.record({k: m[k] for k in ("iteration", "consumed_samples", "consumed_tokens",
                                                "lm_loss", "lr", "grad_norm", "loss_scale",
                                                "ms_per_iter", "tokens_per_sec", "tflops_per_device",
-                                               "mfu")})
+                                               "mfu", *step["extra"])})
                 sink.scalars({"train/lm_loss": loss, "train/ppl": m["ppl"], "train/lr": lr,
                               "train/grad_norm": m["grad_norm"], "train/loss_scale": loss_scale,
                               "train/tokens_per_sec": tps, "train/tflops_per_device": tflops,
-                              "train/mfu": m["mfu"]}, it)
+                              "train/mfu": m["mfu"],
+                              **{f"train/{k}": v for k, v in step["extra"].items()}}, it)
                 fc2 = {k: v for k, v in step.items() if k.startswith("normformer/")}
                 if fc2:
                     summary["fc2_grad_l1"][it] = fc2

@@ -7,9 +7,11 @@ the NormFormer extras. Forward FLOPs of one layer on B sequences of s tokens, wi
     FFN                         4 B s h F      NormFormer (elementwise)      see below
 
 and the logits 2 B s h V. Backward costs twice the forward; recomputing activations adds one more
-forward of the layers. With F = 4h and no NormFormer this is the paper's
-72 B s l h^2 (1 + s/(6h) + V/(12 l h)). NormFormer adds per token and layer about 5h (post-attention
-LN) + 5F (FFN LN) + h (HeadScale) + h (ResScale) forward FLOPs: negligible, counted for honesty.
+forward of the layers. The masked LM runs its head (a dense h x h, then the logits) on the masked
+positions only: a fraction p (0.15) of the tokens, 2 B s p (h^2 + h V). For GPT, with F = 4h and
+no NormFormer, this is the paper's 72 B s l h^2 (1 + s/(6h) + V/(12 l h)). NormFormer adds per
+token and layer about 5h (post-attention LN) + 5F (FFN LN) + h (HeadScale) + h (ResScale) forward
+FLOPs: negligible, counted for honesty.
 """
 from __future__ import annotations
 
@@ -37,7 +39,10 @@ PEAK_TFLOPS = {
 
 
 def flops_per_iteration(cfg: ModelConfig, global_batch: int, seq: int, padded_vocab: int,
-                        recompute: bool = False) -> float:
+                        recompute: bool = False, head_fraction: float = 1.0,
+                        head_dense: bool = False) -> float:
+    """Model FLOPs of one iteration. ``head_fraction``: share of the positions that reach the output
+    head (masked LM: the masked ones); ``head_dense``: the head has an h x h dense layer (RoBERTa)."""
     b, s, h, f, l = global_batch, seq, cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_layers
     layer = 8 * b * s * h * h + 4 * b * s * s * h + 4 * b * s * h * f
     extra = 0
@@ -50,7 +55,7 @@ def flops_per_iteration(cfg: ModelConfig, global_batch: int, seq: int, padded_vo
     if cfg.scale_resids:
         extra += h
     layer += b * s * extra
-    logits = 2 * b * s * h * padded_vocab
+    logits = 2 * b * s * head_fraction * h * (padded_vocab + (h if head_dense else 0))
     return (4 if recompute else 3) * l * layer + 3 * logits
 
 
@@ -80,6 +85,10 @@ def format_log_line(m: Dict) -> str:
         f"global batch size: {m['global_batch_size']:5d}",
         f"lm loss: {m['lm_loss']:.6E}",
         f"ppl: {num(m.get('ppl'), '.3f')}",
+    ]
+    if "mlm_accuracy" in m:
+        parts.append(f"mlm accuracy: {num(m['mlm_accuracy'], '.4f')}")
+    parts += [
         f"loss scale: {m['loss_scale']:.1f}",
         f"grad norm: {num(m.get('grad_norm'), '.3f')}",
         f"number of skipped iterations: {m['skipped_iters']:3d}",

@@ -1,4 +1,5 @@
-"""``pretrain_gpt.py``'s body: parse, build, run. Errors a user can cause end in one message."""
+"""The body of ``pretrain_gpt.py`` and ``pretrain_bert.py``: parse, build, run. The entry point
+names its task (``training/tasks.py``); errors a user can cause end in one message."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ from typing import Dict, List, Optional, Set
 
 from megatron_normformer.arguments import build_pretrain_parser, run_config_from_args
 from megatron_normformer.config import ConfigError
+from megatron_normformer.training.tasks import get_task
 
 
 def explicit_dests(parser, argv: List[str]) -> Set[str]:
@@ -37,13 +39,15 @@ def _tokenizer_vocab(args) -> Optional[int]:
         raise ConfigError(str(e)) from None
 
 
-def resolve(parser, argv: List[str]):
+def resolve(parser, argv: List[str], task=None):
     """(args, run config, user DeepSpeed config or None); ConfigError on a bad combination."""
     from megatron_normformer.training import ds_config as dsc
 
+    task = get_task(task)
     args = parser.parse_args(argv)
     vocab = _tokenizer_vocab(args)
-    run = run_config_from_args(args, vocab)
+    run = run_config_from_args(args, vocab, bidirectional=task.bidirectional)
+    task.validate(run)
     user = None
     if run.ds.deepspeed_config:
         user = dsc.load_user_config(run.ds.deepspeed_config)
@@ -61,7 +65,7 @@ def layout(run, user, explicit, world_size: int):
     return dsc.build(run, dp, gas, user), dp, gas
 
 
-def train_resolved(run, user=None, explicit=()):
+def train_resolved(run, user=None, explicit=(), task=None):
     """Train on the already-initialised world; return the loop's summary."""
     import torch.distributed as dist
 
@@ -71,26 +75,29 @@ def train_resolved(run, user=None, explicit=()):
     ds, _, _ = layout(run, user, explicit, dist.get_world_size())
     pstate = ParallelState(run.parallel.tensor_model_parallel_size,
                            run.parallel.pipeline_model_parallel_size)
-    return train(run, pstate, ds, run.model.vocab_size)
+    return train(run, pstate, ds, run.model.vocab_size, task)
 
 
-def train_from_argv(argv: List[str]) -> Dict:
-    """In-process training from flags (tests, notebooks): ConfigError propagates."""
-    args, run, user, explicit = resolve(build_pretrain_parser(), list(argv))
-    return train_resolved(run, user, explicit)
+def train_from_argv(argv: List[str], task=None) -> Dict:
+    """In-process training from flags (tests, notebooks): ConfigError propagates. ``task``:
+    ``"gpt"`` (default) or ``"bert"``."""
+    task = get_task(task)
+    args, run, user, explicit = resolve(build_pretrain_parser(task.description), list(argv), task)
+    return train_resolved(run, user, explicit, task)
 
 
-def main(argv: Optional[List[str]] = None) -> Dict:
+def main(argv: Optional[List[str]] = None, task=None) -> Dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_pretrain_parser()
+    task = get_task(task)
+    parser = build_pretrain_parser(task.description)
     try:
-        args, run, user, explicit = resolve(parser, argv)
+        args, run, user, explicit = resolve(parser, argv, task)
         if args.dry_run:
             from megatron_normformer.parallel.state import read_launch_env
 
             world = read_launch_env().world_size
             ds, dp, gas = layout(run, user, explicit, world)
-            print(json.dumps(dict(run.to_dict(), world_size=world, data_parallel_size=dp,
+            print(json.dumps(dict(run.to_dict(), task=task.name, world_size=world, data_parallel_size=dp,
                                   gradient_accumulation_steps=gas,
                                   train_iters=run.train_iters(ds["train_batch_size"]),
                                   deepspeed_config=ds), indent=1))
@@ -105,7 +112,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
     try:
         initialize_distributed()
-        summary = train_resolved(run, user, explicit)
+        summary = train_resolved(run, user, explicit, task)
     except (ConfigError, TrainingError) as e:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -1,0 +1,210 @@
+"""Pretraining objectives: what differs between GPT and masked-LM training, and nothing else.
+
+The loop, engine, checkpoints and logging are shared; an entry point picks a task:
+
+- ``gpt`` (``pretrain_gpt.py``): next-token prediction, the loss averaged over every token of the
+  micro-batch. Any layout, pipeline parallelism included.
+- ``bert`` (``pretrain_bert.py``): RoBERTa masked LM on the bidirectional NormFormer encoder. The
+  loss is the mean over the masked tokens of the micro-batch, as Megatron's BERT computes it: each
+  micro-batch weighs the same in the gradient whatever its number of masked tokens. The masked-token
+  accuracy is averaged the same way. Pipeline parallelism is not implemented for it.
+
+A task's ``loss(model, batch)`` returns ``(loss, extra)``: the scalar to backpropagate and a dict of
+scalar tensors (already reduced over the micro-batch) that the loop averages over micro-batches and
+data-parallel ranks and logs next to the loss.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron_normformer.config import ConfigError, ModelConfig
+from megatron_normformer.model.bert import BertModel
+from megatron_normformer.model.gpt import GPTModel
+from megatron_normformer.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_normformer.parallel.mappings import all_reduce_no_grad
+
+Batch = Dict[str, torch.Tensor]
+
+
+def _cuda(batch: Batch) -> Batch:
+    if not torch.cuda.is_available():
+        return batch
+    return {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+
+
+def _data_error(e: Exception) -> ConfigError:
+    return ConfigError(str(e))
+
+
+class GPTTask:
+    """Causal LM on ``{"text": int64[b, s + 1]}`` samples."""
+
+    name = "gpt"
+    bidirectional = False
+    description = "NormFormer GPT pretraining on DeepSpeed"
+
+    def validate(self, run) -> None:
+        """Checks specific to the objective; ConfigError naming the flag."""
+
+    def build_model(self, cfg: ModelConfig, pstate, seed: int, device) -> torch.nn.Module:
+        return GPTModel(cfg, pstate, seed=seed, device=device)
+
+    def external_parameters(self, model) -> List[torch.nn.Parameter]:
+        """Weights read outside their own module's forward (ZeRO-3 must gather them)."""
+        params = [model.embedding.word_embeddings.weight]
+        if model.head.weight is not None:
+            params.append(model.head.weight)
+        return params
+
+    def build_datasets(self, run, num_samples: List[int], vocab_size: int):
+        from megatron_normformer.data import build_train_valid_test_datasets
+
+        d = run.data
+        try:
+            return build_train_valid_test_datasets(
+                d.data_path, d.split, run.train.seq_length, run.train.seed, num_samples,
+                cache_path=d.data_cache_path, mock=d.mock_data, vocab_size=vocab_size)
+        except (FileNotFoundError, ValueError) as e:
+            raise _data_error(e) from None
+
+    @staticmethod
+    def inputs_and_labels(batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        tokens = batch["text"]
+        if torch.cuda.is_available():
+            tokens = tokens.cuda(non_blocking=True)
+        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+    def loss(self, model, batch: Batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        # Every token is a target: the mean over the micro-batch's tokens.
+        return model(*self.inputs_and_labels(batch)).mean(), {}
+
+    def dummy_batch(self, run) -> Batch:
+        """A batch of zeros of the right shapes (optimizer-state warm-up before a resume)."""
+        t = run.train
+        return {"text": torch.zeros(t.micro_batch_size, t.seq_length + 1, dtype=torch.long)}
+
+    def flops(self, cfg: ModelConfig, global_batch: int, seq: int, padded_vocab: int,
+              recompute: bool) -> float:
+        from megatron_normformer.training.metrics import flops_per_iteration
+
+        return flops_per_iteration(cfg, global_batch, seq, padded_vocab, recompute)
+
+
+class MaskedLMTask:
+    """RoBERTa masked LM on ``MaskedLMDataset`` samples (text, labels, loss_mask, padding_mask)."""
+
+    name = "bert"
+    bidirectional = True
+    description = "NormFormer masked-LM (RoBERTa-style) pretraining on DeepSpeed"
+    masking_prob = 0.15  # RoBERTa's; the FLOP count expects this fraction of positions in the head
+
+    def validate(self, run) -> None:
+        pp = run.parallel.pipeline_model_parallel_size
+        if pp > 1:
+            raise ConfigError(f"--pipeline-model-parallel-size {pp}: pipeline parallelism is not "
+                              "implemented for masked-LM pretraining (pretrain_bert.py); use tensor "
+                              "parallelism and/or ZeRO-3 instead")
+        if not run.model.bidirectional:
+            raise ConfigError("masked-LM pretraining needs the bidirectional encoder")
+
+    def build_model(self, cfg: ModelConfig, pstate, seed: int, device) -> torch.nn.Module:
+        return MaskedLMModel(cfg, pstate, seed=seed, device=device)
+
+    def external_parameters(self, model) -> List[torch.nn.Parameter]:
+        return [model.embedding.word_embeddings.weight]  # tied into the LM head's projection
+
+    def build_datasets(self, run, num_samples: List[int], vocab_size: int):
+        from megatron_normformer.data import SpecialTokens, build_masked_lm_datasets, build_tokenizer
+
+        d = run.data
+        special = None
+        try:
+            if not d.mock_data:
+                if d.tokenizer_type in (None, "NullTokenizer"):
+                    raise ValueError("masked-LM data needs --tokenizer-type with <mask>, <cls>, <sep> "
+                                     "and <pad> tokens (SentencePieceTokenizer, GPT2BPETokenizer, "
+                                     "HFTokenizer)")
+                tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_file,
+                                            d.merge_file, run.model.vocab_size)
+                special = SpecialTokens.from_tokenizer(tokenizer)
+            return build_masked_lm_datasets(
+                d.data_path, d.split, run.train.seq_length, run.train.seed, num_samples, special,
+                cache_path=d.data_cache_path, mock=d.mock_data, vocab_size=vocab_size)
+        except (FileNotFoundError, ValueError, OSError) as e:
+            raise _data_error(e) from None
+
+    def loss(self, model, batch: Batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        b = _cuda(batch)
+        per_token, correct = model(b["text"], b["padding_mask"], b["labels"], b["loss_mask"])
+        # A micro-batch without masked tokens (possible for tiny samples) contributes zero, not NaN.
+        count = b["loss_mask"].sum().clamp(min=1).to(per_token.dtype)
+        return per_token.sum() / count, {"mlm_accuracy": correct.sum().to(count.dtype) / count}
+
+    def dummy_batch(self, run) -> Batch:
+        t = run.train
+        shape = (t.micro_batch_size, t.seq_length)
+        # Every position a target, so every head parameter gets a gradient (and Adam state).
+        return {"text": torch.zeros(shape, dtype=torch.long),
+                "labels": torch.zeros(shape, dtype=torch.long),
+                "loss_mask": torch.ones(shape, dtype=torch.long),
+                "padding_mask": torch.ones(shape, dtype=torch.long)}
+
+    def flops(self, cfg: ModelConfig, global_batch: int, seq: int, padded_vocab: int,
+              recompute: bool) -> float:
+        from megatron_normformer.training.metrics import flops_per_iteration
+
+        # The head (dense h x h and the vocabulary projection) runs on the masked positions only.
+        return flops_per_iteration(cfg, global_batch, seq, padded_vocab, recompute,
+                                   head_fraction=self.masking_prob, head_dense=True)
+
+
+def _vocab_parallel_correct(logits: torch.Tensor, target: torch.Tensor, vocab_start: int,
+                            vocab_size: int, group) -> torch.Tensor:
+    """1.0 where the target has the largest logit over the whole (TP-split) vocabulary."""
+    logits = logits.detach().float()
+    local = logits.size(-1)
+    if vocab_start + local > vocab_size:
+        logits = logits.clone()
+        logits[..., max(0, vocab_size - vocab_start):] = float("-inf")
+    best = logits.max(dim=-1).values
+    all_reduce_no_grad(best, group, dist.ReduceOp.MAX)
+    outside = (target < vocab_start) | (target >= vocab_start + local)
+    mine = logits.gather(-1, (target - vocab_start).masked_fill(outside, 0).unsqueeze(-1)).squeeze(-1)
+    mine = mine.masked_fill(outside, float("-inf"))
+    all_reduce_no_grad(mine, group, dist.ReduceOp.MAX)
+    return (mine >= best).float()
+
+
+class MaskedLMModel(BertModel):
+    """``BertModel`` whose training forward also says which masked tokens it predicted right.
+
+    ``forward(tokens, padding_mask, labels, loss_mask)`` returns ``(per-token loss, correct)``, both
+    [num_masked] in row-major order of ``loss_mask``. Parameter names are BertModel's, so its
+    checkpoints are BertModel checkpoints.
+    """
+
+    def forward(self, tokens, padding_mask, labels, loss_mask):
+        hidden = self.encode(tokens, padding_mask)
+        selected = loss_mask.bool()
+        target = labels[selected]
+        logits = self.lm_head.logits(hidden[selected], self.embedding.word_embeddings.weight)
+        start, vocab = self.lm_head.vocab_start, self.cfg.vocab_size
+        correct = _vocab_parallel_correct(logits, target, start, vocab, self.tp_group)
+        return vocab_parallel_cross_entropy(logits, target, start, vocab, self.tp_group), correct
+
+
+TASKS = {"gpt": GPTTask(), "bert": MaskedLMTask()}
+
+
+def get_task(task: Optional[object]):
+    """A task object from its name (``gpt``, ``bert``) or itself; GPT when None."""
+    if task is None:
+        return TASKS["gpt"]
+    if isinstance(task, str):
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
+        return TASKS[task]
+    return task
