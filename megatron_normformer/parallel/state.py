@@ -65,6 +65,12 @@ def read_launch_env() -> LaunchEnv:
             local_size = int(env.get(prefix + "LOCAL_SIZE", env.get("MPI_LOCALNRANKS", world)))
             addr = env.get("MASTER_ADDR") or _mpi_master_addr(world, local_size)
             return LaunchEnv(rank, world, local_rank, addr, port, launcher)
+    if "MASTER_PORT" not in env:
+        # A world of one still needs a rendezvous port: take a free one, so that several
+        # single-process runs on one machine do not collide on the default.
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
     return LaunchEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port, "single")
 
 
