@@ -1,0 +1,1 @@
+"""Benchmarks and small reproductions (bench/README in docs/performance.md and docs/results.md)."""
