@@ -33,7 +33,7 @@ def _accuracy_matches_argmax():
     import torch.distributed as dist
 
     from megatron_normformer.parallel.state import ParallelState
-    from megatron_normformer.training.tasks import _vocab_parallel_correct
+    from megatron_normformer.parallel.cross_entropy import vocab_parallel_correct
 
     pstate = ParallelState(2, 1)
     vocab, padded = 13, 16  # columns 13..15 are padding and must never win
@@ -43,7 +43,7 @@ def _accuracy_matches_argmax():
     target = torch.randint(0, vocab, (50,), generator=g)
     full[5:25, :vocab] = full[5:25, :vocab].scatter(1, target[5:25, None], 50.0)  # surely right
     start = 8 * pstate.tp_rank
-    got = _vocab_parallel_correct(full[:, start:start + 8], target, start, vocab, pstate.tp_group)
+    got = vocab_parallel_correct(full[:, start:start + 8], target, start, vocab, pstate.tp_group)
     want = (full[:, :vocab].argmax(-1) == target).float()
     dist.barrier()
     return got.tolist(), want.tolist()

@@ -12,22 +12,34 @@ import torch.distributed as dist
 from megatron_normformer.parallel.mappings import all_reduce_no_grad
 
 
+def _without_padding(logits: torch.Tensor, vocab_start: int, vocab_size: int) -> torch.Tensor:
+    """fp32 (or wider) logits with the padded columns at -inf."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if vocab_start + logits.size(-1) > vocab_size:
+        logits = logits.clone()
+        logits[..., max(0, vocab_size - vocab_start):] = float("-inf")
+    return logits
+
+
+def _local_target(logits: torch.Tensor, target: torch.Tensor, vocab_start: int):
+    """(this rank's logit of each target, 0 where another rank holds it; that mask; local ids)."""
+    outside = (target < vocab_start) | (target >= vocab_start + logits.size(-1))
+    local_target = (target - vocab_start).masked_fill(outside, 0)
+    target_logit = logits.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
+    return target_logit.masked_fill(outside, 0.0), outside, local_target
+
+
+def _global_max(logits: torch.Tensor, group) -> torch.Tensor:
+    logits_max = logits.max(dim=-1).values
+    return all_reduce_no_grad(logits_max, group, dist.ReduceOp.MAX)
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_start, vocab_size, group):
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        local_vocab = logits.size(-1)
-        if vocab_start + local_vocab > vocab_size:
-            logits = logits.clone()
-            logits[..., max(0, vocab_size - vocab_start):] = float("-inf")
-        logits_max = logits.max(dim=-1).values
-        all_reduce_no_grad(logits_max, group, dist.ReduceOp.MAX)
-        logits = logits - logits_max.unsqueeze(-1)
-
-        outside = (target < vocab_start) | (target >= vocab_start + local_vocab)
-        local_target = (target - vocab_start).masked_fill(outside, 0)
-        target_logit = logits.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
-        target_logit = target_logit.masked_fill(outside, 0.0)
+        logits = _without_padding(logits, vocab_start, vocab_size)
+        logits = logits - _global_max(logits, group).unsqueeze(-1)
+        target_logit, outside, local_target = _local_target(logits, target, vocab_start)
         all_reduce_no_grad(target_logit, group)
 
         exp = logits.exp_()
@@ -58,3 +70,15 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, voc
     place, so call backward once per forward (as training does).
     """
     return _VocabParallelCrossEntropy.apply(logits, target, vocab_start, vocab_size, group)
+
+
+@torch.no_grad()
+def vocab_parallel_correct(logits: torch.Tensor, target: torch.Tensor, vocab_start: int,
+                           vocab_size: int, group=None) -> torch.Tensor:
+    """1.0 where ``target`` has the largest logit over the whole (TP-split, unpadded) vocabulary."""
+    logits = _without_padding(logits.detach(), vocab_start, vocab_size)
+    best = _global_max(logits, group)
+    target_logit, outside, _ = _local_target(logits, target, vocab_start)
+    target_logit = target_logit.masked_fill(outside, float("-inf"))
+    all_reduce_no_grad(target_logit, group, dist.ReduceOp.MAX)
+    return (target_logit >= best).float()

@@ -18,13 +18,11 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 
 from megatron_normformer.config import ConfigError, ModelConfig
 from megatron_normformer.model.bert import BertModel
 from megatron_normformer.model.gpt import GPTModel
-from megatron_normformer.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megatron_normformer.parallel.mappings import all_reduce_no_grad
+from megatron_normformer.parallel.cross_entropy import vocab_parallel_correct, vocab_parallel_cross_entropy
 
 Batch = Dict[str, torch.Tensor]
 
@@ -161,23 +159,6 @@ class MaskedLMTask:
                                    head_fraction=self.masking_prob, head_dense=True)
 
 
-def _vocab_parallel_correct(logits: torch.Tensor, target: torch.Tensor, vocab_start: int,
-                            vocab_size: int, group) -> torch.Tensor:
-    """1.0 where the target has the largest logit over the whole (TP-split) vocabulary."""
-    logits = logits.detach().float()
-    local = logits.size(-1)
-    if vocab_start + local > vocab_size:
-        logits = logits.clone()
-        logits[..., max(0, vocab_size - vocab_start):] = float("-inf")
-    best = logits.max(dim=-1).values
-    all_reduce_no_grad(best, group, dist.ReduceOp.MAX)
-    outside = (target < vocab_start) | (target >= vocab_start + local)
-    mine = logits.gather(-1, (target - vocab_start).masked_fill(outside, 0).unsqueeze(-1)).squeeze(-1)
-    mine = mine.masked_fill(outside, float("-inf"))
-    all_reduce_no_grad(mine, group, dist.ReduceOp.MAX)
-    return (mine >= best).float()
-
-
 class MaskedLMModel(BertModel):
     """``BertModel`` whose training forward also says which masked tokens it predicted right.
 
@@ -192,7 +173,7 @@ class MaskedLMModel(BertModel):
         target = labels[selected]
         logits = self.lm_head.logits(hidden[selected], self.embedding.word_embeddings.weight)
         start, vocab = self.lm_head.vocab_start, self.cfg.vocab_size
-        correct = _vocab_parallel_correct(logits, target, start, vocab, self.tp_group)
+        correct = vocab_parallel_correct(logits, target, start, vocab, self.tp_group)
         return vocab_parallel_cross_entropy(logits, target, start, vocab, self.tp_group), correct
 
 
