@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -15,10 +16,13 @@ from megatron_normformer.parallel.init import init_normal_
 def sinusoidal_positions(num_positions: int, dim: int) -> torch.Tensor:
     """[num_positions, dim]: for i < dim/2, freq_i = exp(-i ln(10000) / (dim/2 - 1));
     each row is [sin(p freq), cos(p freq)] concatenated (fairseq / Shortformer layout)."""
+    # numpy, not torch: under deepspeed.zero.Init torch's factory functions build in the training
+    # dtype, which would change the table's rounding with the ZeRO stage.
     half = dim // 2
-    freq = torch.exp(torch.arange(half, dtype=torch.float64) * -(math.log(10000.0) / max(half - 1, 1)))
-    angles = torch.arange(num_positions, dtype=torch.float64).unsqueeze(1) * freq.unsqueeze(0)
-    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+    freq = np.exp(np.arange(half, dtype=np.float64) * -(math.log(10000.0) / max(half - 1, 1)))
+    angles = np.arange(num_positions, dtype=np.float64)[:, None] * freq[None, :]
+    table = np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32)
+    return torch.from_numpy(table)
 
 
 class Embedding(nn.Module):
