@@ -20,7 +20,7 @@ from megatron_normformer.data.preprocess import (  # noqa: E402
     format_summary,
     preprocess,
 )
-from megatron_normformer.data.tokenizers import TOKENIZER_TYPES, TokenizerError  # noqa: E402
+from megatron_normformer.data.tokenizers import TokenizerError, add_tokenizer_args  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,14 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--split-sentences", action="store_true", help="one sequence per sentence")
     group.add_argument("--skip-bad-lines", action="store_true",
                        help="skip malformed lines (counted in the summary) instead of stopping")
-    group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    group.add_argument("--tokenizer-model", help="SentencePiece .model or HF tokenizer.json")
-    group.add_argument("--vocab-file", help="GPT-2 vocab.json")
-    group.add_argument("--merge-file", help="GPT-2 merges.txt")
-    group.add_argument("--vocab-size", type=int, help="NullTokenizer vocabulary size")
-    group.add_argument("--append-eod", action="store_true", help="end every document with <eod>")
+    add_tokenizer_args(parser)
     group = parser.add_argument_group("output data")
+    group.add_argument("--append-eod", action="store_true", help="end every document with <eod>")
     group.add_argument("--output-prefix", required=True)
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="tokeniser processes")

@@ -22,6 +22,16 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPT2BPETokenizer", "HFTokenizer", "NullTokenizer")
 
 
+def add_tokenizer_args(parser) -> None:
+    """Megatron's tokenizer flags, as the tools take them (``build_tokenizer``'s arguments)."""
+    g = parser.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
+    g.add_argument("--tokenizer-model", help="SentencePiece .model or HF tokenizer.json")
+    g.add_argument("--vocab-file", help="GPT-2 vocab.json")
+    g.add_argument("--merge-file", help="GPT-2 merges.txt")
+    g.add_argument("--vocab-size", type=int, help="NullTokenizer vocabulary size")
+
+
 class TokenizerError(ValueError):
     """A tokenizer that cannot be built; the message names the flag and the path."""
 

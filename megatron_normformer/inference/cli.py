@@ -7,6 +7,7 @@ import os
 import torch
 
 from megatron_normformer.config import ConfigError
+from megatron_normformer.data.tokenizers import add_tokenizer_args  # noqa: F401 - the tools take it from here
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -20,18 +21,6 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
                    help="Iteration tag inside a training checkpoint directory (default: latest).")
     g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N.")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="Inference precision.")
-
-
-def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
-    """The tokenizer flags of ``tools/preprocess_data.py``."""
-    from megatron_normformer.data.tokenizers import TOKENIZER_TYPES
-
-    g = parser.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    g.add_argument("--tokenizer-model", help="SentencePiece .model or HF tokenizer.json")
-    g.add_argument("--vocab-file", help="GPT-2 vocab.json")
-    g.add_argument("--merge-file", help="GPT-2 merges.txt")
-    g.add_argument("--vocab-size", type=int, help="NullTokenizer vocabulary size")
 
 
 def tokenizer_from_args(args):
