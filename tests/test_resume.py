@@ -11,16 +11,21 @@ from train_utils import flags, train_many
 DROPOUT = "--hidden-dropout 0.1 --attention-dropout 0.1"
 
 
-def _argv(zero, iters, **kw):
+CASES = {0: {}, 3: {}, "bf16-zero1": {"bf16": True}}  # bf16: DeepSpeed's CPU accelerator has it
+
+
+def _argv(case, iters, **kw):
+    zero = 1 if case == "bf16-zero1" else case
     return flags("--mock-data", DROPOUT, train_iters=6, global_batch_size=4, micro_batch_size=2,
-                 tensor_model_parallel_size=2, zero_stage=zero, **kw) + (
+                 tensor_model_parallel_size=2, zero_stage=zero, **CASES[case], **kw) + (
         ["--exit-interval", str(iters)] if iters < 6 else [])
 
 
 def _resume_runs(tmp):
-    """Straight 6 iterations vs 3 + save + resume + 3, for ZeRO-0 and ZeRO-3 (world 2, TP 2)."""
+    """Straight 6 iterations vs 3 + save + resume + 3, for ZeRO-0, ZeRO-3 and bf16 ZeRO-1
+    (world 2, TP 2)."""
     out = {}
-    for zero in (0, 3):
+    for zero in CASES:
         save = os.path.join(tmp, f"z{zero}")
         straight = train_many([_argv(zero, 6)])[0]
         first = train_many([_argv(zero, 3, save=save)])[0]
@@ -37,7 +42,7 @@ def resumed(tmp_path_factory):
     return spawn(_resume_runs, 2, str(tmp_path_factory.mktemp("ckpt")))[0]
 
 
-@pytest.mark.parametrize("zero", [0, 3])
+@pytest.mark.parametrize("zero", list(CASES))
 def test_resume_is_exact(resumed, zero):
     r = resumed[zero]
     assert sorted(r["first"]) == [1, 2, 3] and sorted(r["second"]) == [4, 5, 6]
@@ -46,6 +51,14 @@ def test_resume_is_exact(resumed, zero):
         assert abs(joined[it] - loss) <= 1e-6 * abs(loss), (it, joined[it], loss)
     assert r["latest"] == "iter_0000006"
     assert [t for t in r["tags"] if t.startswith("iter_")] == ["iter_0000003", "iter_0000006"]
+
+
+def test_bf16_tracks_fp32(resumed):
+    # Same seed and data: bf16 rounding moves the losses by far less than training does.
+    bf16, fp32 = resumed["bf16-zero1"]["straight"], resumed[0]["straight"]
+    for it in fp32:
+        assert abs(bf16[it] - fp32[it]) <= 2e-2 * abs(fp32[it]), (it, bf16[it], fp32[it])
+    assert bf16 != fp32  # it really ran in bf16
 
 
 def _interrupted_save(tmp):

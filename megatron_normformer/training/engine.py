@@ -45,10 +45,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_all: bool) -
 
 
 def check_precision(run: RunConfig) -> None:
-    if (run.train.bf16 or run.train.fp16) and not torch.cuda.is_available():
-        flag = "--bf16" if run.train.bf16 else "--fp16"
-        raise ConfigError(f"{flag} needs a GPU: DeepSpeed's mixed-precision optimizers do not run on "
-                          "the CPU accelerator; train in fp32 (no precision flag) on CPU")
+    """bf16 / fp16 only where DeepSpeed's accelerator supports them (its CPU accelerator: bf16)."""
+    if not (run.train.bf16 or run.train.fp16):
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    flag, supported = (("--bf16", accelerator.is_bf16_supported()) if run.train.bf16
+                       else ("--fp16", accelerator.is_fp16_supported()))
+    if not supported:
+        alternative = "--bf16 or fp32" if run.train.fp16 else "fp32"
+        raise ConfigError(f"{flag} is not supported by DeepSpeed's {accelerator.device_name()} "
+                          f"accelerator here; use {alternative} (no precision flag = fp32)")
 
 
 def build_engine(run: RunConfig, pstate, ds_config: Dict, task=None) -> Engine:
