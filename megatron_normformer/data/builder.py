@@ -55,6 +55,19 @@ def _split_datasets(
     return out
 
 
+def _mock_or_check(mock_cls, data_path, mock: bool, train_valid_test_num_samples, seq_length: int,
+                   vocab_size, seed: int):
+    """The three mock datasets when ``mock``; otherwise check the request and return None."""
+    if len(train_valid_test_num_samples) != 3:
+        raise ValueError("train_valid_test_num_samples needs three entries")
+    if mock:
+        return tuple(None if not n else mock_cls(n, seq_length, vocab_size, seed + i)
+                     for i, n in enumerate(train_valid_test_num_samples))
+    if not data_path:
+        raise ValueError("--data-path is required unless --mock-data is given")
+    return None
+
+
 def build_train_valid_test_datasets(
     data_path: Optional[Sequence[str]],
     split: str,
@@ -73,15 +86,10 @@ def build_train_valid_test_datasets(
     holds the index arrays, default ``cache/`` next to the first prefix. ``mock`` ignores
     ``data_path`` and returns ``MockGPTDataset``s of ``vocab_size``.
     """
-    if len(train_valid_test_num_samples) != 3:
-        raise ValueError("train_valid_test_num_samples needs three entries")
-    if mock:
-        return tuple(
-            None if not n else MockGPTDataset(n, seq_length, vocab_size, seed + i)
-            for i, n in enumerate(train_valid_test_num_samples)
-        )
-    if not data_path:
-        raise ValueError("--data-path is required unless --mock-data is given")
+    mocks = _mock_or_check(MockGPTDataset, data_path, mock, train_valid_test_num_samples,
+                           seq_length, vocab_size, seed)
+    if mocks is not None:
+        return mocks
     weights, prefixes = parse_data_path(data_path)
     if len(prefixes) == 1:
         return tuple(
@@ -156,15 +164,10 @@ def build_masked_lm_datasets(
     """
     from .masked_lm_dataset import MaskedLMDataset, MockMaskedLMDataset
 
-    if len(train_valid_test_num_samples) != 3:
-        raise ValueError("train_valid_test_num_samples needs three entries")
-    if mock:
-        return tuple(
-            None if not n else MockMaskedLMDataset(n, seq_length, vocab_size, seed + i)
-            for i, n in enumerate(train_valid_test_num_samples)
-        )
-    if not data_path:
-        raise ValueError("--data-path is required unless --mock-data is given")
+    mocks = _mock_or_check(MockMaskedLMDataset, data_path, mock, train_valid_test_num_samples,
+                           seq_length, vocab_size, seed)
+    if mocks is not None:
+        return mocks
     weights, prefixes = parse_data_path(data_path)
     if len(prefixes) != 1:
         raise ValueError(f"--data-path: masked-LM pretraining takes one dataset prefix, got "
