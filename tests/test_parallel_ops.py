@@ -103,3 +103,30 @@ def test_vocab_parallel_cross_entropy_matches_dense(tp):
         torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad[..., :VOCAB], real.grad, rtol=1e-12, atol=1e-12)
     assert torch.count_nonzero(grad[..., VOCAB:]) == 0  # padding gets no gradient
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 48])
+def test_row_parallel_input_scale_equals_scaled_input(tokens):
+    """HeadScale's input_scale gives (x * s) A^T + b and its gradients whichever side it scales:
+    A's columns for 48 tokens (>= 16 outputs), x itself for 1 and 3 (decoding)."""
+    from megatron_normformer.parallel.layers import InitSpec, RowParallelLinear
+
+    torch.manual_seed(0)
+    layer = RowParallelLinear(24, 16, None, 0, 1, init=InitSpec(7, "w", 0.5)).double()
+    with torch.no_grad():
+        layer.bias.normal_()
+    x = torch.randn(tokens, 24, dtype=torch.float64, requires_grad=True)
+    s = torch.rand(24, dtype=torch.float64).add_(0.5).requires_grad_()
+    grad = torch.randn(tokens, 16, dtype=torch.float64)
+
+    got = layer(x, input_scale=s)
+    got.backward(grad)
+    got_grads = [t.grad.clone() for t in (x, s, layer.weight, layer.bias)]
+    for t in (x, s, layer.weight, layer.bias):
+        t.grad = None
+    want = F.linear(x * s, layer.weight, layer.bias)
+    want.backward(grad)
+
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, t in zip(got_grads, (x, s, layer.weight, layer.bias)):
+        torch.testing.assert_close(g, t.grad, rtol=1e-12, atol=1e-12)

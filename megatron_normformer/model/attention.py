@@ -72,9 +72,12 @@ class ParallelAttention(nn.Module):
         else:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask,
                                                      is_causal=causal)
+        context = context.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim)
+        head_scale = None
         if self.head_scale is not None and self.cfg.head_scale_position == "pre-proj":
-            context = context * self.head_scale.view(1, -1, 1, 1).to(context.dtype)
-        out = self.dense(context.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))
+            # Scaling head i's output by gamma_i is scaling W_O's input columns of head i.
+            head_scale = self.head_scale.repeat_interleave(self.head_dim)
+        out = self.dense(context, input_scale=head_scale)
         if self.head_scale is not None and self.cfg.head_scale_position == "post-proj":
             out = out.view(b, s, -1, self.head_dim) * self.head_scale.view(-1, 1).to(out.dtype)
             out = out.view(b, s, -1)

@@ -44,6 +44,7 @@ class NormFormerLayer(nn.Module):
             a = self.post_attention_layernorm(a)
         x = x + F.dropout(a, self.hidden_dropout, self.training)
 
-        y = self.mlp(self.pre_mlp_layernorm(x))
-        residual = x * self.resid_scale if self.resid_scale is not None else x
-        return residual + F.dropout(y, self.hidden_dropout, self.training)
+        y = F.dropout(self.mlp(self.pre_mlp_layernorm(x)), self.hidden_dropout, self.training)
+        if self.resid_scale is None:
+            return x + y
+        return torch.addcmul(y, x, self.resid_scale)  # lambda * x + y in one pass

@@ -107,8 +107,20 @@ class RowParallelLinear(_ParallelLinear):
 
     partition_dim = 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_tensor_parallel(F.linear(x, self.weight), self.tp_group)
+    def forward(self, x: torch.Tensor, input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``input_scale``: optional scale of this rank's input features, computing (x * s) A^T.
+
+        It is applied to whichever of x and A is smaller: with at least as many input rows (tokens)
+        as output features, scaling A's columns reads and writes fewer elements, forward and
+        backward, than scaling x (HeadScale in training); a short x (one decoding step) is scaled.
+        """
+        weight = self.weight
+        if input_scale is not None:
+            if x.numel() // x.size(-1) >= weight.size(0):
+                weight = weight * input_scale.to(weight.dtype)
+            else:
+                x = x * input_scale.to(x.dtype)
+        y = reduce_from_tensor_parallel(F.linear(x, weight), self.tp_group)
         return y + self.bias if self.bias is not None else y
 
 
