@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tensor-model-parallel-size", type=int, default=1,
                    help="run our variants on this many processes (spawned); the reference stays 1 process "
                         "and is timed afterwards, so no ours/reference ratio is reported")
+    r.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: elapsed time; cpu: this process's CPU time (time.process_time, all its "
+                        "threads), which time lent to other jobs does not inflate: for overhead "
+                        "comparisons on a shared CPU machine, with --threads 1")
     r.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU only; SDPA picks flash attention)")
     r.add_argument("--peak-flops-per-device", type=float, default=None, help="peak TFLOP/s for MFU")
     r.add_argument("--lr", type=float, default=1e-4)
@@ -114,6 +118,8 @@ def model_configs(args) -> Dict[str, ModelConfig]:
 def device_of(args) -> torch.device:
     if args.bf16 and not torch.cuda.is_available():
         raise SystemExit("error: --bf16 needs a GPU (on CPU the benchmark runs in fp32)")
+    if args.clock == "cpu" and torch.cuda.is_available():
+        raise SystemExit("error: --clock cpu times CPU work only; on a GPU use --clock wall")
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -220,9 +226,13 @@ def deepspeed_step(engine, tokens, labels) -> Callable[[], None]:
 
 # -- timing ------------------------------------------------------------------------------------
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def time_interleaved(steps: Dict[str, Callable[[], None]], iters: int, warmup: int, repeats: int,
-                     device) -> Dict[str, List[List[float]]]:
+                     device, clock: str = "wall") -> Dict[str, List[List[float]]]:
     """ms of every timed step, per variant and per repeat; orders alternate between repeats."""
+    now = CLOCKS[clock]
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -234,10 +244,10 @@ def time_interleaved(steps: Dict[str, Callable[[], None]], iters: int, warmup: i
         for name in (names if r % 2 == 0 else names[::-1]):
             row = []
             for _ in range(per_repeat):
-                t0 = time.perf_counter()
+                t0 = now()
                 steps[name]()
                 _sync(device)
-                row.append(1000 * (time.perf_counter() - t0))
+                row.append(1000 * (now() - t0))
             times[name].append(row)
     return times
 
@@ -282,7 +292,7 @@ def _measure_ours_tp(args) -> Dict[str, List[List[float]]]:
             model, opt = build_ours(cfgs[kind], pstate, args, device)
             steps[f"ours-{kind}"] = plain_step(model, opt, *random_batch(cfgs[kind], args, device),
                                                contextlib.nullcontext)
-    return time_interleaved(steps, args.iters, args.warmup_iters, args.repeats, device)
+    return time_interleaved(steps, args.iters, args.warmup_iters, args.repeats, device, args.clock)
 
 
 def run(argv=None) -> Dict:
@@ -329,7 +339,7 @@ def run(argv=None) -> Dict:
             raise SystemExit("error: --deepspeed is timed at --tensor-model-parallel-size 1 only")
         engine = build_deepspeed(cfgs["normformer"], args)
         steps["ds-normformer"] = deepspeed_step(engine, *random_batch(cfgs["normformer"], args, device))
-    times.update(time_interleaved(steps, args.iters, args.warmup_iters, args.repeats, device))
+    times.update(time_interleaved(steps, args.iters, args.warmup_iters, args.repeats, device, args.clock))
 
     tokens = args.micro_batch_size * args.seq_length
     peak = peak_tflops_per_device(args.peak_flops_per_device, args.bf16)
@@ -340,7 +350,7 @@ def run(argv=None) -> Dict:
         results[name] = dict(summarize(rows, flops / tp, tokens, peak), params=params.get(name))
         results[name]["tokens_per_sec"] /= tp if name.startswith("ours-") else 1  # per device
 
-    out = dict(machine=machine(), device=device.type, threads=threads, torch=torch.__version__,
+    out = dict(machine=machine(), device=device.type, threads=threads, clock=args.clock, torch=torch.__version__,
                tensor_model_parallel_size=tp, precision="bf16 autocast" if args.bf16 else "fp32",
                micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
                model={"preln": cfgs["preln"].to_dict(), "normformer": cfgs["normformer"].to_dict()},
@@ -394,7 +404,8 @@ def format_table(out: Dict, args) -> str:
     nf = out["model"]["normformer"]
     ops = "+".join(op for op in NORMFORMER_OPS if nf[op])
     lines = [f"machine: {out['machine']} | device {out['device']} | torch {out['torch']} | "
-             f"threads {out['threads']} | {out['precision']} | TP {out['tensor_model_parallel_size']}",
+             f"threads {out['threads']} | {out['precision']} | TP {out['tensor_model_parallel_size']} | "
+             f"{out['clock']} clock",
              f"model: {nf['num_layers']} layers x {nf['hidden_size']} (heads {nf['num_attention_heads']}, "
              f"ffn {nf['ffn_hidden_size']}, vocab {nf['vocab_size']}), micro batch "
              f"{out['micro_batch_size']} x seq {out['seq_length']}, NormFormer = {ops}",

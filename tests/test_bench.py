@@ -12,6 +12,7 @@ from bench.reference_gpt import ReferenceGPT  # noqa: E402
 from bench.reproduce_small import green_star  # noqa: E402
 from bench.reproduce_small import run as reproduce_small  # noqa: E402
 from bench.throughput import run as throughput  # noqa: E402
+from bench.throughput import time_interleaved  # noqa: E402
 from megatron_normformer.config import ModelConfig  # noqa: E402
 from megatron_normformer.model.gpt import GPTModel  # noqa: E402
 from megatron_normformer.parallel.state import SingleProcessState  # noqa: E402
@@ -21,7 +22,7 @@ TINY = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2"
 
 
 def test_throughput_json_is_sane(capsys):
-    out = throughput(TINY + ["--iters", "2", "--repeats", "2", "--warmup-iters", "1", "--json"])
+    out = throughput(TINY + ["--iters", "2", "--repeats", "2", "--warmup-iters", "1", "--json", "--clock", "cpu"])
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(out))
     assert set(out["results"]) == {"ours-preln", "ours-normformer", "ref-preln", "ref-normformer"}
     for r in out["results"].values():
@@ -35,7 +36,17 @@ def test_throughput_json_is_sane(capsys):
     # Same architecture, same parameter count.
     assert out["results"]["ours-normformer"]["params"] == out["results"]["ref-normformer"]["params"]
     assert out["results"]["ours-normformer"]["params"] > out["results"]["ours-preln"]["params"]
-    assert out["threads"] == 1 and out["flops_per_iter"]["normformer"] > out["flops_per_iter"]["preln"]
+    assert out["threads"] == 1 and out["clock"] == "cpu" and out["flops_per_iter"]["normformer"] > out["flops_per_iter"]["preln"]
+
+
+def test_cpu_clock_does_not_count_time_the_process_is_not_running():
+    """--clock cpu: a step that only waits (as when other jobs hold the cores) costs ~0 ms."""
+    import time
+
+    steps = {"wait": lambda: time.sleep(0.05)}
+    wall = time_interleaved(steps, 2, 0, 1, torch.device("cpu"), "wall")["wait"][0]
+    cpu = time_interleaved(steps, 2, 0, 1, torch.device("cpu"), "cpu")["wait"][0]
+    assert min(wall) >= 50 and max(cpu) < 10
 
 
 @pytest.mark.parametrize("normformer,extra", [
