@@ -39,6 +39,8 @@ def results(tmp_path_factory):
         base(mock, micro_batch_size=2, tensor_model_parallel_size=2, zero_stage=3),  # TP2 x DP2 Z3
         base(real, micro_batch_size=2, tensor_model_parallel_size=2, zero_stage=1),  # TP2 x DP2 Z1
         base(mock, micro_batch_size=1, zero_stage=2),                                # DP4 Z2, acc 2
+        base(mock, micro_batch_size=2, tensor_model_parallel_size=2, zero_stage=3,   # ZeRO-Offload
+             cpu_offload=True),
     ])[3]
     return one, two, four
 
@@ -68,6 +70,13 @@ def test_zero_stages_with_tensor_parallel_match_single_process(results):
     assert_close(four[0]["grad_norms"], one[0]["grad_norms"], 1e-4, "grad norm")
     assert_close(four[1]["losses"], one[1]["losses"], 1e-4)  # ZeRO-1 on real data
     assert_close(four[2]["grad_norms"], one[0]["grad_norms"], 1e-4, "grad norm")  # ZeRO-2
+
+
+def test_cpu_offload_matches_single_process(results):
+    """--cpu-offload (optimizer states and, at ZeRO-3, parameters in host memory) trains the same."""
+    one, _, four = results
+    assert_close(four[3]["losses"], one[0]["losses"], 1e-4)
+    assert_close(four[3]["grad_norms"], one[0]["grad_norms"], 1e-4, "grad norm")
 
 
 def test_real_data_evaluates_on_schedule(results):
