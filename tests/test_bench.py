@@ -89,10 +89,11 @@ def test_green_star_is_the_first_point_at_or_below_the_baseline_best():
     star = green_star(base_x, base_y, nf_x, nf_y)
     assert star["compute"] == 36 and star["ppl"] == 37.9
     assert star["baseline_best_ppl"] == 38.0 and star["baseline_best_compute"] == 50
-    assert star["savings"] == pytest.approx(1 - 36 / 50)
+    assert star["savings"] == pytest.approx(1 - 36 / 50) and star["fraction_of_baseline_run"] == pytest.approx(36 / 50)
     assert green_star(base_x, base_y, nf_x, [90.0, 50.0, 45.0, 40.0, 38.5]) is None
     # Equal counts as matched; the baseline's best need not be its last point.
-    assert green_star([1, 2, 3], [5.0, 3.0, 4.0], [1, 2], [4.0, 3.0])["compute"] == 2
+    late = green_star([1, 2, 3], [5.0, 3.0, 4.0], [1, 2], [4.0, 3.0])
+    assert late["compute"] == 2 and late["savings"] == 0.0 and late["fraction_of_baseline_run"] == pytest.approx(2 / 3)
 
 
 def test_reproduce_small_writes_png_and_json(tmp_path):
