@@ -56,3 +56,25 @@ def test_builder_blends_two_prefixes(tmp_path):
     )
     source = np.array([train[i]["dataset_id"] for i in range(100)])
     assert (source == 0).sum() == 50
+
+
+def test_masked_lm_blends_like_gpt(tmp_path):
+    from megatron_normformer.data.builder import build_masked_lm_datasets
+    from megatron_normformer.data.masked_lm_dataset import IGNORE_INDEX, SpecialTokens
+
+    special = SpecialTokens(cls=0, sep=1, pad=2, mask=3, vocab_size=1100)
+    _corpus(str(tmp_path / "a"), 100)
+    _corpus(str(tmp_path / "b"), 1000)
+    paths = ["0.3", str(tmp_path / "a"), "0.7", str(tmp_path / "b")]
+    train, valid, test = build_masked_lm_datasets(paths, "1,0,0", 32, 1, [1000, 0, 0], special=special)
+    assert valid is None and test is None and len(train) == 1000
+    source = np.array([train[i]["dataset_id"] for i in range(1000)])
+    assert abs((source == 0).mean() - 0.3) < 0.01
+    for i in range(0, 1000, 7):  # the unmasked originals come from the sample's own dataset
+        s = train[i]
+        original = np.where(s["labels"] != IGNORE_INDEX, s["labels"], s["text"])
+        words = original[original > 3]
+        assert len(words) and ((words < 1000) == (source[i] == 0)).all()
+    again, _, _ = build_masked_lm_datasets(paths, "1,0,0", 32, 1, [1000, 0, 0], special=special)
+    for i in (0, 1, 500, 999):  # the same samples and masks from the cached indices
+        assert all((train[i][k] == again[i][k]).all() for k in train[i])

@@ -1,14 +1,15 @@
-"""Train/valid/test GPT datasets from ``--data-path``, ``--split`` and sample counts.
+"""Train/valid/test GPT and masked-LM datasets from ``--data-path``, ``--split`` and sample counts.
 
-One prefix: each split is a ``GPTDataset`` over its contiguous document range. Several prefixes
-with weights: each dataset builds ``ceil(ceil(n * w) * 1.005)`` samples per split (a 0.5 % surplus,
-as Megatron-LM) and a ``BlendedDataset`` draws ``sum(ceil(n * w))`` samples from them. Several
-prefixes without weights: each contributes one epoch, weighted by its size.
+One prefix: each split is a dataset (``GPTDataset``, ``MaskedLMDataset``) over its contiguous
+document range. Several prefixes with weights: each dataset builds ``ceil(ceil(n * w) * 1.005)``
+samples per split (a 0.5 % surplus, as Megatron-LM) and a ``BlendedDataset`` draws
+``sum(ceil(n * w))`` samples from them. Several prefixes without weights: each contributes one
+epoch, weighted by its size.
 """
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,25 +34,28 @@ def _open(prefix: str) -> IndexedDataset:
     return IndexedDataset(prefix)
 
 
-def _split_datasets(
-    prefix: str,
-    split: str,
-    num_samples: Sequence[Optional[int]],
-    seq_length: int,
-    seed: int,
-    cache_path: Optional[str],
-    barrier: Optional[Barrier],
-) -> List[Optional[GPTDataset]]:
+# (indexed, first document, end document, split name, samples or None, cache dir) -> dataset
+SplitFactory = Callable[[IndexedDataset, int, int, str, Optional[int], str], torch.utils.data.Dataset]
+
+
+def _gpt_splits(seq_length: int, seed: int, barrier: Optional[Barrier]) -> SplitFactory:
+    def make(indexed, first, end, name, num_samples, cache_dir):
+        documents = np.arange(first, end, dtype=np.int32)
+        return GPTDataset(indexed, documents, num_samples, seq_length, seed, name, cache_dir, barrier)
+    return make
+
+
+def _split_datasets(prefix: str, split: str, num_samples: Sequence[Optional[int]],
+                    cache_path: Optional[str], make: SplitFactory) -> List[Optional[torch.utils.data.Dataset]]:
     indexed = _open(prefix)
     ranges = split_document_ranges(split, indexed.num_documents)
     cache_dir = cache_path or default_cache_dir(prefix)
-    out: List[Optional[GPTDataset]] = []
+    out = []
     for name, rng, n in zip(SPLIT_NAMES, ranges, num_samples):
         if rng is None or rng[1] <= rng[0] or n == 0:
             out.append(None)
             continue
-        documents = np.arange(rng[0], rng[1], dtype=np.int32)
-        out.append(GPTDataset(indexed, documents, n, seq_length, seed, name, cache_dir, barrier))
+        out.append(make(indexed, rng[0], rng[1], name, n, cache_dir))
     return out
 
 
@@ -90,25 +94,28 @@ def build_train_valid_test_datasets(
                            seq_length, vocab_size, seed)
     if mocks is not None:
         return mocks
+    return _build(data_path, split, train_valid_test_num_samples, cache_path, barrier,
+                  _gpt_splits(seq_length, seed, barrier))
+
+
+def _build(data_path, split: str, num_samples: Sequence[Optional[int]], cache_path: Optional[str],
+           barrier: Optional[Barrier], make: SplitFactory) -> Datasets:
+    """One prefix: its splits as ``make`` builds them; several: blended (module docstring)."""
     weights, prefixes = parse_data_path(data_path)
     if len(prefixes) == 1:
-        return tuple(
-            _split_datasets(prefixes[0], split, train_valid_test_num_samples, seq_length, seed,
-                            cache_path, barrier)
-        )
-    return _blend(weights, prefixes, split, seq_length, seed, train_valid_test_num_samples,
-                  cache_path or blend_cache_dir(prefixes), barrier)
+        return tuple(_split_datasets(prefixes[0], split, num_samples, cache_path, make))
+    return _blend(weights, prefixes, split, num_samples, cache_path or blend_cache_dir(prefixes),
+                  barrier, make)
 
 
 def _blend(
     weights: Optional[List[float]],
     prefixes: List[str],
     split: str,
-    seq_length: int,
-    seed: int,
     num_samples: Sequence[Optional[int]],
     cache_dir: str,
     barrier: Optional[Barrier],
+    make: SplitFactory,
 ) -> Datasets:
     if weights is None:
         per_dataset = [[None if n != 0 else 0 for n in num_samples] for _ in prefixes]
@@ -117,10 +124,7 @@ def _blend(
             [None if n is None else math.ceil(math.ceil(n * w) * (1 + BLEND_SURPLUS)) for n in num_samples]
             for w in weights
         ]
-    parts = [
-        _split_datasets(p, split, sizes, seq_length, seed, cache_dir, barrier)
-        for p, sizes in zip(prefixes, per_dataset)
-    ]
+    parts = [_split_datasets(p, split, sizes, cache_dir, make) for p, sizes in zip(prefixes, per_dataset)]
     result: List[Optional[BlendedDataset]] = []
     for s, name in enumerate(SPLIT_NAMES):
         members = [(j, part[s]) for j, part in enumerate(parts) if part[s] is not None]
@@ -157,10 +161,9 @@ def build_masked_lm_datasets(
 ) -> Datasets:
     """Train/valid/test masked-LM datasets (None where a split is empty or asked for 0 samples).
 
-    The document ranges are those of ``build_train_valid_test_datasets``; each split is a
-    ``MaskedLMDataset`` (``special``: the tokenizer's ``SpecialTokens``). ``mock`` returns
-    ``MockMaskedLMDataset``s of ``vocab_size``. One prefix only: blending is not implemented for
-    masked LM.
+    The document ranges and blending are those of ``build_train_valid_test_datasets``; each split
+    of each prefix is a ``MaskedLMDataset`` (``special``: the tokenizer's ``SpecialTokens``).
+    ``mock`` returns ``MockMaskedLMDataset``s of ``vocab_size``.
     """
     from .masked_lm_dataset import MaskedLMDataset, MockMaskedLMDataset
 
@@ -168,18 +171,9 @@ def build_masked_lm_datasets(
                            seq_length, vocab_size, seed)
     if mocks is not None:
         return mocks
-    weights, prefixes = parse_data_path(data_path)
-    if len(prefixes) != 1:
-        raise ValueError(f"--data-path: masked-LM pretraining takes one dataset prefix, got "
-                         f"{len(prefixes)} (blending is implemented for GPT only)")
-    indexed = _open(prefixes[0])
-    ranges = split_document_ranges(split, indexed.num_documents)
-    cache_dir = cache_path or default_cache_dir(prefixes[0])
-    out: List[Optional[MaskedLMDataset]] = []
-    for name, rng, n in zip(SPLIT_NAMES, ranges, train_valid_test_num_samples):
-        if rng is None or rng[1] <= rng[0] or n == 0:
-            out.append(None)
-            continue
-        out.append(MaskedLMDataset(indexed, rng[0], rng[1], seq_length, special, seed, n,
-                                   split_name=name, cache_dir=cache_dir, barrier=barrier))
-    return tuple(out)
+
+    def make(indexed, first, end, name, num_samples, cache_dir):
+        return MaskedLMDataset(indexed, first, end, seq_length, special, seed, num_samples,
+                               split_name=name, cache_dir=cache_dir, barrier=barrier)
+
+    return _build(data_path, split, train_valid_test_num_samples, cache_path, barrier, make)

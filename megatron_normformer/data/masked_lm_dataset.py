@@ -141,6 +141,7 @@ class MaskedLMDataset(torch.utils.data.Dataset):
         if self.samples_per_epoch == 0:
             raise ValueError(f"{indexed.prefix}: the {split_name} split has no tokens")
         self.num_samples = self.samples_per_epoch if num_samples is None else int(num_samples)
+        self.description = dict(description, num_samples=self.num_samples, seed=seed)  # blends' cache key
         specials = {special.cls, special.sep, special.pad, special.mask}
         self._specials = np.array(sorted(specials), dtype=np.int64)
         self._random_ids = np.setdiff1d(np.arange(special.vocab_size, dtype=np.int64), self._specials)
