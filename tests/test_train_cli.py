@@ -85,3 +85,17 @@ def test_user_errors_are_one_clear_message(extra, message, code):
     assert p.returncode == code, p.stderr[-2000:]
     assert message in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_token_ids_outside_the_vocabulary_stop_with_a_message(tmp_path):
+    """Data tokenized with a larger vocabulary than the run's: one message naming --data-path and
+    the id, not an IndexError from the embedding (a device-side assert on GPU)."""
+    from train_utils import make_null_dataset
+
+    prefix = make_null_dataset(str(tmp_path), vocab=500)
+    argv = [PYTHON, "pretrain_gpt.py", *TINY, "--train-iters", "2", "--data-path", prefix,
+            "--split", "1,0,0", "--tokenizer-type", "NullTokenizer"]  # TINY: --vocab-size 128
+    p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "outside the model's vocabulary of 128 tokens" in p.stderr and prefix in p.stderr
+    assert "Traceback" not in p.stderr

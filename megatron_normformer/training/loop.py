@@ -30,6 +30,14 @@ from megatron_normformer.training.metrics import (
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the message names the iteration."""
 
+    every_rank_knows = True  # rank 0 reports it
+
+
+class DataError(TrainingError):
+    """A batch the model cannot take; only the rank that read it knows, so that rank reports it."""
+
+    every_rank_knows = False
+
 
 def print_rank(msg: str, rank: Optional[int] = 0) -> None:
     if rank is None or dist.get_rank() == (rank if rank >= 0 else dist.get_world_size() + rank):
@@ -56,7 +64,22 @@ def micro_batches(dataset, consumed: int, total: int, run: RunConfig, pstate):
                                          # its own generator: creating the iterator must not draw
                                          # from the global RNG, or a resumed run's dropout shifts
                                          generator=torch.Generator().manual_seed(run.train.seed))
-    return iter(loader)
+    return _within_vocabulary(iter(loader), run.model.vocab_size, run.data.data_path)
+
+
+def _within_vocabulary(batches, vocab_size: int, data_path):
+    """Pass the batches through, stopping with a message at a token id the model has no row for
+    (data tokenized with another tokenizer than the run's), which would otherwise fail deep in the
+    embedding (a device-side assert on GPU)."""
+    for batch in batches:
+        top = int(batch["text"].max())
+        if top >= vocab_size:
+            raise DataError(
+                f"token id {top} in a batch is outside the model's vocabulary of "
+                f"{vocab_size} tokens (the tokenizer's, or --vocab-size): --data-path "
+                f"{' '.join(data_path or [])} was tokenized with another tokenizer; preprocess it "
+                "with this run's tokenizer, or give the tokenizer it was made with")
+        yield batch
 
 
 def _to_device(batch: Dict[str, torch.Tensor]):

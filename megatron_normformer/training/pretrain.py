@@ -116,6 +116,8 @@ def main(argv: Optional[List[str]] = None, task=None) -> Dict:
     except (ConfigError, TrainingError) as e:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
+        elif not getattr(e, "every_rank_knows", True):
+            print(f"error (rank {dist.get_rank()}): {e}", file=sys.stderr, flush=True)
         os._exit(2 if isinstance(e, ConfigError) else 1)  # other ranks may be blocked in collectives
     if dist.is_initialized():
         dist.barrier()
