@@ -27,12 +27,17 @@ from megatron_normformer.config import ModelConfig
 LN_FLOPS_PER_ELEMENT = 5
 
 # Dense peak TFLOP/s per device: (bf16/fp16 tensor core, tf32/fp32 used for fp32 training).
+# Matched against the upper-cased device name in this order, so variants come before their family.
 PEAK_TFLOPS = {
     "H200": (989.0, 494.5),
-    "H100": (989.0, 494.5),
+    "H100 PCIE": (756.0, 378.0),
+    "H100 NVL": (835.0, 418.0),
+    "H100": (989.0, 494.5),  # SXM ("NVIDIA H100 80GB HBM3")
     "A100": (312.0, 156.0),
+    "A10G": (70.0, 35.0),
     "A10": (125.0, 62.5),
     "L40S": (362.0, 183.0),
+    "L40": (181.0, 90.5),
     "L4": (121.0, 60.0),
     "V100": (125.0, 15.7),
 }
