@@ -67,7 +67,7 @@ def _write_universal(out_tag_dir: str, tensors_by_name: Dict[str, Dict[Optional[
     """Shards of ``tensors_by_name`` ({name: {None: weight, 'exp_avg': ..., ...}}) for (tp, pp)."""
     from safetensors.torch import save_file
 
-    from megatron_normformer.model.gpt_pipeline import stage_layer_counts
+    from megatron_normformer.model.pipeline import stage_layer_counts
 
     if cfg.num_attention_heads % tp or cfg.ffn_hidden_size % tp:
         raise ConfigError(f"--target-tp {tp}: heads ({cfg.num_attention_heads}) and FFN size "

@@ -36,9 +36,10 @@ _PIPE_INDEX = re.compile(r"^(\d+)\.(.*)$")
 
 # -- names ----------------------------------------------------------------------------------
 def canonical_name(name: str, cfg: ModelConfig) -> str:
-    """The plain-model name of a parameter of either the plain or the pipeline GPT."""
+    """The plain-model name (``GPTModel``'s or ``BertModel``'s) of a parameter of the plain or the
+    pipeline model (``model/gpt_pipeline.py``, ``model/bert_pipeline.py``)."""
     if name.startswith("tied_modules."):
-        # tied_modules.<key>.<path inside EmbeddingPipe>
+        # tied_modules.<key>.<path inside the embedding>
         return "embedding." + name.split(".", 2)[2]
     m = _PIPE_INDEX.match(name)
     if not m:
@@ -48,9 +49,9 @@ def canonical_name(name: str, cfg: ModelConfig) -> str:
         return "embedding." + rest
     if index <= cfg.num_layers:
         return f"layers.{index - 1}.{rest}"
-    if index == cfg.num_layers + 1:
-        return "head." + rest  # final_layernorm.*
-    return "head." + rest  # untied output: weight
+    if cfg.bidirectional:  # final_layernorm.*, then the LM head's transform and output bias
+        return rest if index == cfg.num_layers + 1 else "lm_head." + rest
+    return "head." + rest  # final_layernorm.*, then the untied output's weight
 
 
 def _owner(canonical: str, param, pstate) -> bool:

@@ -36,13 +36,3 @@ def test_example_resolves_to_the_roberta_base_recipe():
         assert ds["train_batch_size"] * t["seq_length"] == 2048 * 512 == 1_048_576  # ~1M tokens
         assert cfg["train_iters"] == 500_000
         assert cfg["gradient_accumulation_steps"] == 2048 // (16 * 64)
-
-
-def test_pipeline_parallel_is_rejected_on_the_command_line():
-    p = subprocess.run([PYTHON, "pretrain_bert.py", *TINY, "--mock-data", "--train-iters", "2",
-                        "--pipeline-model-parallel-size", "2"], cwd=ROOT, capture_output=True,
-                       text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert p.returncode == 2
-    assert ("--pipeline-model-parallel-size 2: pipeline parallelism is not implemented for "
-            "masked-LM pretraining (pretrain_bert.py)") in p.stderr
-    assert "Traceback" not in p.stderr

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_normformer.config import ModelConfig
-from megatron_normformer.model.gpt_pipeline import stage_layer_counts
+from megatron_normformer.model.pipeline import stage_layer_counts
 from megatron_normformer.testing import spawn
 
 NORMFORMER = ModelConfig(num_layers=3, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,

@@ -48,9 +48,23 @@ class RobertaLMHead(nn.Module):
         self.layernorm = LayerNorm(d, cfg.layernorm_epsilon, device)
         self.bias = mark_vocab(nn.Parameter(torch.zeros(padded // pstate.tp_size, device=device)))
 
+    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        """dense -> gelu -> LayerNorm: everything before the tied projection."""
+        return self.layernorm(F.gelu(self.dense(hidden)))
+
     def logits(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
-        h = self.layernorm(F.gelu(self.dense(hidden)))
-        return F.linear(copy_to_tensor_parallel(h, self.tp_group), embedding_weight, self.bias)
+        return tied_projection(self.transform(hidden), embedding_weight, self.bias, self.tp_group)
+
+
+def tied_projection(h: torch.Tensor, embedding_weight: torch.Tensor, bias: torch.Tensor, tp_group):
+    """This rank's vocabulary slice of the logits: the word embedding's shard as the output layer."""
+    return F.linear(copy_to_tensor_parallel(h, tp_group), embedding_weight, bias)
+
+
+def attention_mask(padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """[b, s] padding mask (1 = token) -> [b, 1, 1, s] boolean, True = may attend: no query ever
+    looks at padding."""
+    return None if padding_mask is None else padding_mask.bool()[:, None, None, :]
 
 
 class BertModel(nn.Module):
@@ -75,8 +89,7 @@ class BertModel(nn.Module):
         self.checkpoint_fn = None
 
     def encode(self, tokens: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        # [b, 1, 1, s] boolean, True = may attend: no query ever looks at padding.
-        mask = None if padding_mask is None else padding_mask.bool()[:, None, None, :]
+        mask = attention_mask(padding_mask)
         x = self.embedding(tokens)
         for layer in self.layers:
             if self.checkpoint_fn is not None and self.training:

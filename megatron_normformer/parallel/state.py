@@ -88,8 +88,10 @@ def initialize_distributed(backend: Optional[str] = None, timeout_minutes: int =
     if dist.is_initialized():
         return launch
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+        # On GPUs, NCCL for device tensors and gloo for the few host-side collectives (the stop
+        # flag, logged scalars, object gathers), which NCCL cannot take.
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if "nccl" in backend:
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
     dist.init_process_group(backend=backend, init_method="env://", rank=launch.rank,
                             world_size=launch.world_size,

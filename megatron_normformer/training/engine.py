@@ -80,10 +80,8 @@ def build_engine(run: RunConfig, pstate, ds_config: Dict, task=None) -> Engine:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
     pipeline = pstate.pp_size > 1
     if pipeline:
-        from megatron_normformer.model.gpt_pipeline import build_gpt_pipeline
-
-        model = build_gpt_pipeline(run.model, pstate, seed=run.train.seed,
-                                   activation_checkpoint_interval=int(run.train.checkpoint_activations))
+        model = task.build_pipeline(run.model, pstate, run.train.seed,
+                                    activation_checkpoint_interval=int(run.train.checkpoint_activations))
         if device is not None:
             model = model.to(device)
     elif stage == 3:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatron_normformer.training import checkpointing, diagnostics
 from megatron_normformer.training.config import RunConfig
 from megatron_normformer.training.engine import Engine, build_engine
-from megatron_normformer.training.tasks import GPTTask, get_task
+from megatron_normformer.training.tasks import get_task
 from megatron_normformer.training.metrics import (
     MetricsSink,
     format_log_line,
@@ -82,11 +82,6 @@ def _within_vocabulary(batches, vocab_size: int, data_path):
         yield batch
 
 
-def _to_device(batch: Dict[str, torch.Tensor]):
-    """GPT (inputs, labels) on the device: what the pipeline engine reads."""
-    return GPTTask.inputs_and_labels(batch)
-
-
 # -- signals ----------------------------------------------------------------------------------
 
 class StopFlag:
@@ -122,17 +117,22 @@ def _dp_mean(x: torch.Tensor, pstate) -> float:
     return x.item()
 
 
-def _pipeline_micro_batches(batches, gas: int):
+def _pipeline_micro_batches(batches, gas: int, task):
     """What DeepSpeed's pipeline engine reads: (inputs, labels) per micro-batch. Only the first and
     last stages draw from it; every rank builds it so the sampler stays in step everywhere."""
-    return iter([_to_device(next(batches)) for _ in range(gas)])
+    return iter([task.pipeline_batch(next(batches)) for _ in range(gas)])
 
 
-def pipeline_train_step(e: Engine, batches, gas: int) -> Dict:
+def pipeline_train_step(e: Engine, batches, gas: int, pstate, task) -> Dict:
     # 1F1B over ``gas`` micro-batches; the mean loss comes back averaged over DP on every rank.
-    loss = e.engine.train_batch(data_iter=_pipeline_micro_batches(batches, gas))
+    loss = e.engine.train_batch(data_iter=_pipeline_micro_batches(batches, gas, task))
     norm = e.engine.get_global_grad_norm()
-    return {"lm_loss": float(loss), "grad_norm": None if norm is None else float(norm), "extra": {}}
+    return {"lm_loss": float(loss), "grad_norm": None if norm is None else float(norm),
+            "extra": _pipeline_extra(e, pstate, task)}
+
+
+def _pipeline_extra(e: Engine, pstate, task) -> Dict[str, float]:
+    return {k: _dp_mean(v, pstate) for k, v in task.pipeline_extra(e.model, pstate).items()}
 
 
 def _mean_over_micro_batches(values: List[Dict[str, torch.Tensor]], pstate) -> Dict[str, float]:
@@ -142,9 +142,9 @@ def _mean_over_micro_batches(values: List[Dict[str, torch.Tensor]], pstate) -> D
 
 def train_step(e: Engine, batches, gas: int, pstate, want_diagnostics: bool, task=None) -> Dict:
     """One optimizer step over ``gas`` micro-batches: {lm_loss, grad_norm, extra, diagnostics}."""
-    if e.pipeline:
-        return pipeline_train_step(e, batches, gas)
     task = get_task(task)
+    if e.pipeline:
+        return pipeline_train_step(e, batches, gas, pstate, task)
     engine, model = e.engine, e.model
     losses, extras, diag = [], [], {}
     for _ in range(gas):
@@ -166,7 +166,7 @@ def train_step(e: Engine, batches, gas: int, pstate, want_diagnostics: bool, tas
     return diag
 
 
-def warmup_step(e: Engine, run: RunConfig, gas: int, task=None) -> None:
+def warmup_step(e: Engine, run: RunConfig, gas: int, pstate, task=None) -> None:
     """One optimizer step on a batch of zeros (the caller zeroes the learning rate): it makes
     DeepSpeed create its optimizer state, about to be overwritten by a checkpoint's. The RNG
     streams are left as they were."""
@@ -176,7 +176,8 @@ def warmup_step(e: Engine, run: RunConfig, gas: int, task=None) -> None:
     rng = get_all_rng_states()
     batch = task.dummy_batch(run)
     if e.pipeline:
-        e.engine.train_batch(data_iter=iter([_to_device(batch)] * gas))
+        e.engine.train_batch(data_iter=iter([task.pipeline_batch(batch)] * gas))
+        task.pipeline_extra(e.model, pstate)  # forget the dummy batch's metrics
     else:
         for _ in range(gas):
             e.engine.backward(task.loss(e.engine, batch)[0])
@@ -190,13 +191,14 @@ def evaluate(e: Engine, dataset, eval_iters: int, global_batch: int, run: RunCon
     """{"loss": mean loss, plus the task's extra metrics} over the first ``eval_iters`` global
     batches of ``dataset`` (the same batches at every evaluation, so evaluations are comparable and
     resume-exact)."""
+    task = get_task(task)
     total = eval_iters * global_batch
     batches = micro_batches(dataset, 0, total, run, pstate)
     if e.pipeline:
         gas = global_batch // (run.train.micro_batch_size * pstate.dp_size)
-        losses = [e.engine.eval_batch(_pipeline_micro_batches(batches, gas)) for _ in range(eval_iters)]
-        return {"loss": float(torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in losses]).mean())}
-    task = get_task(task)
+        losses = [e.engine.eval_batch(_pipeline_micro_batches(batches, gas, task)) for _ in range(eval_iters)]
+        return {"loss": float(torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in losses]).mean()),
+                **_pipeline_extra(e, pstate, task)}
     e.engine.eval()
     results = [task.loss(e.engine, b) for b in batches]
     e.engine.train()
@@ -224,7 +226,7 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
         state = checkpointing.load_checkpoint(
             e, run, pstate, run.ckpt.load, load_optim=not run.ckpt.no_load_optim,
             load_rng=not run.ckpt.no_load_rng,
-            materialize_optimizer_state=lambda: warmup_step(e, run, gas, task))
+            materialize_optimizer_state=lambda: warmup_step(e, run, gas, pstate, task))
         print_rank(f"> resumed from {run.ckpt.load} at iteration {state['iteration']}")
     datasets = build_datasets(run, train_iters * global_batch, run.log.eval_iters * global_batch,
                               vocab_size, task)

@@ -7,7 +7,7 @@ The loop, engine, checkpoints and logging are shared; an entry point picks a tas
 - ``bert`` (``pretrain_bert.py``): RoBERTa masked LM on the bidirectional NormFormer encoder. The
   loss is the mean over the masked tokens of the micro-batch, as Megatron's BERT computes it: each
   micro-batch weighs the same in the gradient whatever its number of masked tokens. The masked-token
-  accuracy is averaged the same way. Pipeline parallelism is not implemented for it.
+  accuracy is averaged the same way. Any layout, pipeline parallelism included.
 
 A task's ``loss(model, batch)`` returns ``(loss, extra)``: the scalar to backpropagate and a dict of
 scalar tensors (already reduced over the micro-batch) that the loop averages over micro-batches and
@@ -79,6 +79,21 @@ class GPTTask:
         # Every token is a target: the mean over the micro-batch's tokens.
         return model(*self.inputs_and_labels(batch)).mean(), {}
 
+    def build_pipeline(self, cfg: ModelConfig, pstate, seed: int, activation_checkpoint_interval: int):
+        from megatron_normformer.model.gpt_pipeline import build_gpt_pipeline
+
+        return build_gpt_pipeline(cfg, pstate, seed, activation_checkpoint_interval)
+
+    def pipeline_batch(self, batch: Batch):
+        """(inputs, labels) as DeepSpeed's pipeline engine reads them: the first stage takes the
+        inputs, the last the labels."""
+        return self.inputs_and_labels(batch)
+
+    def pipeline_extra(self, module, pstate) -> Dict[str, torch.Tensor]:
+        """The extra metrics of the micro-batches the pipeline ran since the last call, on every
+        rank (each a scalar tensor, not yet averaged over data-parallel ranks)."""
+        return {}
+
     def dummy_batch(self, run) -> Batch:
         """A batch of zeros of the right shapes (optimizer-state warm-up before a resume)."""
         t = run.train
@@ -100,11 +115,6 @@ class MaskedLMTask:
     masking_prob = 0.15  # RoBERTa's; the FLOP count expects this fraction of positions in the head
 
     def validate(self, run) -> None:
-        pp = run.parallel.pipeline_model_parallel_size
-        if pp > 1:
-            raise ConfigError(f"--pipeline-model-parallel-size {pp}: pipeline parallelism is not "
-                              "implemented for masked-LM pretraining (pretrain_bert.py); use tensor "
-                              "parallelism and/or ZeRO-3 instead")
         if not run.model.bidirectional:
             raise ConfigError("masked-LM pretraining needs the bidirectional encoder")
 
@@ -140,6 +150,27 @@ class MaskedLMTask:
         # A micro-batch without masked tokens (possible for tiny samples) contributes zero, not NaN.
         count = b["loss_mask"].sum().clamp(min=1).to(per_token.dtype)
         return per_token.sum() / count, {"mlm_accuracy": correct.sum().to(count.dtype) / count}
+
+    def build_pipeline(self, cfg: ModelConfig, pstate, seed: int, activation_checkpoint_interval: int):
+        from megatron_normformer.model.bert_pipeline import build_bert_pipeline
+
+        return build_bert_pipeline(cfg, pstate, seed, activation_checkpoint_interval)
+
+    def pipeline_batch(self, batch: Batch):
+        """The masks travel with the hidden states (``model/bert_pipeline.py``); the last stage also
+        gets the loss mask with the labels."""
+        return ((batch["text"], batch["padding_mask"], batch["loss_mask"]),
+                (batch["labels"], batch["loss_mask"]))
+
+    def pipeline_extra(self, module, pstate) -> Dict[str, torch.Tensor]:
+        """The mean masked-token accuracy the last stage's loss kept, sent to the other stages."""
+        import torch.distributed as dist
+
+        accuracy = torch.zeros(1, dtype=torch.float64)
+        if pstate.is_last_stage:
+            accuracy[0] = torch.stack(module.loss_fn.take_accuracies()).mean().cpu()
+        dist.broadcast(accuracy, src=pstate.pp_ranks[-1], group=pstate.pp_group)
+        return {"mlm_accuracy": accuracy[0]}
 
     def dummy_batch(self, run) -> Batch:
         t = run.train
