@@ -7,7 +7,7 @@
 Same flags, launchers, ZeRO stages, tensor parallelism and checkpoints as pretrain_gpt.py; no
 pipeline parallelism. See docs/training.md and examples/pretrain_bert_base.sh.
 """
-from megatron_normformer.training.pretrain import main
+from megatron_normformer.training.pretrain import launch
 
 if __name__ == "__main__":
-    main(task="bert")
+    launch(task="bert")

@@ -7,7 +7,7 @@
 
 See docs/training.md and examples/.
 """
-from megatron_normformer.training.pretrain import main
+from megatron_normformer.training.pretrain import launch
 
 if __name__ == "__main__":
-    main()
+    launch()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, NoReturn, Optional, Set
 
 from megatron_normformer.arguments import build_pretrain_parser, run_config_from_args
 from megatron_normformer.config import ConfigError
@@ -120,6 +120,19 @@ def main(argv: Optional[List[str]] = None, task=None) -> Dict:
             print(f"error (rank {dist.get_rank()}): {e}", file=sys.stderr, flush=True)
         os._exit(2 if isinstance(e, ConfigError) else 1)  # other ranks may be blocked in collectives
     if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        dist.barrier()  # no rank leaves while another may still need it
     return summary
+
+
+def launch(task=None) -> NoReturn:
+    """The entry point of pretrain_gpt.py and pretrain_bert.py: ``main``, then a hard exit.
+
+    After a finished run every file is written and closed, but a normal interpreter shutdown can
+    still be aborted by native threads of the communication libraries (gloo, DeepSpeed's comm ops):
+    "terminate called without an active exception", exit code -6, for a run that succeeded. The
+    process therefore leaves with os._exit once its output is flushed.
+    """
+    main(task=task)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
