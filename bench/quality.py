@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Training-quality yardstick: does the framework's default model learn as well as a plain GPT?
 
-Three models are trained on the same preprocessed data, with the same recipe and number of steps,
-and scored on the same held-out documents (one full pass over the ``valid`` part of ``--split``):
+Models are trained on the same preprocessed data, with the same recipe and number of steps, and
+scored on the same held-out documents (one full pass over the ``valid`` part of ``--split``):
 
 - ``reference``: a plain single-process PyTorch GPT-2 / nanoGPT-style model (bench/reference_gpt.py:
   learned positions, every weight N(0, 0.02), residual projections at 0.02 / sqrt(2L), tied head),
   trained by a plain loop here: ``torch.optim.AdamW``, the same parameter groups and LR schedule;
+- ``plain``: the same plain model and loop, but with our default architecture (sinusoidal
+  positions, sqrt(d) embedding scale) and our Pre-LN's exact initial weights: it separates what the
+  model definition buys from what the trainer does (``plain`` and ``preln`` should agree closely);
 - ``preln``: ``pretrain_gpt.py`` with its defaults (the paper's Pre-LN: sinusoidal positions,
   fairseq initialisation);
 - ``normformer``: the same with ``--scale-attn --scale-fc --scale-heads --scale-resids``.
@@ -15,7 +18,7 @@ Both framework runs go through the real trainer (a subprocess) and save a checkp
 scored by the same function as the reference. Batches are the same samples in the same order for
 all three (same ``--seed``). Writes ``OUT/quality.json`` and prints one line per model.
 
-    python bench/quality.py                       # demo corpus (make demo), 400 steps, ~15 min on 2 cores
+    python bench/quality.py                       # demo corpus (make demo), 400 steps, ~5 min on 2 cores
     python bench/quality.py --lr 3e-3 --variants reference,preln
 """
 from __future__ import annotations
@@ -33,7 +36,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 NORMFORMER_FLAGS = ["--scale-attn", "--scale-fc", "--scale-heads", "--scale-resids"]
-VARIANTS = ("reference", "preln", "normformer")
+VARIANTS = ("reference", "plain", "preln", "normformer")
+PLAIN_LOOP = ("reference", "plain")
 DEMO_DATA = os.path.join(ROOT, "data", "demo_text_document")
 DEMO_SPM = os.path.join(ROOT, "data", "demo_spm.model")
 
@@ -47,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tokenizer-model", default=None)
     d.add_argument("--vocab-file", default=None)
     d.add_argument("--merge-file", default=None)
+    d.add_argument("--vocab-size", type=int, default=None, help="with --tokenizer-type NullTokenizer")
     d.add_argument("--split", default="95,5,0")
     m = p.add_argument_group("model and recipe (both sides)")
     m.add_argument("--num-layers", type=int, default=4)
@@ -81,7 +86,7 @@ def data_flags(args) -> List[str]:
     if args.tokenizer_type is None:
         raise SystemExit("error: --tokenizer-type is required with --data-path")
     flags = ["--data-path", args.data_path, "--tokenizer-type", args.tokenizer_type]
-    for name in ("tokenizer_model", "vocab_file", "merge_file"):
+    for name in ("tokenizer_model", "vocab_file", "merge_file", "vocab_size"):
         if getattr(args, name):
             flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     return flags + ["--split", args.split]
@@ -91,7 +96,7 @@ def vocab_size(args) -> int:
     from megatron_normformer.data import build_tokenizer
 
     return build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file,
-                           args.merge_file, None).vocab_size
+                           args.merge_file, args.vocab_size).vocab_size
 
 
 def datasets(args, train_samples):
@@ -130,21 +135,28 @@ def launch_framework(args, variant: str, data: List[str]) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def train_reference(args, vocab: int, train) -> "torch.nn.Module":
-    """The plain model and loop: the same samples in the same order, the same recipe."""
+def train_plain(args, variant: str, vocab: int, train) -> "torch.nn.Module":
+    """The plain model and loop: the same samples in the same order, the same recipe.
+    ``reference``: nanoGPT's model and init; ``plain``: our default model's, weights included."""
     import torch
 
     from bench.reference_gpt import ReferenceGPT
     from megatron_normformer.config import ModelConfig
+    from megatron_normformer.model.gpt import GPTModel
+    from megatron_normformer.parallel.state import SingleProcessState
     from megatron_normformer.training.engine import param_groups
     from megatron_normformer.training.schedule import LRSchedule
 
     torch.manual_seed(args.seed)
-    cfg = ModelConfig(num_layers=args.num_layers, hidden_size=args.hidden_size,
-                      num_attention_heads=args.num_attention_heads, vocab_size=vocab,
-                      max_position_embeddings=args.seq_length, position_embedding_type="learned",
-                      init_scheme="megatron", hidden_dropout=0.0, attention_dropout=0.0)
-    model = ReferenceGPT(cfg)
+    shape = dict(num_layers=args.num_layers, hidden_size=args.hidden_size,
+                 num_attention_heads=args.num_attention_heads, vocab_size=vocab,
+                 max_position_embeddings=args.seq_length, hidden_dropout=0.0, attention_dropout=0.0)
+    if variant == "reference":
+        model = ReferenceGPT(ModelConfig(**shape, position_embedding_type="learned", init_scheme="megatron"))
+    else:
+        cfg = ModelConfig(**shape)
+        model = ReferenceGPT(cfg)
+        model.load_state_dict(GPTModel(cfg, SingleProcessState(), seed=args.seed).state_dict())
     model.train()
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, False), lr=args.lr,
                                   betas=(0.9, 0.98), eps=1e-8)
@@ -158,7 +170,7 @@ def train_reference(args, vocab: int, train) -> "torch.nn.Module":
         optimizer.step()
         schedule.step()
         if (it + 1) % max(1, args.iters // 8) == 0:
-            print(f"  reference iteration {it + 1}/{args.iters}: train loss {loss.item():.4f}", flush=True)
+            print(f"  {variant} iteration {it + 1}/{args.iters}: train loss {loss.item():.4f}", flush=True)
     return model.eval()
 
 
@@ -181,10 +193,11 @@ def run(argv=None) -> Dict:
     vocab = vocab_size(args)
     train, valid = datasets(args, args.iters * args.micro_batch_size)
     started = time.time()
-    procs = {v: launch_framework(args, v, data) for v in variants if v != "reference"}
+    procs = {v: launch_framework(args, v, data) for v in variants if v not in PLAIN_LOOP}
     results = {}
-    if "reference" in variants:
-        results["reference"] = score(train_reference(args, vocab, train), valid, args.micro_batch_size)
+    for v in variants:
+        if v in PLAIN_LOOP:
+            results[v] = score(train_plain(args, v, vocab, train), valid, args.micro_batch_size)
     from megatron_normformer.inference.loading import build_inference_model
 
     for v, proc in procs.items():
