@@ -125,3 +125,19 @@ def test_flags():
     assert _parse("--init-scheme", "megatron", "--scale-embedding").scale_embedding
     with pytest.raises(ConfigError, match="--init-method-std.*--init-scheme megatron"):
         _parse("--init-method-std", "0.01")
+
+
+def test_resuming_a_checkpoint_from_before_init_schemes():
+    from megatron_normformer.training.checkpointing import layout_differences
+
+    def run(**model):
+        return {"model": model, "parallel": {}, "ds": {"zero_stage": 0}}
+
+    old = ModelConfig(**CFG, init_scheme="megatron").to_dict()
+    del old["init_scheme"]
+    meta = {"run": run(**old), "world_size": 1}
+    now = ModelConfig(**CFG).to_dict()  # today's defaults: fairseq scheme, scaled embeddings
+    with pytest.raises(ConfigError, match="scale_embedding.*add --no-scale-embedding"):
+        layout_differences(meta, run(**now), 1, "CK")
+    now.update(scale_embedding=False)  # the flag the message names; the scheme itself may differ
+    assert layout_differences(meta, run(**now), 1, "CK") == []
