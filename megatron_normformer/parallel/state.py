@@ -128,6 +128,7 @@ def init_deepspeed_comm() -> None:
     ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
     if hasattr(ds_torch_comm, "build_shm_op"):
         ds_torch_comm.build_shm_op = _no_shm_op
+    interrupts.report_build_lock_waits()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 

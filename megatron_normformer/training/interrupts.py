@@ -46,7 +46,9 @@ class _State:
         self.phase = "importing"
         self.hint: Hint = None
         self.since = time.monotonic()
-        self.received: Optional[str] = None  # a signal that came while the trainer owned them
+        # why the trainer should stop, noticed here while it owned the signals: a signal its own
+        # handler missed while being installed, or the deepspeed runner's exit
+        self.received: Optional[str] = None
 
 
 _state: Optional[_State] = None
@@ -70,6 +72,52 @@ def install(program: str) -> None:
         signal.signal(sig, _carried_by_wakeup_fd)
     threading.Thread(target=_watch_signals, args=(read_fd,), name="signal-watch", daemon=True).start()
     threading.Thread(target=_watch_phases, name="start-up-watchdog", daemon=True).start()
+    runner = _deepspeed_runner()
+    if runner is not None:
+        threading.Thread(target=_watch_runner, args=runner, name="launcher-watch", daemon=True).start()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _parent_of(pid: int) -> Optional[int]:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _deepspeed_runner() -> Optional[tuple]:
+    """(launch.py's pid, the runner's pid) when the ``deepspeed`` command started this process
+    on this machine. The runner has no signal handler on one node: SIGTERM to it kills it alone
+    and the training under ``deepspeed.launcher.launch`` would go on unaware."""
+    launch = os.getppid()
+    if "deepspeed.launcher.launch" not in _cmdline(launch):
+        return None
+    runner = _parent_of(launch)
+    if runner is None or "deepspeed" not in _cmdline(runner):
+        return None
+    return launch, runner
+
+
+def _watch_runner(launch: int, runner: int) -> None:
+    """The runner gone (a signal to it alone) counts as SIGTERM: stop after the step and save."""
+    while _parent_of(launch) == runner:
+        time.sleep(1.0)
+    state = _state
+    reason = f"exit of the deepspeed launcher (pid {runner})"
+    if state.mode == "start-up":
+        _say(f"{state.program}{_rank_tag()}: {reason} during start-up ({state.phase}): "
+             "exiting before training, nothing saved")
+        os._exit(128 + signal.SIGTERM)
+    if state.mode == "training" and state.received is None:
+        state.received = reason
 
 
 def _carried_by_wakeup_fd(signum, frame) -> None:
@@ -107,13 +155,10 @@ def _watch_signals(read_fd: int) -> None:
 
 
 def _describe(hint: Hint) -> str:
-    if hint is None:
-        return ""
     try:
-        text = hint() if callable(hint) else hint
+        return hint() if callable(hint) else hint
     except Exception as e:  # noqa: BLE001 - a report must never break the run
-        text = f"(could not tell: {e})"
-    return f": {text}" if text else ""
+        return f"(could not tell: {e})"
 
 
 def _watch_phases() -> None:
@@ -126,15 +171,15 @@ def _watch_phases() -> None:
         if key != reported:
             reported, next_report = key, REPORT_AFTER
         waited = time.monotonic() - state.since
-        if state.mode == "start-up" and waited >= next_report:
-            _say(f"{state.program}{_rank_tag()}: {state.phase} for {waited:.0f} s"
+        if state.mode == "start-up" and state.hint is not None and waited >= next_report:
+            _say(f"{state.program}{_rank_tag()}: {state.phase} for {waited:.0f} s: "
                  f"{_describe(state.hint)}")
             next_report += REPORT_EVERY
 
 
 def phase(description: str, hint: Hint = None) -> None:
-    """Name what start-up does next; ``hint`` (text, or a function the watchdog calls) says what
-    it waits for, printed if the phase lasts more than REPORT_AFTER seconds."""
+    """Name what start-up does next. A phase with a ``hint`` is a wait: the hint (text, or a
+    function the watchdog calls) says what for, printed when it lasts over REPORT_AFTER seconds."""
     if _state is not None and _state.mode == "start-up":
         _state.phase, _state.hint, _state.since = description, hint, time.monotonic()
 
@@ -160,8 +205,8 @@ def trainer_takes_signals() -> None:
 
 
 def received_during_training() -> Optional[str]:
-    """A signal the watcher saw in training mode (one the loop's own handler may have missed while
-    it was being installed)."""
+    """A reason to stop that a watcher thread saw in training mode: a signal (by name) the loop's
+    own handler missed while it was being installed, or the deepspeed runner's exit."""
     return None if _state is None else _state.received
 
 
@@ -198,15 +243,6 @@ def quiet_workers_iter(loader) -> Iterator:
 
 # -- JIT build locks --------------------------------------------------------------------------
 
-def torch_extensions_root() -> str:
-    """Where torch JIT-builds C++ extensions (DeepSpeed's ops among them)."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if root:
-        return root
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, "torch_extensions")
-
-
 def lock_holders(path: str) -> List[int]:
     """Pids of the processes on this machine that have ``path`` open (a live torch JIT build keeps
     its lock file open until it removes it)."""
@@ -216,21 +252,39 @@ def lock_holders(path: str) -> List[int]:
         try:
             if os.readlink(fd) == target:
                 holders.append(int(fd.split("/")[2]))
-        except OSError:
+        except (OSError, ValueError):
             continue
     return sorted(set(holders))
 
 
-def build_lock_report(root: Optional[str] = None) -> str:
-    """What torch's JIT-build locks under ``root`` mean: a build to wait for, or a lock left by an
-    interrupted build (no process holds it) that has to be removed. Empty when there is none."""
-    root = root or torch_extensions_root()
-    notes = []
-    for lock in sorted(glob.glob(os.path.join(root, "*", "lock"))
-                       + glob.glob(os.path.join(root, "*", "*", "lock"))):
-        holders = lock_holders(lock)
-        if holders:
-            notes.append(f"a build holds {lock} (pid {', '.join(map(str, holders))}): waiting for it")
-        else:
-            notes.append(f"{lock} is left by an interrupted build (no process holds it): remove it")
-    return "; ".join(notes)
+def build_lock_report(path: str) -> str:
+    """Who holds torch's JIT-build lock ``path``: a build to wait for, or nobody (a build was
+    interrupted and left it; waiting would last forever)."""
+    holders = lock_holders(path)
+    if holders:
+        return f"a build in process {', '.join(map(str, holders))} holds it; waiting for that build"
+    return (f"no process on this machine holds it: a build was interrupted and left it behind; "
+            f"remove {path} (this launch goes on at once)")
+
+
+def report_build_lock_waits() -> None:
+    """Make a wait on torch's C++-extension build lock (``FileBaton.wait``, which polls forever
+    and silently) a start-up phase the watchdog reports, with the lock's holder or its absence.
+    Nothing this project runs JIT-builds an op (``parallel.state.init_deepspeed_comm``); this
+    covers a DeepSpeed that would."""
+    if _state is None:
+        return
+    from torch.utils import file_baton
+
+    original = file_baton.FileBaton.wait
+    if getattr(original, "reports_to_watchdog", False):
+        return
+
+    def wait(self):
+        path = os.path.abspath(self.lock_file_path)
+        with waiting(f"waiting for the C++ extension build lock {path}",
+                     lambda: build_lock_report(path)):
+            original(self)
+
+    wait.reports_to_watchdog = True
+    file_baton.FileBaton.wait = wait

@@ -228,7 +228,7 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
     writer_rank = world - 1
     run_dict = run.to_dict()
 
-    interrupts.phase("building the model and the DeepSpeed engine", interrupts.build_lock_report)
+    interrupts.phase("building the model and the DeepSpeed engine")
     e = build_engine(run, pstate, ds_config, task)
     state = dict(iteration=0, consumed_samples=0, consumed_tokens=0)
     if run.ckpt.load:
@@ -351,7 +351,9 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
             if stop.agreed():
                 summary["stopped_by"] = stop.signal_name or "signal"
                 save()
-                print_rank(f"> {summary['stopped_by']} received: stopped after iteration {it}"
+                print_rank(f"> {summary['stopped_by']}"
+                           + (" received" if summary["stopped_by"].startswith("SIG") else "")
+                           + f": stopped after iteration {it}"
                            + (f", checkpoint in {run.ckpt.save}" if run.ckpt.save else
                               " (no --save: nothing saved)"))
                 return summary
