@@ -2,7 +2,7 @@
 
 SIGTERM to each launcher (torchrun, the deepspeed runner, mpirun) or to the whole process group
 (scancel, kill -TERM -- -PGID): every rank finishes its step and saves, `latest` names that step,
-and a resume continues the loss curve of an uninterrupted run exactly. A signal during start-up
+its losses and a resume's continue the loss curve of an uninterrupted run exactly. A signal during start-up
 ends the launch with one line; a stale JIT-build lock does not hang a launch, and a wait on one says
 which file to remove.
 """
@@ -21,7 +21,7 @@ from megatron_normformer.testing import free_port, spawn
 from train_utils import PYTHON, ROOT, flags, train_many
 
 VENV_BIN = os.path.dirname(PYTHON)
-ITERS = 60  # the runs are stopped after iteration 3 or a few more; resumes go on to ITERS
+ITERS = 100000  # never reached: the runs are stopped by a signal, the references by --exit-interval
 
 
 def _argv(tp, workers=2, **kw):
@@ -90,31 +90,28 @@ def _interrupt(cmd, tmp, to="launcher", twice=False, env=None):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _check_stop(tmp, out, reference, tp, reason="SIGTERM received"):
-    """The run stopped after a whole step k, saved it, and a resume from it gives the
-    uninterrupted run's losses exactly, from k+1 to ITERS."""
+def _check_stop(tmp, out, tp, reason="SIGTERM received"):
+    """The run stopped after a whole step k and saved it; its losses are an uninterrupted run's,
+    and a resume from its checkpoint continues that run's curve exactly (to k+3)."""
     # no rank failed (torchrun's own SignalException is its one traceback)
     assert out.count("Traceback") == out.count("SignalException: Process"), out[-3000:]
     assert "DataLoader worker" not in out, out[-3000:]
     losses = {r["iteration"]: r["lm_loss"] for r in _rows(os.path.join(tmp, "m.jsonl"))}
     k = max(losses)
-    assert 3 <= k < ITERS
+    assert k >= 3
     assert f"> {reason}: stopped after iteration {k}, checkpoint in" in out, out[-3000:]
     with open(os.path.join(tmp, "ckpt", "latest")) as f:
         assert f.read() == f"iter_{k:07d}"
+    # --exit-interval stops both runs at k+3 without changing the schedule (set by --train-iters)
+    reference, resumed = spawn(train_many, tp, [
+        _argv(tp, workers=0, exit_interval=k + 3),
+        _argv(tp, workers=0, exit_interval=k + 3, load=os.path.join(tmp, "ckpt"))])[0]
+    reference = reference["losses"]
     assert losses == {i: reference[i] for i in range(1, k + 1)}
-    resumed = spawn(train_many, tp, [_argv(tp, workers=0, load=os.path.join(tmp, "ckpt"))])[0][0]
-    assert resumed["losses"] == {i: reference[i] for i in range(k + 1, ITERS + 1)}
-    return k
+    assert resumed["losses"] == {i: reference[i] for i in range(k + 1, k + 4)}
 
 
-@pytest.fixture(scope="module")
-def reference():
-    """Uninterrupted losses, one process and TP=2 on two."""
-    return {tp: spawn(train_many, tp, [_argv(tp, workers=0)])[0][0]["losses"] for tp in (1, 2)}
-
-
-def test_process_group_sigterm_twice_with_stale_build_lock(reference, tmp_path):
+def test_process_group_sigterm_twice_with_stale_build_lock(tmp_path):
     """`kill -TERM -- -PGID` (as scancel), twice, to a single `python pretrain_gpt.py` whose
     DataLoader workers share its group; a JIT-build lock left by an interrupted build is there."""
     ext = tmp_path / "torch_extensions"
@@ -126,14 +123,14 @@ def test_process_group_sigterm_twice_with_stale_build_lock(reference, tmp_path):
                                      twice=True, env=_env(TORCH_EXTENSIONS_DIR=str(ext)))
     assert rc == 0, out[-3000:]
     assert seconds < 10
-    _check_stop(tmp, out, reference[1], 1)
+    _check_stop(tmp, out, 1)
     # nothing was built, the planted lock never waited on
     assert sorted(os.listdir(ext)) == ["deepspeed_shm_comm"]
     assert os.listdir(ext / "deepspeed_shm_comm") == ["lock"]
     assert "lock" not in out
 
 
-def test_torchrun_sigterm(reference, tmp_path):
+def test_torchrun_sigterm(tmp_path):
     """torchrun forwards SIGTERM to each worker's process group (DataLoader workers included),
     waits up to --shutdown-timeout (30 s) before SIGKILL, then exits 1 re-raising the signal."""
     tmp = str(tmp_path)
@@ -143,37 +140,37 @@ def test_torchrun_sigterm(reference, tmp_path):
                                      tmp)
     assert rc == 1 and "SignalException" in out, out[-3000:]
     assert seconds < 15 and "forcefully exiting" not in out, out[-3000:]
-    _check_stop(tmp, out, reference[2], 2)
+    _check_stop(tmp, out, 2)
 
 
-def test_deepspeed_launcher_sigterm(reference, tmp_path):
+def test_deepspeed_launcher_sigterm(tmp_path):
     """On one node the deepspeed runner forwards nothing: SIGTERM kills it alone (-15). Its ranks
     notice within a second, finish the step, save and exit 0, and so does
     deepspeed.launcher.launch."""
     tmp = str(tmp_path)
     argv = _argv(2, save=os.path.join(tmp, "ckpt"), metrics_file=os.path.join(tmp, "m.jsonl"))
-    rc, _, seconds, out, runner = _interrupt([os.path.join(VENV_BIN, "deepspeed"), "--num_gpus", "2",
+    rc, _, seconds, out, _ = _interrupt([os.path.join(VENV_BIN, "deepspeed"), "--num_gpus", "2",
                                       "--master_port", str(free_port()), "pretrain_gpt.py", *argv],
                                      tmp)
     assert rc == -signal.SIGTERM
     assert seconds < 15, out[-3000:]
-    _check_stop(tmp, out, reference[2], 2, reason=f"exit of the deepspeed launcher (pid {runner})")
+    _check_stop(tmp, out, 2, reason="exit of the deepspeed launcher")
 
 
-def test_deepspeed_launcher_process_group_sigterm(reference, tmp_path):
+def test_deepspeed_launcher_process_group_sigterm(tmp_path):
     """scancel's way: the runner dies at once; deepspeed.launcher.launch SIGTERMs every process
     under it (DataLoader workers too), waits up to 30 s, then exits 1."""
     tmp = str(tmp_path)
     argv = _argv(2, save=os.path.join(tmp, "ckpt"), metrics_file=os.path.join(tmp, "m.jsonl"))
-    rc, _, seconds, out, runner = _interrupt([os.path.join(VENV_BIN, "deepspeed"), "--num_gpus", "2",
+    rc, _, seconds, out, _ = _interrupt([os.path.join(VENV_BIN, "deepspeed"), "--num_gpus", "2",
                                       "--master_port", str(free_port()), "pretrain_gpt.py", *argv],
                                      tmp, to="group")
     assert rc == -signal.SIGTERM
     assert seconds < 15, out[-3000:]
-    _check_stop(tmp, out, reference[2], 2)
+    _check_stop(tmp, out, 2)
 
 
-def test_mpirun_sigterm(reference, tmp_path):
+def test_mpirun_sigterm(tmp_path):
     """mpirun (OpenMPI 4) sends SIGCONT, SIGTERM odls_base_sigkill_timeout seconds later (default
     1; 5 here), SIGKILL as long again, then exits 1; it forwards no output meanwhile, so each rank
     writes its own log, as docs/training.md advises."""
@@ -190,7 +187,7 @@ def test_mpirun_sigterm(reference, tmp_path):
     out += "".join(open(f"{rank_log}{r}.log").read() for r in (0, 1))
     assert rc == 1, out[-3000:]
     assert 5 <= seconds < 15, out[-3000:]  # SIGTERM reached the ranks 5 s after mpirun got it
-    _check_stop(tmp, out, reference[2], 2)
+    _check_stop(tmp, out, 2)
 
 
 def test_signal_during_rendezvous_exits_with_one_line(tmp_path):

@@ -33,6 +33,8 @@ import time
 from typing import Callable, Iterator, List, Optional, Union
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+RUNNER_EXIT = "exit of the deepspeed launcher"
+STOP_REASONS = ("SIGINT", "SIGTERM", RUNNER_EXIT)  # the loop agrees on the last one any rank has
 REPORT_AFTER = 5.0  # seconds a start-up phase may last before it says what it waits for
 REPORT_EVERY = 60.0  # then again this often
 
@@ -111,13 +113,12 @@ def _watch_runner(launch: int, runner: int) -> None:
     while _parent_of(launch) == runner:
         time.sleep(1.0)
     state = _state
-    reason = f"exit of the deepspeed launcher (pid {runner})"
     if state.mode == "start-up":
-        _say(f"{state.program}{_rank_tag()}: {reason} during start-up ({state.phase}): "
-             "exiting before training, nothing saved")
+        _say(f"{state.program}{_rank_tag()}: {RUNNER_EXIT} (pid {runner}) during start-up "
+             f"({state.phase}): exiting before training, nothing saved")
         os._exit(128 + signal.SIGTERM)
     if state.mode == "training" and state.received is None:
-        state.received = reason
+        state.received = RUNNER_EXIT
 
 
 def _carried_by_wakeup_fd(signum, frame) -> None:

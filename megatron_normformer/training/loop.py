@@ -103,10 +103,13 @@ class StopFlag:
         self.signal_name = signal.Signals(signum).name
 
     def agreed(self) -> bool:
-        """True on every rank if any rank got a signal."""
-        self.signal_name = self.signal_name or interrupts.received_during_training()
-        flag = torch.tensor([1 if self.signal_name else 0], dtype=torch.int32)
+        """True on every rank if any rank got a signal; every rank then names the same reason."""
+        mine = self.signal_name or interrupts.received_during_training()
+        flag = torch.tensor([interrupts.STOP_REASONS.index(mine) + 1 if mine else 0],
+                            dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            self.signal_name = interrupts.STOP_REASONS[flag.item() - 1]
         return bool(flag.item())
 
     def restore(self):
@@ -349,7 +352,7 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
             if run.ckpt.save_interval and it % run.ckpt.save_interval == 0:
                 save()
             if stop.agreed():
-                summary["stopped_by"] = stop.signal_name or "signal"
+                summary["stopped_by"] = stop.signal_name
                 save()
                 print_rank(f"> {summary['stopped_by']}"
                            + (" received" if summary["stopped_by"].startswith("SIG") else "")
