@@ -56,10 +56,6 @@ class _State:
 _state: Optional[_State] = None
 
 
-def installed() -> bool:
-    return _state is not None
-
-
 def install(program: str) -> None:
     """Take SIGTERM/SIGINT for this process and start the two watcher threads (main thread only;
     a second call does nothing)."""
