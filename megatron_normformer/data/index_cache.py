@@ -84,8 +84,13 @@ def cached_arrays(
                 _save_atomic(paths[key], arrays[key])
             with open(description_path, "w") as f:
                 json.dump(description, f, indent=2, sort_keys=True)
-    with interrupts.waiting(f"waiting for rank 0 to write the {name} index arrays to {cache_dir}",
-                            "every other rank waits here while rank 0 builds them"):
+    if _is_rank_zero():
+        wait = (f"waiting for the other ranks at the {name} index barrier",
+                "a rank has not reached it yet (see that rank's output)")
+    else:
+        wait = (f"waiting for rank 0 to write the {name} index arrays to {cache_dir}",
+                "every other rank waits here while rank 0 builds them")
+    with interrupts.waiting(*wait):
         barrier()
     missing = [p for p in paths.values() if not os.path.isfile(p)]
     if missing:
