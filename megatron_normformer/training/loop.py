@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_normformer.training import checkpointing, diagnostics
+from megatron_normformer.training import checkpointing, diagnostics, interrupts
 from megatron_normformer.training.config import RunConfig
 from megatron_normformer.training.engine import Engine, build_engine
 from megatron_normformer.training.tasks import get_task
@@ -63,8 +63,12 @@ def micro_batches(dataset, consumed: int, total: int, run: RunConfig, pstate):
                                          persistent_workers=False,
                                          # its own generator: creating the iterator must not draw
                                          # from the global RNG, or a resumed run's dropout shifts
-                                         generator=torch.Generator().manual_seed(run.train.seed))
-    return _within_vocabulary(iter(loader), run.model.vocab_size, run.data.data_path)
+                                         generator=torch.Generator().manual_seed(run.train.seed),
+                                         # SIGTERM to the process group must not kill the workers:
+                                         # the trainer stops them after its last step
+                                         worker_init_fn=interrupts.quiet_worker_init if workers else None)
+    return _within_vocabulary(interrupts.quiet_workers_iter(loader), run.model.vocab_size,
+                              run.data.data_path)
 
 
 def _within_vocabulary(batches, vocab_size: int, data_path):
@@ -85,24 +89,31 @@ def _within_vocabulary(batches, vocab_size: int, data_path):
 # -- signals ----------------------------------------------------------------------------------
 
 class StopFlag:
-    """SIGTERM / SIGINT set a flag; the loop finishes the step, saves and exits."""
+    """SIGTERM / SIGINT set a flag; the loop finishes the step, saves and exits. A second signal
+    (during the save) sets it again and changes nothing."""
 
     def __init__(self):
         self.signal_name: Optional[str] = None
+        interrupts.trainer_takes_signals()
         self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in interrupts.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.signal_name = signal.Signals(signum).name
 
     def agreed(self) -> bool:
-        """True on every rank if any rank got a signal."""
-        flag = torch.tensor([1 if self.signal_name else 0], dtype=torch.int32)
+        """True on every rank if any rank got a signal; every rank then names the same reason."""
+        mine = self.signal_name or interrupts.received_during_training()
+        flag = torch.tensor([interrupts.STOP_REASONS.index(mine) + 1 if mine else 0],
+                            dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            self.signal_name = interrupts.STOP_REASONS[flag.item() - 1]
         return bool(flag.item())
 
     def restore(self):
+        interrupts.finishing()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -220,14 +231,17 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
     writer_rank = world - 1
     run_dict = run.to_dict()
 
+    interrupts.phase("building the model and the DeepSpeed engine")
     e = build_engine(run, pstate, ds_config, task)
     state = dict(iteration=0, consumed_samples=0, consumed_tokens=0)
     if run.ckpt.load:
+        interrupts.phase(f"loading the checkpoint in {run.ckpt.load}")
         state = checkpointing.load_checkpoint(
             e, run, pstate, run.ckpt.load, load_optim=not run.ckpt.no_load_optim,
             load_rng=not run.ckpt.no_load_rng,
             materialize_optimizer_state=lambda: warmup_step(e, run, gas, pstate, task))
         print_rank(f"> resumed from {run.ckpt.load} at iteration {state['iteration']}")
+    interrupts.phase("building the datasets")
     datasets = build_datasets(run, train_iters * global_batch, run.log.eval_iters * global_batch,
                               vocab_size, task)
     train_ds, valid_ds, test_ds = datasets
@@ -338,9 +352,11 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
             if run.ckpt.save_interval and it % run.ckpt.save_interval == 0:
                 save()
             if stop.agreed():
-                summary["stopped_by"] = stop.signal_name or "signal"
+                summary["stopped_by"] = stop.signal_name
                 save()
-                print_rank(f"> {summary['stopped_by']} received: stopped after iteration {it}"
+                print_rank(f"> {summary['stopped_by']}"
+                           + (" received" if summary["stopped_by"].startswith("SIG") else "")
+                           + f": stopped after iteration {it}"
                            + (f", checkpoint in {run.ckpt.save}" if run.ckpt.save else
                               " (no --save: nothing saved)"))
                 return summary
