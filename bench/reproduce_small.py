@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs at once (default 2: each seed's Pre-LN and NormFormer side by side)")
     r.add_argument("--step-ms", type=float, nargs=2, metavar=("PRELN", "NORMFORMER"), default=None,
                    help="skip the step-time measurement and use these ms/iter")
+    r.add_argument("--resume", action="store_true",
+                   help="reuse the runs in --output-dir that already finished (same flags): an "
+                        "interrupted sweep continues where it stopped")
     r.add_argument("--output-dir", default=os.path.join(ROOT, "runs", "reproduce_small"),
                    help="default runs/reproduce_small (git-ignored)")
     return p
@@ -185,6 +188,11 @@ def train_one(args, variant: str, seed: int, iters: int, data: List[str], tag: s
     stem = os.path.join(args.output_dir, "runs", f"{tag}{variant}_lr{lr:g}_seed{seed}")
     metrics = stem + ".jsonl"
     if os.path.exists(metrics):
+        if args.resume and not tag:
+            with open(metrics) as f:
+                records = [json.loads(line) for line in f if line.strip()]
+            if any(r.get("iteration") == iters and "val_ppl" in r for r in records):
+                return records
         os.remove(metrics)
     eval_interval = max(1, iters // args.evals) if not tag else 5
     cmd = [sys.executable, os.path.join(ROOT, "pretrain_gpt.py")] + model_flags(args) + data + [

@@ -98,11 +98,12 @@ def test_green_star_is_the_first_point_at_or_below_the_baseline_best():
 
 def test_reproduce_small_writes_png_and_json(tmp_path):
     out = tmp_path / "out"
-    result = reproduce_small(["--mock-data", "--vocab-size", "256", "--num-layers", "1", "--hidden-size", "32",
-                              "--num-attention-heads", "2", "--seq-length", "16", "--micro-batch-size", "2",
-                              "--max-seconds", "0.2", "--step-ms", "10", "11", "--seeds", "1",
-                              "--lr-baseline", "1e-3", "3e-2", "--lr-normformer", "3e-3",
-                              "--evals", "2", "--eval-iters", "1", "--output-dir", str(out)])
+    argv = ["--mock-data", "--vocab-size", "256", "--num-layers", "1", "--hidden-size", "32",
+            "--num-attention-heads", "2", "--seq-length", "16", "--micro-batch-size", "2",
+            "--max-seconds", "0.2", "--step-ms", "10", "11", "--seeds", "1",
+            "--lr-baseline", "1e-3", "3e-2", "--lr-normformer", "3e-3",
+            "--evals", "2", "--eval-iters", "1", "--output-dir", str(out)]
+    result = reproduce_small(argv)
     png, js = out / "reproduce_small.png", out / "reproduce_small.json"
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     saved = json.loads(js.read_text())
@@ -120,6 +121,11 @@ def test_reproduce_small_writes_png_and_json(tmp_path):
     assert set(sweep) == {"0.001", "0.03"} and s["lr_sweep"]["normformer"].keys() == {"0.003"}
     best = min(sweep, key=lambda lr: sweep[lr]["final_ppl_mean"])
     assert saved["lr"]["preln"] == float(best) and s["preln"]["final_ppl_mean"] == sweep[best]["final_ppl_mean"]
+    # --resume reuses finished runs: their metrics files are not rewritten.
+    finished = out / "runs" / "normformer_lr0.003_seed1234.jsonl"
+    stamp = finished.stat().st_mtime_ns
+    again = reproduce_small(argv + ["--resume"])
+    assert finished.stat().st_mtime_ns == stamp and again["summary"] == s
 
 
 def test_quality_plain_loop_matches_the_framework_from_the_same_init(tmp_path):
