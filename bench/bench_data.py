@@ -16,6 +16,7 @@ Example::
 import argparse
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -50,11 +51,16 @@ def bench_blend(num_samples: int, k: int) -> list:
     return [f"blending index: {num_samples / 1e6:.0f}M samples over {k} datasets", f"{seconds:.1f} s"]
 
 
-def run(cmd: list) -> str:
+def run(cmd: list) -> tuple:
+    """(stderr, CPU seconds) of a command; the CPU time includes its worker processes and, unlike
+    wall time, is not inflated by other jobs on a shared machine."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(cmd, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr}")
-    return done.stderr
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return done.stderr, cpu
 
 
 def train_gpt2_bpe(jsonl: str, out_dir: str, vocab_size: int) -> tuple:
@@ -99,13 +105,13 @@ def bench_preprocess(repeats: int, workers_list: list) -> list:
         }
         for name, flags in tokenizers.items():
             for workers in workers_list:
-                log = run([py, os.path.join(ROOT, "tools/preprocess_data.py"), "--input", corpus,
+                log, cpu = run([py, os.path.join(ROOT, "tools/preprocess_data.py"), "--input", corpus,
                            "--output-prefix", os.path.join(tmp, f"out{workers}"), "--tokenizer-type",
                            *flags, "--append-eod", "--workers", str(workers), "--log-interval", "0"])
                 done = [line for line in log.splitlines() if line.startswith("done:")][0]
                 rate = done.split("(")[1].split(")")[0]
                 rows.append([f"preprocess {size_mb:.1f} MB demo corpus, {name}, "
-                             f"{workers} worker(s)", rate])
+                             f"{workers} worker(s)", f"{rate}; {size_mb / cpu:.2f} MB per CPU-s"])
     return rows
 
 

@@ -102,10 +102,13 @@ def trained_bpe(tmp_path_factory):
     return vocab, merges, texts
 
 
-def test_gpt2_bpe_gives_the_former_pure_python_ids(trained_bpe):
+def test_gpt2_bpe_gives_the_former_pure_python_ids(trained_bpe, monkeypatch):
     """Same ids as the project's former pure-Python encoder (tests/gpt2_bpe_reference.py) on
-    Unicode, whitespace runs and special-token text; the text round-trips."""
+    Unicode, whitespace runs and special-token text, from a fresh and from a full word cache;
+    the text round-trips."""
     from gpt2_bpe_reference import ReferenceGPT2BPE
+
+    from megatron_normformer.data import tokenizers
 
     vocab, merges, texts = trained_bpe
     tok = build_tokenizer("GPT2BPETokenizer", vocab_file=vocab, merge_file=merges)
@@ -116,6 +119,11 @@ def test_gpt2_bpe_gives_the_former_pure_python_ids(trained_bpe):
         ids = tok.encode(text)
         assert ids == ref.encode(text), text
         assert tok.decode(ids) == text
+    monkeypatch.setattr(tokenizers, "WORD_CACHE_SIZE", 5)  # the cache fills and restarts
+    tok = build_tokenizer("GPT2BPETokenizer", vocab_file=vocab, merge_file=merges)
+    for text in CORPUS:
+        assert tok.encode(text) == ref.encode(text), text
+    assert len(tok._words) <= 5
     eod_text = tok.encode("<|endoftext|>")  # special-token text is ordinary text, as in GPT-2
     assert tok.eod not in eod_text and len(eod_text) > 1
 
