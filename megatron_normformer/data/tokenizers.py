@@ -20,6 +20,8 @@ from abc import ABC, abstractmethod
 from functools import lru_cache
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+import regex
+
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPT2BPETokenizer", "HFTokenizer", "NullTokenizer")
 
 
@@ -199,8 +201,6 @@ class GPT2BPETokenizer(Tokenizer):
             raise TokenizerError(f"--vocab-file {vocab_file}: not a JSON vocabulary ({error})") from None
         merges = _read_merges(merge_file, self.encoder)
         self._bpe = _rust_bpe(dict(self.encoder), merges)
-        import regex
-
         self._pattern = regex.compile(GPT2_PATTERN)
         self._words: Dict[str, List[int]] = {}
         self.byte_encoder = bytes_to_unicode()
