@@ -5,7 +5,9 @@
    ``--index-docs`` documents of ~``--doc-tokens`` tokens (default 20M x 500 = 10B tokens).
 2. Blending-index build for ``--blend-samples`` samples over 2 and 3 datasets.
 3. ``tools/preprocess_data.py`` throughput (docs/s, MB/s) on the stdlib demo corpus (repeated
-   ``--corpus-repeats`` times) with a SentencePiece model trained on it, for 1 and 2 workers.
+   ``--corpus-repeats`` times) for 1 and 2 workers, with a SentencePiece model and with a GPT-2
+   byte-level BPE vocabulary (``GPT2BPETokenizer``: vocab.json + merges.txt, 8k entries), both
+   trained on that corpus. ``--skip-index`` runs this part only.
 
 Example::
 
@@ -14,6 +16,7 @@ Example::
 import argparse
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -48,11 +51,35 @@ def bench_blend(num_samples: int, k: int) -> list:
     return [f"blending index: {num_samples / 1e6:.0f}M samples over {k} datasets", f"{seconds:.1f} s"]
 
 
-def run(cmd: list) -> str:
+def run(cmd: list) -> tuple:
+    """(stderr, CPU seconds) of a command; the CPU time includes its worker processes and, unlike
+    wall time, is not inflated by other jobs on a shared machine."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(cmd, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr}")
-    return done.stderr
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return done.stderr, cpu
+
+
+def train_gpt2_bpe(jsonl: str, out_dir: str, vocab_size: int) -> tuple:
+    """vocab.json and merges.txt of a byte-level BPE trained on the texts of ``jsonl`` (the
+    GPT-2 file layout, trained with the ``tokenizers`` library)."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    with open(jsonl, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f if line.strip()]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    vocab, merges = tok.model.save(out_dir, "gpt2")
+    return vocab, merges
 
 
 def bench_preprocess(repeats: int, workers_list: list) -> list:
@@ -69,16 +96,22 @@ def bench_preprocess(repeats: int, workers_list: list) -> list:
                 f.write(text)
         run([py, os.path.join(ROOT, "tools/train_tokenizer.py"), "--input", demo, "--vocab-size",
              "8000", "--output-prefix", os.path.join(tmp, "sp")])
+        vocab, merges = train_gpt2_bpe(demo, tmp, 8000)
         size_mb = os.path.getsize(corpus) / 2**20
-        for workers in workers_list:
-            log = run([py, os.path.join(ROOT, "tools/preprocess_data.py"), "--input", corpus,
-                       "--output-prefix", os.path.join(tmp, f"out{workers}"), "--tokenizer-type",
-                       "SentencePieceTokenizer", "--tokenizer-model", os.path.join(tmp, "sp.model"),
-                       "--append-eod", "--workers", str(workers), "--log-interval", "0"])
-            done = [line for line in log.splitlines() if line.startswith("done:")][0]
-            rate = done.split("(")[1].split(")")[0]
-            rows.append([f"preprocess {size_mb:.1f} MB demo corpus, SentencePiece 8k, "
-                         f"{workers} worker(s)", rate])
+        tokenizers = {
+            "SentencePiece 8k": ["SentencePieceTokenizer", "--tokenizer-model",
+                                 os.path.join(tmp, "sp.model")],
+            "GPT2BPETokenizer 8k": ["GPT2BPETokenizer", "--vocab-file", vocab, "--merge-file", merges],
+        }
+        for name, flags in tokenizers.items():
+            for workers in workers_list:
+                log, cpu = run([py, os.path.join(ROOT, "tools/preprocess_data.py"), "--input", corpus,
+                           "--output-prefix", os.path.join(tmp, f"out{workers}"), "--tokenizer-type",
+                           *flags, "--append-eod", "--workers", str(workers), "--log-interval", "0"])
+                done = [line for line in log.splitlines() if line.startswith("done:")][0]
+                rate = done.split("(")[1].split(")")[0]
+                rows.append([f"preprocess {size_mb:.1f} MB demo corpus, {name}, "
+                             f"{workers} worker(s)", f"{rate}; {size_mb / cpu:.2f} MB per CPU-s"])
     return rows
 
 
@@ -90,9 +123,13 @@ def main() -> None:
     parser.add_argument("--blend-samples", type=int, default=5_000_000)
     parser.add_argument("--corpus-repeats", type=int, default=10)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--skip-index", action="store_true",
+                        help="Preprocessing throughput only (skip the index and blending builds).")
     args = parser.parse_args()
-    rows = [bench_index(args.index_docs, args.doc_tokens, args.seq_length)]
-    rows += [bench_blend(args.blend_samples, k) for k in (2, 3)]
+    rows = []
+    if not args.skip_index:
+        rows.append(bench_index(args.index_docs, args.doc_tokens, args.seq_length))
+        rows += [bench_blend(args.blend_samples, k) for k in (2, 3)]
     rows += bench_preprocess(args.corpus_repeats, args.workers)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
           f"Python {platform.python_version()}, numpy {np.__version__}")

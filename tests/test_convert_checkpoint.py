@@ -93,8 +93,12 @@ def test_consolidated_to_checkpoint_and_inference_from_training_dir(runs):
     if not os.path.isfile(release + ".safetensors"):
         assert _tool("--load", runs["src"], "--output-consolidated", release).returncode == 0
     init = str(runs["root"] / "from_release")
-    done = _tool("--load", release + ".safetensors", "--save", init, "--target-tp", "2")
+    done = _tool("--load", release + ".safetensors", "--save", init,
+                 "--target-tensor-parallel-size", "2")  # Megatron-LM's name for --target-tp
     assert done.returncode == 0, done.stderr
+    assert "for TP=2, PP=1" in done.stdout
+    assert sorted(os.listdir(os.path.join(init, "iter_0000000", "universal")))[-2:] == [
+        "tp00_pp00.safetensors", "tp01_pp00.safetensors"]
     full, _ = load_consolidated(release)
     model, _ = build_inference_model(init)  # a training-checkpoint directory, any layout
     for name, p in model.named_parameters():
@@ -106,3 +110,16 @@ def test_bad_inputs_are_named(tmp_path):
     assert done.returncode == 2 and "nope" in done.stderr and "Traceback" not in done.stderr
     done = _tool("--load", str(tmp_path), "--save", str(tmp_path / "y"))
     assert done.returncode == 2 and "latest" in done.stderr
+
+
+def test_megatron_and_short_target_flags_are_the_same_option():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_tool", os.path.join(ROOT, "tools", "convert_checkpoint.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    parser = tool.build_parser()
+    long = parser.parse_args(["--load", "a", "--save", "b", "--target-tensor-parallel-size", "4",
+                              "--target-pipeline-parallel-size", "2"])
+    short = parser.parse_args(["--load", "a", "--save", "b", "--target-tp", "4", "--target-pp", "2"])
+    assert vars(long) == vars(short) and (long.target_tp, long.target_pp) == (4, 2)

@@ -10,7 +10,7 @@ from megatron_normformer.data.gpt_dataset import (
     GPTDataset,
     MockGPTDataset,
     build_gpt_indices,
-    split_document_ranges,
+    split_ranges,
 )
 from megatron_normformer.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
@@ -117,11 +117,11 @@ def test_cache_is_reused_not_rebuilt(tmp_path, monkeypatch):
 
 
 def test_split_ranges_follow_rounded_cumulative_fractions():
-    assert split_document_ranges("969,30,1", 1000) == ((0, 969), (969, 999), (999, 1000))
-    assert split_document_ranges("98,2", 50) == ((0, 49), (49, 50), None)
-    assert split_document_ranges("1,1,1", 10) == ((0, 3), (3, 7), (7, 10))
+    assert split_ranges("969,30,1", 1000) == ((0, 969), (969, 999), (999, 1000))
+    assert split_ranges("98,2", 50) == ((0, 49), (49, 50), None)
+    assert split_ranges("1,1,1", 10) == ((0, 3), (3, 7), (7, 10))
     with pytest.raises(ValueError, match="--split"):
-        split_document_ranges("a,b", 10)
+        split_ranges("a,b", 10)
 
 
 def test_builder_single_prefix_and_mock(tmp_path):

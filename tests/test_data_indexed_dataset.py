@@ -42,6 +42,20 @@ def test_round_trip_and_slices(tmp_path):
         ds.get(4, offset=3, length=2)
 
 
+def test_contiguous_slices(tmp_path):
+    ds = IndexedDataset(write(str(tmp_path / "d")))
+    flat = [s for d in DOCS for s in d]
+    for window in (slice(1, 4), slice(None), slice(-2, None), slice(3, 3), slice(2, 99),
+                   slice(np.int64(0), np.int64(2))):
+        got = ds[window]
+        assert [a.tolist() for a in got] == flat[window]
+        assert all(a.dtype == np.uint16 for a in got)
+    with pytest.raises(ValueError, match="contiguous"):
+        ds[0:4:2]
+    with pytest.raises(TypeError, match="integers or slices"):
+        ds[[0, 1]]
+
+
 def test_idx_bytes_match_hand_built(tmp_path):
     prefix = write(str(tmp_path / "d"))
     expected = (
@@ -86,6 +100,7 @@ def _set(offset, value):
         (".idx", lambda d: d[:-3], "truncated index"),
         (".idx", lambda d: d[:20], "truncated index"),
         (".bin", lambda d: d[:-2], "shorter than"),
+        (".bin", lambda d: d + b"\x00", "23 bytes, not a multiple of the 2-byte uint16 tokens"),
     ],
 )
 def test_damaged_files_raise_clear_errors(tmp_path, ext, mutate, fault):
@@ -115,3 +130,16 @@ def test_merge_tool(tmp_path):
                     "--output-prefix", out2], check=True, capture_output=True)
     for ext in (".bin", ".idx"):
         assert open(out + ext, "rb").read() == open(out2 + ext, "rb").read()
+
+
+def test_merge_refuses_an_idx_without_its_bin(tmp_path):
+    os.makedirs(tmp_path / "shards")
+    write(str(tmp_path / "shards" / "a"))
+    b = write(str(tmp_path / "shards" / "b"))
+    os.remove(b + ".bin")
+    out = str(tmp_path / "merged")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools/merge_datasets.py"), "--input",
+                           str(tmp_path / "shards"), "--output-prefix", out],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and f"{b}.idx has no {b}.bin" in done.stderr
+    assert "Traceback" not in done.stderr and not os.path.exists(out + ".bin")

@@ -36,11 +36,10 @@ def test_full_pass_ppl_is_exp_of_direct_mean_loss(setup):
     result = json.loads((tmp / "full.json").read_text())
     assert "ppl" in done.stdout and result["ppl"] == pytest.approx(math.exp(result["loss"]), rel=1e-12)
 
-    # The valid split holds every token of its documents once: one 33-token window per 32 tokens.
+    # The valid split holds every token of its sequences once: one 33-token window per 32 tokens.
     ds = IndexedDataset(prefix)
-    docs = ds.document_indices
-    first_valid = int(round(ds.num_documents * 0.9))
-    n_tokens = sum(len(ds[i]) for i in range(docs[first_valid], docs[ds.num_documents]))
+    first_valid = int(round(len(ds) * 0.9))
+    n_tokens = sum(len(ds[i]) for i in range(first_valid, len(ds)))
     n = (n_tokens - 1) // 32
     assert result["samples"] == n and result["tokens"] == n * 32
     # Directly: the same samples, one at a time, losses averaged in float64.

@@ -73,6 +73,73 @@ def test_gpt2_bpe_matches_hand_computed_ids(tmp_path):
     assert tok.decode([8, 4, 8, 13]) == "hello hello\u00e9"
     assert tok.eod == 10
     assert (tok.cls, tok.sep, tok.pad, tok.mask, tok.vocab_size) == (14, 15, 16, 17, 18)
+    with pytest.raises(ValueError, match="'x' is not in the vocabulary"):
+        tok.encode("hello xyz")  # this toy vocabulary cannot spell x, y, z
+    with open(merges, "a", encoding="utf-8") as f:
+        f.write("o l\n")  # "ol" is not in the vocabulary
+    with pytest.raises(TokenizerError, match="merges.txt:8: 'ol' is not in the --vocab-file"):
+        GPT2BPETokenizer(vocab, merges)
+
+
+CORPUS = [
+    "Hello, world! Don't stop: it's 3.14159, or \u0663\u0664, or \u00bd, and x\u00b2 \u2014 ok?",
+    "na\u00efve caf\u00e9 \u00dcn\u00efc\u00f6d\u00e9 \u00df \u6771\u4eac \u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8",
+    "emoji \U0001f600\U0001f44d\U0001f3fd \U0001f468\u200d\U0001f469\u200d\U0001f467, \u05e2\u05d1\u05e8\u05d9\u05ea \u0627\u0644\u0639\u0631\u0628\u064a\u0629",
+    "e\u0301 combining, zero\u200bwidth, control \x00\x07 chars",
+    "a  b   c\t\td\n\n\ne \r\n f\u00a0g\u3000h   ", "   leading", "trailing   ", "\n", " ", "",
+    "\t \t", "  \n  \n", "word \n\n  next",
+    "<|endoftext|>", "text<|endoftext|>more", "<s> </s> <pad> <mask> [CLS]",
+    "I'M HE'S we'RE you've they'd she'll 'tis", "snake_case_name __init__ a_b",
+    "aaaaaaaaaaaaaaaaaaaaaaaaaa", "1234567890" * 3, "...!!!???---", "tab\tseparated\tvalues",
+]
+
+
+@pytest.fixture(scope="module")
+def trained_bpe(tmp_path_factory):
+    """A GPT-2 style vocab.json/merges.txt (byte-level BPE, 1,000 entries) trained here."""
+    import argparse
+    import collections
+    import csv
+    import decimal
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tmp = tmp_path_factory.mktemp("bpe")
+    texts = [m.__doc__ for m in (argparse, collections, csv, decimal, json, os, subprocess)] * 3
+    texts += CORPUS * 5
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    vocab, merges = tok.model.save(str(tmp), "gpt2")
+    return vocab, merges, texts
+
+
+def test_gpt2_bpe_gives_the_former_pure_python_ids(trained_bpe, monkeypatch):
+    """Same ids as the project's former pure-Python encoder (tests/gpt2_bpe_reference.py) on
+    Unicode, whitespace runs and special-token text, from a fresh and from a full word cache;
+    the text round-trips."""
+    from gpt2_bpe_reference import ReferenceGPT2BPE
+
+    from megatron_normformer.data import tokenizers
+
+    vocab, merges, texts = trained_bpe
+    tok = build_tokenizer("GPT2BPETokenizer", vocab_file=vocab, merge_file=merges)
+    ref = ReferenceGPT2BPE(vocab, merges)
+    with open(merges, encoding="utf-8") as f:
+        assert sum(1 for _ in f) > 500  # a real merge table, not a handful
+    for text in CORPUS + texts + ["\n".join(CORPUS), "".join(CORPUS)]:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text), text
+        assert tok.decode(ids) == text
+    monkeypatch.setattr(tokenizers, "WORD_CACHE_SIZE", 5)  # the cache fills and restarts
+    tok = build_tokenizer("GPT2BPETokenizer", vocab_file=vocab, merge_file=merges)
+    for text in CORPUS:
+        assert tok.encode(text) == ref.encode(text), text
+    assert len(tok._words) <= 5
+    eod_text = tok.encode("<|endoftext|>")  # special-token text is ordinary text, as in GPT-2
+    assert tok.eod not in eod_text and len(eod_text) > 1
 
 
 def test_hf_tokenizer_json(tmp_path):

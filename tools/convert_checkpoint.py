@@ -6,6 +6,7 @@
 
     # a training checkpoint -> a checkpoint for another (TP, PP), optimizer state included
     python tools/convert_checkpoint.py --load runs/ckpt --save runs/ckpt_tp4 --target-tp 4 --target-pp 1
+    # (Megatron-LM's names work too: --target-tensor-parallel-size, --target-pipeline-parallel-size)
 
     # a consolidated file -> a checkpoint to start training from (fresh optimizer)
     python tools/convert_checkpoint.py --load release/model.safetensors --save runs/init --target-tp 2
@@ -22,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_normformer.config import ConfigError  # noqa: E402
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", required=True,
                         help="A training checkpoint directory (its 'latest' tag) or a consolidated "
@@ -31,8 +32,17 @@ def main(argv=None):
     parser.add_argument("--output-consolidated", default=None, metavar="PATH",
                         help="Write PATH.safetensors (full fp32 tensors) and PATH.json (model config).")
     parser.add_argument("--save", default=None, help="Write a checkpoint for --target-tp/--target-pp here.")
-    parser.add_argument("--target-tp", type=int, default=1, help="Tensor-parallel degree of --save.")
-    parser.add_argument("--target-pp", type=int, default=1, help="Pipeline-parallel degree of --save.")
+    parser.add_argument("--target-tensor-parallel-size", "--target-tp", dest="target_tp", type=int,
+                        default=1, help="Tensor-parallel degree of --save (Megatron-LM's name, or "
+                                        "--target-tp).")
+    parser.add_argument("--target-pipeline-parallel-size", "--target-pp", dest="target_pp", type=int,
+                        default=1, help="Pipeline-parallel degree of --save (Megatron-LM's name, or "
+                                        "--target-pp).")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if bool(args.output_consolidated) == bool(args.save):
         parser.error("give exactly one of --output-consolidated and --save")

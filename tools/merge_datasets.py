@@ -20,11 +20,15 @@ from megatron_normformer.data.indexed_dataset import (  # noqa: E402
 
 
 def find_prefixes(inputs) -> list:
-    """Prefixes from a directory (every ``X.idx`` with an ``X.bin``, sorted) or a list of them."""
+    """Prefixes from a directory (every ``X.idx``, sorted; each needs its ``X.bin``, as in
+    Megatron-LM) or a list of them."""
     if len(inputs) == 1 and os.path.isdir(inputs[0]):
         directory = inputs[0]
         names = sorted(f[: -len(".idx")] for f in os.listdir(directory) if f.endswith(".idx"))
-        prefixes = [os.path.join(directory, n) for n in names if dataset_exists(os.path.join(directory, n))]
+        prefixes = [os.path.join(directory, n) for n in names]
+        for prefix in prefixes:  # a shard without its tokens would vanish from the output
+            if not os.path.isfile(prefix + ".bin"):
+                raise IndexedDatasetError(f"--input {directory}: {prefix}.idx has no {prefix}.bin")
         if not prefixes:
             raise IndexedDatasetError(f"--input {directory}: no .bin/.idx pairs found")
         return prefixes

@@ -15,7 +15,7 @@ from typing import Any
 _EXPORTS = {
     "blended_dataset": ["BlendedDataset", "build_blending_indices", "parse_data_path"],
     "builder": ["build_masked_lm_datasets", "build_train_valid_test_datasets"],
-    "gpt_dataset": ["GPTDataset", "MockGPTDataset", "build_gpt_indices", "split_document_ranges"],
+    "gpt_dataset": ["GPTDataset", "MockGPTDataset", "build_gpt_indices", "split_ranges"],
     "indexed_dataset": ["IndexedDataset", "IndexedDatasetBuilder", "IndexedDatasetError",
                         "optimal_dtype"],
     "masked_lm_dataset": ["IGNORE_INDEX", "MaskedLMDataset", "MockMaskedLMDataset", "SpecialTokens"],

@@ -1,10 +1,16 @@
 """Train/valid/test GPT and masked-LM datasets from ``--data-path``, ``--split`` and sample counts.
 
-One prefix: each split is a dataset (``GPTDataset``, ``MaskedLMDataset``) over its contiguous
-document range. Several prefixes with weights: each dataset builds ``ceil(ceil(n * w) * 1.005)``
-samples per split (a 0.5 % surplus, as Megatron-LM) and a ``BlendedDataset`` draws
-``sum(ceil(n * w))`` samples from them. Several prefixes without weights: each contributes one
-epoch, weighted by its size.
+``--split`` cuts each prefix into three contiguous ranges, as Megatron-LM does: GPT over its
+*sequences* (the units a GPT sample index walks: sentences of a ``--split-sentences`` file, none
+for an empty document), masked LM over its *documents* (its samples pack whole documents).
+
+One prefix: each split is a dataset (``GPTDataset``, ``MaskedLMDataset``) over its range. Several
+prefixes with weights: each dataset builds ``ceil(ceil(n * w) * 1.005)`` samples per split (a
+0.5 % surplus, as Megatron-LM) and a ``BlendedDataset`` draws ``sum(ceil(n * w))`` samples from
+them. Several prefixes without weights: each contributes one epoch, weighted by its size.
+
+``--train-data-path`` / ``--valid-data-path`` / ``--test-data-path`` instead give each split its
+own prefixes (each list blended as above), every prefix used whole; ``--split`` is then unused.
 """
 from __future__ import annotations
 
@@ -15,65 +21,94 @@ import numpy as np
 import torch
 
 from .blended_dataset import BlendedDataset, blend_cache_dir, parse_data_path
-from .gpt_dataset import GPTDataset, MockGPTDataset, default_cache_dir, split_document_ranges
+from .gpt_dataset import GPTDataset, MockGPTDataset, default_cache_dir, split_ranges
 from .index_cache import Barrier
 from .indexed_dataset import IndexedDataset, dataset_exists
 
 SPLIT_NAMES = ("train", "valid", "test")
+PER_SPLIT_FLAGS = ("--train-data-path", "--valid-data-path", "--test-data-path")
 BLEND_SURPLUS = 0.005
 
 Datasets = Tuple[Optional[torch.utils.data.Dataset], ...]
+PathList = Optional[Sequence[str]]
 
 
-def _open(prefix: str) -> IndexedDataset:
+def _open(prefix: str, flag: str) -> IndexedDataset:
     if not dataset_exists(prefix):
         raise FileNotFoundError(
-            f"--data-path {prefix}: expected {prefix}.bin and {prefix}.idx "
+            f"{flag} {prefix}: expected {prefix}.bin and {prefix}.idx "
             "(give the prefix, without extension)"
         )
     return IndexedDataset(prefix)
 
 
-# (indexed, first document, end document, split name, samples or None, cache dir) -> dataset
-SplitFactory = Callable[[IndexedDataset, int, int, str, Optional[int], str], torch.utils.data.Dataset]
+class SplitFactory:
+    """How one task cuts a prefix: ``count`` the units ``--split`` divides, ``make`` one split.
+
+    ``make(indexed, begin, end, split name, samples or None, cache dir)`` builds the dataset over
+    units ``[begin, end)``.
+    """
+
+    def __init__(self, count: Callable[[IndexedDataset], int],
+                 make: Callable[..., torch.utils.data.Dataset]) -> None:
+        self.count = count
+        self.make = make
 
 
 def _gpt_splits(seq_length: int, seed: int, barrier: Optional[Barrier]) -> SplitFactory:
     def make(indexed, first, end, name, num_samples, cache_dir):
-        documents = np.arange(first, end, dtype=np.int32)
-        return GPTDataset(indexed, documents, num_samples, seq_length, seed, name, cache_dir, barrier)
-    return make
+        sequences = np.arange(first, end, dtype=np.int32)
+        return GPTDataset(indexed, sequences, num_samples, seq_length, seed, name, cache_dir, barrier)
+    return SplitFactory(len, make)
 
 
-def _split_datasets(prefix: str, split: str, num_samples: Sequence[Optional[int]],
-                    cache_path: Optional[str], make: SplitFactory) -> List[Optional[torch.utils.data.Dataset]]:
-    indexed = _open(prefix)
-    ranges = split_document_ranges(split, indexed.num_documents)
+# Every prefix of a per-split path is used whole, for its own split only.
+WHOLE = {name: tuple(None if other != name else (0.0, 1.0) for other in SPLIT_NAMES)
+         for name in SPLIT_NAMES}
+
+
+def _split_datasets(prefix: str, split, num_samples: Sequence[Optional[int]],
+                    cache_path: Optional[str], factory: SplitFactory,
+                    flag: str = "--data-path") -> List[Optional[torch.utils.data.Dataset]]:
+    """The three splits of one prefix; ``split`` a ``--split`` string or fraction bounds."""
+    indexed = _open(prefix, flag)
+    count = factory.count(indexed)
+    if isinstance(split, str):
+        ranges = split_ranges(split, count)
+    else:
+        ranges = [None if b is None else (int(round(b[0] * count)), int(round(b[1] * count)))
+                  for b in split]
     cache_dir = cache_path or default_cache_dir(prefix)
     out = []
     for name, rng, n in zip(SPLIT_NAMES, ranges, num_samples):
         if rng is None or rng[1] <= rng[0] or n == 0:
             out.append(None)
             continue
-        out.append(make(indexed, rng[0], rng[1], name, n, cache_dir))
+        out.append(factory.make(indexed, rng[0], rng[1], name, n, cache_dir))
     return out
 
 
 def _mock_or_check(mock_cls, data_path, mock: bool, train_valid_test_num_samples, seq_length: int,
-                   vocab_size, seed: int):
+                   vocab_size, seed: int, per_split_paths):
     """The three mock datasets when ``mock``; otherwise check the request and return None."""
     if len(train_valid_test_num_samples) != 3:
         raise ValueError("train_valid_test_num_samples needs three entries")
     if mock:
         return tuple(None if not n else mock_cls(n, seq_length, vocab_size, seed + i)
                      for i, n in enumerate(train_valid_test_num_samples))
-    if not data_path:
-        raise ValueError("--data-path is required unless --mock-data is given")
+    per_split = per_split_paths is not None and any(p is not None for p in per_split_paths)
+    if per_split and data_path:
+        raise ValueError("--data-path and --train-data-path/--valid-data-path/--test-data-path "
+                         "are mutually exclusive")
+    if per_split and len(per_split_paths) != 3:
+        raise ValueError("per_split_paths needs three entries (train, valid, test)")
+    if not data_path and not per_split:
+        raise ValueError("--data-path (or --train-data-path) is required unless --mock-data is given")
     return None
 
 
 def build_train_valid_test_datasets(
-    data_path: Optional[Sequence[str]],
+    data_path: PathList,
     split: str,
     seq_length: int,
     seed: int,
@@ -82,40 +117,65 @@ def build_train_valid_test_datasets(
     mock: bool = False,
     vocab_size: Optional[int] = None,
     barrier: Optional[Barrier] = None,
+    per_split_paths: Optional[Sequence[PathList]] = None,
 ) -> Datasets:
     """Three datasets (None where a split is empty or asked for 0 samples).
 
     Each sample is ``{"text": int64[seq_length + 1]}`` (blends add ``"dataset_id"``).
     ``num_samples`` None means one epoch of that split. ``cache_path`` (``--data-cache-path``)
     holds the index arrays, default ``cache/`` next to the first prefix. ``mock`` ignores
-    ``data_path`` and returns ``MockGPTDataset``s of ``vocab_size``.
+    ``data_path`` and returns ``MockGPTDataset``s of ``vocab_size``. ``per_split_paths``: the
+    train, valid and test path lists (``--train-data-path`` ...; None for a split without one)
+    instead of ``data_path`` and ``split``.
     """
     mocks = _mock_or_check(MockGPTDataset, data_path, mock, train_valid_test_num_samples,
-                           seq_length, vocab_size, seed)
+                           seq_length, vocab_size, seed, per_split_paths)
     if mocks is not None:
         return mocks
     return _build(data_path, split, train_valid_test_num_samples, cache_path, barrier,
-                  _gpt_splits(seq_length, seed, barrier))
+                  _gpt_splits(seq_length, seed, barrier), per_split_paths)
 
 
 def _build(data_path, split: str, num_samples: Sequence[Optional[int]], cache_path: Optional[str],
-           barrier: Optional[Barrier], make: SplitFactory) -> Datasets:
-    """One prefix: its splits as ``make`` builds them; several: blended (module docstring)."""
-    weights, prefixes = parse_data_path(data_path)
+           barrier: Optional[Barrier], factory: SplitFactory, per_split_paths=None) -> Datasets:
+    """``data_path`` cut by ``split``, or each split from its own paths (module docstring)."""
+    if data_path:
+        return _build_blend(data_path, split, num_samples, cache_path, barrier, factory)
+    out = []
+    for s, (name, paths) in enumerate(zip(SPLIT_NAMES, per_split_paths)):
+        if not paths or num_samples[s] == 0:
+            out.append(None)
+            continue
+        sizes = [n if i == s else 0 for i, n in enumerate(num_samples)]
+        built = _build_blend(paths, WHOLE[name], sizes, cache_path, barrier, factory,
+                             PER_SPLIT_FLAGS[s])
+        out.append(built[s])
+    return tuple(out)
+
+
+def _build_blend(data_path, split, num_samples: Sequence[Optional[int]], cache_path: Optional[str],
+                 barrier: Optional[Barrier], factory: SplitFactory,
+                 flag: str = "--data-path") -> Datasets:
+    """One prefix: its splits as ``factory`` builds them; several: blended."""
+    try:
+        weights, prefixes = parse_data_path(data_path)
+    except ValueError as error:
+        raise ValueError(str(error).replace("--data-path", flag)) from None
     if len(prefixes) == 1:
-        return tuple(_split_datasets(prefixes[0], split, num_samples, cache_path, make))
+        return tuple(_split_datasets(prefixes[0], split, num_samples, cache_path, factory, flag))
     return _blend(weights, prefixes, split, num_samples, cache_path or blend_cache_dir(prefixes),
-                  barrier, make)
+                  barrier, factory, flag)
 
 
 def _blend(
     weights: Optional[List[float]],
     prefixes: List[str],
-    split: str,
+    split,
     num_samples: Sequence[Optional[int]],
     cache_dir: str,
     barrier: Optional[Barrier],
-    make: SplitFactory,
+    factory: SplitFactory,
+    flag: str,
 ) -> Datasets:
     if weights is None:
         per_dataset = [[None if n != 0 else 0 for n in num_samples] for _ in prefixes]
@@ -124,7 +184,8 @@ def _blend(
             [None if n is None else math.ceil(math.ceil(n * w) * (1 + BLEND_SURPLUS)) for n in num_samples]
             for w in weights
         ]
-    parts = [_split_datasets(p, split, sizes, cache_dir, make) for p, sizes in zip(prefixes, per_dataset)]
+    parts = [_split_datasets(p, split, sizes, cache_dir, factory, flag)
+             for p, sizes in zip(prefixes, per_dataset)]
     result: List[Optional[BlendedDataset]] = []
     for s, name in enumerate(SPLIT_NAMES):
         members = [(j, part[s]) for j, part in enumerate(parts) if part[s] is not None]
@@ -158,17 +219,19 @@ def build_masked_lm_datasets(
     mock: bool = False,
     vocab_size: Optional[int] = None,
     barrier: Optional[Barrier] = None,
+    per_split_paths: Optional[Sequence[PathList]] = None,
 ) -> Datasets:
     """Train/valid/test masked-LM datasets (None where a split is empty or asked for 0 samples).
 
-    The document ranges and blending are those of ``build_train_valid_test_datasets``; each split
-    of each prefix is a ``MaskedLMDataset`` (``special``: the tokenizer's ``SpecialTokens``).
+    Blending and ``per_split_paths`` are those of ``build_train_valid_test_datasets``, but
+    ``split`` divides documents; each split of each prefix is a ``MaskedLMDataset``
+    (``special``: the tokenizer's ``SpecialTokens``).
     ``mock`` returns ``MockMaskedLMDataset``s of ``vocab_size``.
     """
     from .masked_lm_dataset import MaskedLMDataset, MockMaskedLMDataset
 
     mocks = _mock_or_check(MockMaskedLMDataset, data_path, mock, train_valid_test_num_samples,
-                           seq_length, vocab_size, seed)
+                           seq_length, vocab_size, seed, per_split_paths)
     if mocks is not None:
         return mocks
 
@@ -176,4 +239,5 @@ def build_masked_lm_datasets(
         return MaskedLMDataset(indexed, first, end, seq_length, special, seed, num_samples,
                                split_name=name, cache_dir=cache_dir, barrier=barrier)
 
-    return _build(data_path, split, train_valid_test_num_samples, cache_path, barrier, make)
+    return _build(data_path, split, train_valid_test_num_samples, cache_path, barrier,
+                  SplitFactory(lambda indexed: indexed.num_documents, make), per_split_paths)

@@ -141,7 +141,11 @@ def default_cache_dir(prefix: str) -> str:
 
 
 class GPTDataset(torch.utils.data.Dataset):
-    """Samples of ``seq_length + 1`` tokens over a range of documents of an indexed dataset.
+    """Samples of ``seq_length + 1`` tokens over a set of sequences of an indexed dataset.
+
+    ``documents`` holds *sequence* ids (Megatron-LM's name for them): the GPT stream is the
+    concatenation of sequences, so a document split into sentences (``--split-sentences``) is
+    several entries and an empty document none.
 
     ``dataset[i]`` is ``{"text": int64[seq_length + 1]}``; the training step shifts it into inputs
     and labels. ``len(dataset)`` is the number of samples the index holds (at least
@@ -163,13 +167,13 @@ class GPTDataset(torch.utils.data.Dataset):
         self.seq_length = seq_length
         documents = np.asarray(documents, dtype=np.int32)
         if len(documents) == 0:
-            raise ValueError(f"{indexed.prefix}: the {split_name} split has no documents")
+            raise ValueError(f"{indexed.prefix}: the {split_name} split has no sequences")
         description = {
             "class": "GPTDataset",
             "prefix": os.path.abspath(indexed.prefix),
             "num_sequences": len(indexed),
             "split": split_name,
-            "documents": [int(documents[0]), int(documents[-1]) + 1, len(documents)],
+            "sequences": [int(documents[0]), int(documents[-1]) + 1, len(documents)],
             "num_samples": num_samples,
             "seq_length": seq_length,
             "seed": seed,
@@ -237,11 +241,12 @@ class MockGPTDataset(torch.utils.data.Dataset):
         return {"text": tokens}
 
 
-def split_document_ranges(split: str, num_documents: int) -> Tuple[Optional[Tuple[int, int]], ...]:
-    """Contiguous ``[begin, end)`` document ranges of train/valid/test, or None for an empty split.
+def split_ranges(split: str, count: int) -> Tuple[Optional[Tuple[int, int]], ...]:
+    """Contiguous ``[begin, end)`` ranges of train/valid/test over ``count`` items, None if empty.
 
     ``split`` is e.g. ``"969,30,1"`` (missing parts count 0); bounds are
-    ``round(cumulative_fraction * num_documents)`` as in Megatron-LM.
+    ``round(cumulative_fraction * count)`` as in Megatron-LM. GPT splits count sequences, masked
+    LM documents (``builder.py``).
     """
     weights = _parse_split(split)
     total = sum(weights)
@@ -253,7 +258,7 @@ def split_document_ranges(split: str, num_documents: int) -> Tuple[Optional[Tupl
         if hi <= lo:
             ranges.append(None)
             continue
-        ranges.append((int(round(lo * num_documents)), int(round(hi * num_documents))))
+        ranges.append((int(round(lo * count)), int(round(hi * count))))
     return tuple(ranges)
 
 

@@ -152,8 +152,9 @@ class _Index:
 class IndexedDataset:
     """Read-only view of a ``PREFIX.bin``/``PREFIX.idx`` pair.
 
-    ``ds[i]`` is sequence i as a numpy array (a view into the memory map); ``ds.get(i, offset,
-    length)`` a slice of it. Pickles by path, so DataLoader workers reopen the files.
+    ``ds[i]`` is sequence i as a numpy array (a view into the memory map), ``ds[a:b]`` the list of
+    sequences a to b (contiguous slices only, as Megatron-LM); ``ds.get(i, offset, length)`` a
+    slice of one sequence. Pickles by path, so DataLoader workers reopen the files.
     """
 
     def __init__(self, prefix: str) -> None:
@@ -171,6 +172,12 @@ class IndexedDataset:
             raise IndexedDatasetError(
                 f"{path}: token file is {size} bytes, shorter than the {need} bytes "
                 f"its index {idx_path(self.prefix)} describes"
+            )
+        itemsize = self._index.dtype.itemsize
+        if size % itemsize:
+            raise IndexedDatasetError(
+                f"{path}: token file is {size} bytes, not a multiple of the {itemsize}-byte "
+                f"{self._index.dtype} tokens its index {idx_path(self.prefix)} announces"
             )
         if size == 0:
             self._bin = np.zeros(0, dtype=self._index.dtype)
@@ -195,10 +202,28 @@ class IndexedDataset:
     def __len__(self) -> int:
         return self._index.sequence_count
 
-    def __getitem__(self, idx: int) -> np.ndarray:
+    def __getitem__(self, idx: Union[int, slice]) -> Union[np.ndarray, List[np.ndarray]]:
+        if isinstance(idx, slice):
+            return self._sequences(idx)
         if not isinstance(idx, (int, np.integer)):
-            raise TypeError(f"IndexedDataset indices must be integers, got {type(idx).__name__}")
+            raise TypeError(
+                f"IndexedDataset indices must be integers or slices, got {type(idx).__name__}"
+            )
         return self.get(int(idx))
+
+    def _sequences(self, window: slice) -> List[np.ndarray]:
+        """Sequences ``window.start`` to ``window.stop`` (step 1) as a list of views."""
+        start, stop, step = window.indices(len(self))
+        if step != 1:
+            raise ValueError(f"{self.prefix}: slices of an IndexedDataset must be contiguous "
+                             f"(step 1), got step {step}")
+        if stop <= start:
+            return []
+        itemsize = self._index.dtype.itemsize
+        first = int(self._index.sequence_pointers[start]) // itemsize
+        lengths = np.asarray(self._index.sequence_lengths[start:stop], dtype=np.int64)
+        tokens = self._bin[first : first + int(lengths.sum())]
+        return np.split(tokens, np.cumsum(lengths[:-1]))
 
     def get(self, idx: int, offset: int = 0, length: Optional[int] = None) -> np.ndarray:
         """Tokens ``offset : offset + length`` of sequence ``idx`` (to its end if length is None)."""

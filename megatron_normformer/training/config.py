@@ -85,7 +85,15 @@ class DataConfig:
     data_path: Optional[List[str]] = field(default=None, metadata={"nargs": "*"})
     """Dataset prefix(es), optionally weighted: ``PREFIX`` or ``0.3 A 0.7 B`` (``--data-path``)."""
     split: str = "969,30,1"
-    """Train/valid/test proportions of the documents (``--split``)."""
+    """Train/valid/test proportions of each ``--data-path`` dataset, as Megatron-LM: of its
+    sequences for GPT, of its documents for masked LM (``--split``)."""
+    train_data_path: Optional[List[str]] = field(default=None, metadata={"nargs": "*"})
+    """Own training data instead of ``--data-path``'s split, weighted like ``--data-path``; every
+    prefix is used whole (``--train-data-path``)."""
+    valid_data_path: Optional[List[str]] = field(default=None, metadata={"nargs": "*"})
+    """Own validation data, as ``--train-data-path`` (``--valid-data-path``)."""
+    test_data_path: Optional[List[str]] = field(default=None, metadata={"nargs": "*"})
+    """Own test data, as ``--train-data-path`` (``--test-data-path``)."""
     mock_data: bool = False
     """Random tokens instead of a dataset, for tests and benchmarks (``--mock-data``)."""
     data_cache_path: Optional[str] = None
@@ -100,6 +108,18 @@ class DataConfig:
     """GPT-2 BPE merges (``--merge-file``)."""
     num_workers: int = 2
     """DataLoader worker processes per rank (``--num-workers``)."""
+
+    def per_split_paths(self):
+        """The train, valid and test path lists, or None when ``--data-path`` is used instead."""
+        paths = [self.train_data_path, self.valid_data_path, self.test_data_path]
+        return paths if any(p is not None for p in paths) else None
+
+    def describe_paths(self) -> str:
+        """The data flags as given, for messages."""
+        flags = (("--data-path", self.data_path), ("--train-data-path", self.train_data_path),
+                 ("--valid-data-path", self.valid_data_path),
+                 ("--test-data-path", self.test_data_path))
+        return " ".join(f"{flag} {' '.join(value)}" for flag, value in flags if value)
 
 
 @dataclass
@@ -211,8 +231,12 @@ class RunConfig:
             raise ConfigError(f"--lr-warmup-iters must be >= 0, got {o.lr_warmup_iters}")
         if o.clip_grad < 0:
             raise ConfigError(f"--clip-grad must be >= 0 (0 disables clipping), got {o.clip_grad}")
-        if not d.mock_data and not d.data_path:
-            raise ConfigError("--data-path is required unless --mock-data is given")
+        if not d.mock_data and not d.data_path and not d.train_data_path:
+            raise ConfigError("--data-path (or --train-data-path) is required unless --mock-data "
+                              "is given")
+        if d.data_path and d.per_split_paths():
+            raise ConfigError("--data-path and --train-data-path/--valid-data-path/--test-data-path "
+                              "are mutually exclusive")
         if self.ds.cpu_offload and self.ds.zero_stage == 0:
             raise ConfigError("--cpu-offload needs --zero-stage 1, 2 or 3")
         if self.log.eval_iters < 0:

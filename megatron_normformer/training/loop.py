@@ -68,10 +68,10 @@ def micro_batches(dataset, consumed: int, total: int, run: RunConfig, pstate):
                                          # the trainer stops them after its last step
                                          worker_init_fn=interrupts.quiet_worker_init if workers else None)
     return _within_vocabulary(interrupts.quiet_workers_iter(loader), run.model.vocab_size,
-                              run.data.data_path)
+                              run.data.describe_paths())
 
 
-def _within_vocabulary(batches, vocab_size: int, data_path):
+def _within_vocabulary(batches, vocab_size: int, data_flags: str):
     """Pass the batches through, stopping with a message at a token id the model has no row for
     (data tokenized with another tokenizer than the run's), which would otherwise fail deep in the
     embedding (a device-side assert on GPU)."""
@@ -80,8 +80,8 @@ def _within_vocabulary(batches, vocab_size: int, data_path):
         if top >= vocab_size:
             raise DataError(
                 f"token id {top} in a batch is outside the model's vocabulary of "
-                f"{vocab_size} tokens (the tokenizer's, or --vocab-size): --data-path "
-                f"{' '.join(data_path or [])} was tokenized with another tokenizer; preprocess it "
+                f"{vocab_size} tokens (the tokenizer's, or --vocab-size): {data_flags} "
+                "was tokenized with another tokenizer; preprocess it "
                 "with this run's tokenizer, or give the tokenizer it was made with")
         yield batch
 

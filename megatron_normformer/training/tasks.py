@@ -64,7 +64,8 @@ class GPTTask:
         try:
             return build_train_valid_test_datasets(
                 d.data_path, d.split, run.train.seq_length, run.train.seed, num_samples,
-                cache_path=d.data_cache_path, mock=d.mock_data, vocab_size=vocab_size)
+                cache_path=d.data_cache_path, mock=d.mock_data, vocab_size=vocab_size,
+                per_split_paths=d.per_split_paths())
         except (FileNotFoundError, ValueError) as e:
             raise _data_error(e) from None
 
@@ -140,7 +141,8 @@ class MaskedLMTask:
                 special = SpecialTokens.from_tokenizer(tokenizer)
             return build_masked_lm_datasets(
                 d.data_path, d.split, run.train.seq_length, run.train.seed, num_samples, special,
-                cache_path=d.data_cache_path, mock=d.mock_data, vocab_size=vocab_size)
+                cache_path=d.data_cache_path, mock=d.mock_data, vocab_size=vocab_size,
+                per_split_paths=d.per_split_paths())
         except (FileNotFoundError, ValueError, OSError) as e:
             raise _data_error(e) from None
 
