@@ -136,7 +136,8 @@ def load_checkpoint(e, run, pstate, load_dir: str, load_optim: bool = True, load
         load_universal(engine, e.model, pstate, run.model, tag_dir,
                        materialize_optimizer_state if load_optim else None)
         if load_optim:
-            e.schedule.load_state_dict({"num_steps": state["iteration"]})
+            e.schedule.load_state_dict({"num_steps": state["iteration"],
+                                        "num_samples": state["consumed_samples"]})
         engine.global_steps = state["iteration"]
         engine.global_samples = state["consumed_samples"]
         return state

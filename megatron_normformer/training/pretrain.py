@@ -111,7 +111,7 @@ def main(argv: Optional[List[str]] = None, task=None) -> Dict:
     from megatron_normformer.training.loop import TrainingError
 
     try:
-        initialize_distributed()
+        initialize_distributed(timeout_minutes=run.train.distributed_timeout_minutes)
         summary = train_resolved(run, user, explicit, task)
     except (ConfigError, TrainingError) as e:
         if not dist.is_initialized() or dist.get_rank() == 0:
