@@ -73,6 +73,10 @@ def save_checkpoint(engine, run_dict: Dict, state: Dict, save_dir: str, universa
     return tag
 
 
+def has_checkpoint(load_dir: str) -> bool:
+    return os.path.isfile(os.path.join(load_dir, LATEST))
+
+
 def read_latest(load_dir: str) -> str:
     if not os.path.isdir(load_dir):
         raise ConfigError(f"--load {load_dir}: no such directory")

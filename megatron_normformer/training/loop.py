@@ -238,12 +238,18 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
 
     e = build_engine(run, pstate, ds_config, task)
     state = dict(iteration=0, consumed_samples=0, consumed_tokens=0)
-    if run.ckpt.load and run.ckpt.finetune:
+    load = run.ckpt.load
+    if load and load == run.ckpt.save and not checkpointing.has_checkpoint(load):
+        # The resume-or-start pattern of Megatron scripts (--save DIR --load DIR): nothing to
+        # resume yet. A --load elsewhere without a checkpoint stays an error.
+        print_rank(f"> --load {load}: no checkpoint yet; starting from scratch")
+        load = None
+    if load and run.ckpt.finetune:
         # Megatron's --finetune: the weights only; iteration, data position, optimizer, schedule
         # and RNG streams start as in a new run.
         checkpointing.load_checkpoint(e, run, pstate, run.ckpt.load, load_optim=False, load_rng=False)
         print_rank(f"> --finetune: loaded the weights of {run.ckpt.load}; starting at iteration 0")
-    elif run.ckpt.load:
+    elif load:
         state = checkpointing.load_checkpoint(
             e, run, pstate, run.ckpt.load, load_optim=not run.ckpt.no_load_optim,
             load_rng=not run.ckpt.no_load_rng,

@@ -45,6 +45,8 @@ def resolve(parser, argv: List[str], task=None):
 
     task = get_task(task)
     args = parser.parse_args(argv)
+    if args.tokenizer_type is None and args.vocab_file and args.merge_file:
+        args.tokenizer_type = "GPT2BPETokenizer"  # what Megatron-DeepSpeed's GPT scripts rely on
     vocab = _tokenizer_vocab(args)
     run = run_config_from_args(args, vocab, bidirectional=task.bidirectional)
     task.validate(run)
