@@ -7,7 +7,12 @@
 Same flags, launchers, ZeRO stages, tensor parallelism and checkpoints as pretrain_gpt.py; no
 pipeline parallelism. See docs/training.md and examples/pretrain_bert_base.sh.
 """
-from megatron_normformer.training.pretrain import launch
-
 if __name__ == "__main__":
+    # First, before torch and DeepSpeed load: a signal during start-up then ends the process
+    # with one line (training/interrupts.py).
+    from megatron_normformer.training import interrupts
+
+    interrupts.install("pretrain_bert.py")
+    from megatron_normformer.training.pretrain import launch
+
     launch(task="bert")

@@ -7,7 +7,12 @@
 
 See docs/training.md and examples/.
 """
-from megatron_normformer.training.pretrain import launch
-
 if __name__ == "__main__":
+    # First, before torch and DeepSpeed load: a signal during start-up then ends the process
+    # with one line (training/interrupts.py).
+    from megatron_normformer.training import interrupts
+
+    interrupts.install("pretrain_gpt.py")
+    from megatron_normformer.training.pretrain import launch
+
     launch()

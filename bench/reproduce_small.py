@@ -61,12 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seq-length", type=int, default=128)
     m.add_argument("--micro-batch-size", type=int, default=8)
     m.add_argument("--dropout", type=float, default=0.0, help="hidden and attention dropout")
-    m.add_argument("--lr-baseline", type=float, default=1e-3, help="Pre-LN peak LR (paper, 125M)")
-    m.add_argument("--lr-normformer", type=float, default=3e-3, help="NormFormer peak LR (paper, 125M)")
+    m.add_argument("--lr-baseline", type=float, nargs="+", default=[1e-3, 3e-3],
+                   help="Pre-LN peak LR(s); with several, each is run for every seed and the one "
+                        "with the lowest mean final perplexity is compared (default 1e-3 3e-3: "
+                        "the paper tuned both models' LRs, Table 1)")
+    m.add_argument("--lr-normformer", type=float, nargs="+", default=[1e-3, 3e-3],
+                   help="NormFormer peak LR(s), chosen the same way (default 1e-3 3e-3)")
     m.add_argument("--warmup-fraction", type=float, default=0.05, help="warm-up steps / run steps")
     r = p.add_argument_group("budget")
     r.add_argument("--max-seconds", type=float, default=100.0,
                    help="training wall-clock of every run (equal compute); default 100")
+    r.add_argument("--iters", type=int, nargs=2, metavar=("PRELN", "NORMFORMER"), default=None,
+                   help="give each variant this many iterations instead of --max-seconds / step time "
+                        "(the compute axis still uses the step times)")
     r.add_argument("--seeds", type=int, default=3)
     r.add_argument("--evals", type=int, default=16, help="validation points per run")
     r.add_argument("--eval-iters", type=int, default=4, help="batches per validation")
@@ -168,14 +175,17 @@ def measure_step_ms(args, vocab: int, data: List[str]) -> Dict[str, float]:
             "overhead_pct_interleaved": out["overhead_pct"]}
 
 
-def train_one(args, variant: str, seed: int, iters: int, data: List[str], tag: str = "") -> List[Dict]:
-    """One pretrain_gpt.py run; returns its metrics-file records (no evaluation when ``tag``)."""
+def train_one(args, variant: str, seed: int, iters: int, data: List[str], tag: str = "",
+              lr: Optional[float] = None) -> List[Dict]:
+    """One pretrain_gpt.py run; returns its metrics-file records (no evaluation when ``tag``).
+    ``lr``: the peak LR (default: the variant's first ``--lr-*``)."""
     os.makedirs(os.path.join(args.output_dir, "runs"), exist_ok=True)
-    stem = os.path.join(args.output_dir, "runs", f"{tag}{variant}_seed{seed}")
+    if lr is None:
+        lr = (args.lr_normformer if variant == "normformer" else args.lr_baseline)[0]
+    stem = os.path.join(args.output_dir, "runs", f"{tag}{variant}_lr{lr:g}_seed{seed}")
     metrics = stem + ".jsonl"
     if os.path.exists(metrics):
         os.remove(metrics)
-    lr = args.lr_normformer if variant == "normformer" else args.lr_baseline
     eval_interval = max(1, iters // args.evals) if not tag else 5
     cmd = [sys.executable, os.path.join(ROOT, "pretrain_gpt.py")] + model_flags(args) + data + [
         "--micro-batch-size", str(args.micro_batch_size), "--train-iters", str(iters),
@@ -277,9 +287,12 @@ def run(argv=None) -> Dict:
         step_ms = dict(zip(VARIANTS, args.step_ms))
     else:
         step_ms = measure_step_ms(args, vocab, data)
-    iters = {v: max(2, int(args.max_seconds * 1000 / step_ms[v])) for v in VARIANTS}
+    if args.iters:
+        iters = dict(zip(VARIANTS, args.iters))
+    else:
+        iters = {v: max(2, int(args.max_seconds * 1000 / step_ms[v])) for v in VARIANTS}
     print(f"step time: Pre-LN {step_ms['preln']:.1f} ms, NormFormer {step_ms['normformer']:.1f} ms "
-          f"-> {iters['preln']} vs {iters['normformer']} iterations in {args.max_seconds:.0f} s", flush=True)
+          f"-> {iters['preln']} vs {iters['normformer']} iterations", flush=True)
 
     from megatron_normformer.config import ModelConfig
     from megatron_normformer.training.metrics import flops_per_iteration
@@ -292,25 +305,34 @@ def run(argv=None) -> Dict:
                           scale_attn=nf, scale_fc=nf, scale_heads=nf, scale_resids=nf)
         flops[v] = flops_per_iteration(cfg, args.micro_batch_size, args.seq_length, cfg.padded_vocab_size(1))
 
-    jobs = [(v, 1234 + s)
-            for s in range(args.seeds) for v in VARIANTS]
+    lrs = {"preln": args.lr_baseline, "normformer": args.lr_normformer}
+    jobs = [(v, lr, 1234 + s) for s in range(args.seeds) for v in VARIANTS for lr in lrs[v]]
     with ThreadPoolExecutor(max_workers=max(1, args.parallel_runs)) as pool:
-        futures = {job: pool.submit(train_one, args, job[0], job[1], iters[job[0]], data) for job in jobs}
+        futures = {job: pool.submit(train_one, args, job[0], job[2], iters[job[0]], data, lr=job[1])
+                   for job in jobs}
         records = {job: f.result() for job, f in futures.items()}
-    curves = {v: [curve(records[(v, s)], step_ms[v], flops[v]) for (vv, s) in jobs if vv == v] for v in VARIANTS}
+    sweep = {v: {lr: [curve(records[(v, lr, s)], step_ms[v], flops[v])
+                      for (vv, ll, s) in jobs if (vv, ll) == (v, lr)] for lr in lrs[v]} for v in VARIANTS}
+    # Each variant at its own best peak LR (lowest mean final perplexity over the seeds).
+    best_lr = {v: min(lrs[v], key=lambda lr: statistics.fmean(c["ppl"][-1] for c in sweep[v][lr]))
+               for v in VARIANTS}
+    curves = {v: sweep[v][best_lr[v]] for v in VARIANTS}
     summary = summarize(curves)
+    summary["lr_sweep"] = {v: {f"{lr:g}": dict(zip(("final_ppl_mean", "final_ppl_std"),
+                                                   mean_std([c["ppl"][-1] for c in sweep[v][lr]])))
+                               for lr in lrs[v]} for v in VARIANTS}
     result = dict(command=" ".join([os.path.basename(sys.argv[0])] + list(argv if argv is not None else sys.argv[1:])),
                   machine=_machine(), threads_per_run=args.threads, parallel_runs=args.parallel_runs,
                   max_seconds=args.max_seconds, step_ms=step_ms, iterations=iters, flops_per_iter=flops,
-                  lr={"preln": args.lr_baseline, "normformer": args.lr_normformer},
-                  seeds=[s for (v, s) in jobs if v == "preln"], vocab_size=vocab,
+                  lr=best_lr, lrs_tried=lrs,
+                  seeds=sorted({s for (v, lr, s) in jobs}), vocab_size=vocab,
                   model=dict(num_layers=args.num_layers, hidden_size=args.hidden_size,
                              num_attention_heads=args.num_attention_heads, seq_length=args.seq_length,
                              micro_batch_size=args.micro_batch_size, dropout=args.dropout),
                   curves=curves, summary=summary, elapsed_s=time.time() - started)
     png = os.path.join(args.output_dir, "reproduce_small.png")
-    title = (f"{args.num_layers}x{args.hidden_size}, {args.seeds} seed(s), {args.max_seconds:.0f} s per run, "
-             f"LR {args.lr_baseline:g} / {args.lr_normformer:g}")
+    title = (f"{args.num_layers}x{args.hidden_size}, {args.seeds} seed(s), {iters['preln']} / "
+             f"{iters['normformer']} steps, best LR {best_lr['preln']:g} / {best_lr['normformer']:g}")
     plot(summary, png, title)
     with open(os.path.join(args.output_dir, "reproduce_small.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -327,9 +349,12 @@ def _machine() -> str:
 def report(r: Dict) -> str:
     s = r["summary"]
     lines = [f"machine: {r['machine']}, {r['threads_per_run']} thread(s) per run, {r['parallel_runs']} runs at once",
-             f"equal wall-clock: {r['max_seconds']:.0f} s per run = {r['iterations']['preln']} Pre-LN / "
-             f"{r['iterations']['normformer']} NormFormer iterations "
-             f"(step {r['step_ms']['preln']:.1f} / {r['step_ms']['normformer']:.1f} ms)"]
+             f"equal compute: {r['iterations']['preln']} Pre-LN / {r['iterations']['normformer']} NormFormer "
+             f"iterations (step {r['step_ms']['preln']:.1f} / {r['step_ms']['normformer']:.1f} ms)"]
+    for v, name in (("preln", "Pre-LN"), ("normformer", "NormFormer")):
+        tried = ", ".join(f"{lr}: {x['final_ppl_mean']:.2f} ± {x['final_ppl_std']:.2f}"
+                          for lr, x in s["lr_sweep"][v].items())
+        lines.append(f"{name:10s} LR sweep, final val ppl (mean ± std): {tried} -> best {r['lr'][v]:g}")
     for v, name in (("preln", "Pre-LN"), ("normformer", "NormFormer")):
         per_seed = ", ".join(f"{p:.2f}" for p in s[v]["final_ppl"])
         lines.append(f"{name:10s} final val ppl {s[v]['final_ppl_mean']:.2f} ± {s[v]['final_ppl_std']:.2f} "

@@ -13,6 +13,7 @@ import dataclasses
 from megatron_normformer.config import (
     ACTIVATIONS,
     HEAD_SCALE_POSITIONS,
+    INIT_SCHEMES,
     MODEL_SIZE_PRESETS,
     POSITION_EMBEDDING_TYPES,
     ConfigError,
@@ -43,8 +44,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help=_help("position_embedding_type"))
     g.add_argument("--head-scale-position", choices=HEAD_SCALE_POSITIONS, default=None,
                    help=_help("head_scale_position"))
+    g.add_argument("--init-scheme", choices=INIT_SCHEMES, default=None, help=_help("init_scheme"))
     for name in ("untie_embeddings_and_output_weights", "scale_embedding"):
         g.add_argument("--" + name.replace("_", "-"), action="store_true", default=None, help=_help(name))
+    g.add_argument("--no-scale-embedding", action="store_false", dest="scale_embedding", default=None,
+                   help="Do not scale token embeddings by sqrt(hidden) (fairseq's flag).")
 
     n = parser.add_argument_group("NormFormer (fairseq flag names)")
     for name in ("scale_attn", "scale_fc", "scale_heads", "scale_resids"):
@@ -84,7 +88,11 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int | None = No
             values[name] = given
     if vocab_size is not None:
         values["vocab_size"] = vocab_size
-    return ModelConfig(**values).validate(getattr(args, "tensor_model_parallel_size", 1))
+    cfg = ModelConfig(**values)
+    if getattr(args, "init_method_std", None) is not None and cfg.init_scheme != "megatron":
+        raise ConfigError(f"--init-method-std sets Megatron's initialisation; this model uses "
+                          f"--init-scheme {cfg.init_scheme} (add --init-scheme megatron)")
+    return cfg.validate(getattr(args, "tensor_model_parallel_size", 1))
 
 
 def parallel_config_from_args(args: argparse.Namespace) -> ParallelConfig:

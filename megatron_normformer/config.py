@@ -14,6 +14,7 @@ from typing import Optional
 ACTIVATIONS = ("gelu", "relu", "relu_squared")
 POSITION_EMBEDDING_TYPES = ("sinusoidal", "learned")
 HEAD_SCALE_POSITIONS = ("pre-proj", "post-proj")
+INIT_SCHEMES = ("fairseq", "megatron")
 
 
 class ConfigError(ValueError):
@@ -63,17 +64,27 @@ class ModelConfig:
     """Dropout on the attention probabilities (``--attention-dropout``)."""
     layernorm_epsilon: float = 1e-5
     """Epsilon of every LayerNorm (``--layernorm-epsilon``)."""
+    init_scheme: Optional[str] = None
+    """Initial weights (``--init-scheme``): ``fairseq`` is the paper's model (fairseq transformer_lm:
+    token embeddings N(0, d^-0.5) scaled by sqrt(d), xavier-uniform attention, nn.Linear-default FFN;
+    the causal LM's default); ``megatron`` is N(0, --init-method-std) everywhere with W_O, W_2 at
+    std / sqrt(2 L) and no embedding scale (the masked LM's default). See docs/model.md."""
     init_method_std: float = 0.02
-    """Standard deviation of the normal initialisation (``--init-method-std``). Output projections
-    (W_O, W_2) use std / sqrt(2 * num_layers), as in Megatron."""
-    scale_embedding: bool = False
-    """Multiply token embeddings by sqrt(hidden) as fairseq does (``--scale-embedding``)."""
+    """Standard deviation of ``--init-scheme megatron``'s normal initialisation
+    (``--init-method-std``); output projections (W_O, W_2) use std / sqrt(2 * num_layers)."""
+    scale_embedding: Optional[bool] = None
+    """Multiply token embeddings by sqrt(hidden) (``--scale-embedding`` / fairseq's
+    ``--no-scale-embedding``); on exactly when ``--init-scheme`` is fairseq unless a flag says."""
     bidirectional: bool = False
     """Bidirectional attention with a padding mask (masked LM) instead of causal attention."""
 
     def __post_init__(self):
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
+        if self.init_scheme is None:
+            self.init_scheme = "megatron" if self.bidirectional else "fairseq"
+        if self.scale_embedding is None:
+            self.scale_embedding = self.init_scheme == "fairseq"
 
     @property
     def head_dim(self) -> int:
@@ -125,6 +136,9 @@ class ModelConfig:
             raise ConfigError(
                 f"--head-scale-position must be one of {', '.join(HEAD_SCALE_POSITIONS)}, "
                 f"got {self.head_scale_position!r}")
+        if self.init_scheme not in INIT_SCHEMES:
+            raise ConfigError(
+                f"--init-scheme must be one of {', '.join(INIT_SCHEMES)}, got {self.init_scheme!r}")
         if self.position_embedding_type == "sinusoidal" and self.hidden_size % 2:
             raise ConfigError(
                 f"--hidden-size ({self.hidden_size}) must be even for sinusoidal positions")
@@ -143,7 +157,9 @@ class ModelConfig:
         unknown = set(d) - names
         if unknown:
             raise ConfigError(f"unknown model config fields: {sorted(unknown)}")
-        return cls(**d)
+        # Configs saved before --init-scheme existed describe Megatron-initialised models and name
+        # their embedding scale explicitly.
+        return cls(**{"init_scheme": "megatron", **d})
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,7 @@ def test_reproduce_small_writes_png_and_json(tmp_path):
     result = reproduce_small(["--mock-data", "--vocab-size", "256", "--num-layers", "1", "--hidden-size", "32",
                               "--num-attention-heads", "2", "--seq-length", "16", "--micro-batch-size", "2",
                               "--max-seconds", "0.2", "--step-ms", "10", "11", "--seeds", "1",
+                              "--lr-baseline", "1e-3", "3e-2", "--lr-normformer", "3e-3",
                               "--evals", "2", "--eval-iters", "1", "--output-dir", str(out)])
     png, js = out / "reproduce_small.png", out / "reproduce_small.json"
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
@@ -113,4 +114,29 @@ def test_reproduce_small_writes_png_and_json(tmp_path):
         assert saved["curves"][v][0]["flops"][-1] == saved["iterations"][v] * saved["flops_per_iter"][v]
     assert s["final_ppl_diff"]["mean"] == pytest.approx(s["normformer"]["final_ppl"][0] - s["preln"]["final_ppl"][0])
     assert result["summary"] == s
-    assert os.path.exists(out / "runs" / "normformer_seed1234.jsonl")
+    assert os.path.exists(out / "runs" / "normformer_lr0.003_seed1234.jsonl")
+    # Pre-LN ran at both LRs; the comparison uses the one with the lower final perplexity.
+    sweep = s["lr_sweep"]["preln"]
+    assert set(sweep) == {"0.001", "0.03"} and s["lr_sweep"]["normformer"].keys() == {"0.003"}
+    best = min(sweep, key=lambda lr: sweep[lr]["final_ppl_mean"])
+    assert saved["lr"]["preln"] == float(best) and s["preln"]["final_ppl_mean"] == sweep[best]["final_ppl_mean"]
+
+
+def test_quality_plain_loop_matches_the_framework_from_the_same_init(tmp_path):
+    """bench/quality.py: our Pre-LN trained by pretrain_gpt.py and the same model and initial
+    weights trained by a plain PyTorch loop end at the same held-out loss; the nanoGPT-style
+    reference is scored on the same tokens."""
+    from bench.quality import run as quality
+    from train_utils import make_null_dataset
+
+    prefix = make_null_dataset(str(tmp_path), vocab=128, docs=200)
+    out = quality(["--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", "128",
+                   "--split", "90,10,0", "--num-layers", "1", "--hidden-size", "32",
+                   "--num-attention-heads", "2", "--seq-length", "16", "--micro-batch-size", "4",
+                   "--iters", "12", "--lr-warmup-iters", "2", "--lr", "3e-3",
+                   "--variants", "reference,plain,preln", "--output-dir", str(tmp_path / "q")])
+    loss = out["valid_loss"]
+    assert loss["plain"] == pytest.approx(loss["preln"], rel=1e-4)
+    assert abs(loss["reference"] - loss["preln"]) > 1e-3  # a different model, really trained
+    saved = json.loads((tmp_path / "q" / "quality.json").read_text())
+    assert saved["minus_reference"]["preln"] == pytest.approx(loss["preln"] - loss["reference"])

@@ -121,7 +121,10 @@ def test_tool_prints_what_generate_returns(release, tmp_path):
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [r["tokens"] for r in rows] == expected
-    assert [r["text"] for r in rows] == [tok.decode(t) for t in expected]
+    # The text is the continuation decoded in context (word-initial spaces kept).
+    in_context = [tok.decode(tok.encode(t) + e)[len(tok.decode(tok.encode(t))):] for t, e in zip(texts, expected)]
+    assert [r["text"] for r in rows] == in_context
+    assert [r["text"].strip() for r in rows] == [tok.decode(e).strip() for e in expected]
 
     (tmp_path / "prompts.txt").write_text("\n".join(texts) + "\n")
     from_file = run_tool("generate.py", *tool_args(release, "--prompt-file", tmp_path / "prompts.txt",

@@ -24,6 +24,7 @@ CONFIGS = {
     "head_scale_post_proj": dict(NORMFORMER, head_scale_position="post-proj"),
     "learned_untied_scaled": dict(NORMFORMER, position_embedding_type="learned",
                                   untie_embeddings_and_output_weights=True, scale_embedding=True),
+    "megatron_init": dict(NORMFORMER, init_scheme="megatron"),
 }
 
 

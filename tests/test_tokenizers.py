@@ -40,6 +40,20 @@ def test_sentencepiece_round_trip_and_specials(sp_model):
     assert tok.mask not in tok.encode("<mask> <s> </s>")  # control symbols never come from text
 
 
+def test_characters_outside_the_vocabulary_round_trip_as_bytes(sp_model, tmp_path):
+    tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=sp_model)
+    text = "PY_MAJOR_VERSION \u2713 \u00e9t\u00e9 \u65e5\u672c"  # rare capitals, a check mark, CJK
+    assert tok.decode(tok.encode(text)) == text
+    # Without byte fallback the same text loses characters to <unk> ("\u2047").
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train_tokenizer.py"), "--input",
+                           os.path.join(os.path.dirname(sp_model), "demo.jsonl"), "--vocab-size", "800",
+                           "--model-type", "unigram", "--no-byte-fallback",
+                           "--output-prefix", str(tmp_path / "nobytes")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    plain = build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(tmp_path / "nobytes.model"))
+    assert "\u2047" in plain.decode(plain.encode(text))
+
+
 def write_bpe(tmp_path):
     vocab = {"h": 0, "e": 1, "l": 2, "o": 3, "\u0120": 4, "he": 5, "ll": 6, "hell": 7, "hello": 8,
              "\u0120h": 9, "<|endoftext|>": 10, "\u00c3": 11, "\u00a9": 12, "\u00c3\u00a9": 13}

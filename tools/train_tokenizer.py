@@ -43,7 +43,7 @@ def iter_lines(path: str, json_keys: Sequence[str]) -> Iterator[str]:
 
 def train(input_path: str, output_prefix: str, vocab_size: int, model_type: str,
           json_keys: Sequence[str] = ("text",), character_coverage: float = 0.9995,
-          max_sentences: int = 2_000_000) -> str:
+          max_sentences: int = 2_000_000, byte_fallback: bool = True) -> str:
     """Train and write ``{output_prefix}.model`` (and ``.vocab``); returns the model path."""
     import sentencepiece
 
@@ -55,6 +55,9 @@ def train(input_path: str, output_prefix: str, vocab_size: int, model_type: str,
         vocab_size=vocab_size,
         model_type=model_type,
         character_coverage=character_coverage,
+        # Characters outside the vocabulary become their UTF-8 bytes (<0x..> pieces), so every
+        # text round-trips instead of decoding as the unknown piece.
+        byte_fallback=byte_fallback,
         control_symbols=CONTROL_SYMBOLS,
         input_sentence_size=max_sentences,
         shuffle_input_sentence=False,
@@ -73,13 +76,16 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
     parser.add_argument("--character-coverage", type=float, default=0.9995)
+    parser.add_argument("--no-byte-fallback", action="store_false", dest="byte_fallback",
+                        help="Map characters outside the vocabulary to <unk> instead of their UTF-8 "
+                             "bytes (byte fallback needs 256 of the --vocab-size pieces)")
     args = parser.parse_args(argv)
     if not os.path.isfile(args.input):
         print(f"error: --input {args.input}: file not found", file=sys.stderr)
         return 1
     try:
         model = train(args.input, args.output_prefix, args.vocab_size, args.model_type,
-                      args.json_keys, args.character_coverage)
+                      args.json_keys, args.character_coverage, byte_fallback=args.byte_fallback)
     except (ValueError, RuntimeError) as error:
         print(f"error: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
         return 1

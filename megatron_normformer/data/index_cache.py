@@ -16,6 +16,8 @@ from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
+from megatron_normformer.training import interrupts
+
 logger = logging.getLogger(__name__)
 
 Barrier = Callable[[], None]
@@ -76,12 +78,20 @@ def cached_arrays(
     if _is_rank_zero() and not all(os.path.isfile(p) for p in paths.values()):
         os.makedirs(cache_dir, exist_ok=True)
         logger.info("building %s index arrays into %s", name, cache_dir)
-        arrays = build()
-        for key in keys:
-            _save_atomic(paths[key], arrays[key])
-        with open(description_path, "w") as f:
-            json.dump(description, f, indent=2, sort_keys=True)
-    barrier()
+        with interrupts.waiting(f"building the {name} index arrays in {cache_dir}"):
+            arrays = build()
+            for key in keys:
+                _save_atomic(paths[key], arrays[key])
+            with open(description_path, "w") as f:
+                json.dump(description, f, indent=2, sort_keys=True)
+    if _is_rank_zero():
+        wait = (f"waiting for the other ranks at the {name} index barrier",
+                "a rank has not reached it yet (see that rank's output)")
+    else:
+        wait = (f"waiting for rank 0 to write the {name} index arrays to {cache_dir}",
+                "every other rank waits here while rank 0 builds them")
+    with interrupts.waiting(*wait):
+        barrier()
     missing = [p for p in paths.values() if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(

@@ -12,14 +12,14 @@ cached so far; ``x`` then holds only the new positions. Without a cache nothing 
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron_normformer.config import ModelConfig
-from megatron_normformer.parallel.layers import ColumnParallelLinear, InitSpec, RowParallelLinear, mark_parallel
+from megatron_normformer.model.initialization import WeightInit
+from megatron_normformer.parallel.layers import ColumnParallelLinear, RowParallelLinear, mark_parallel
 from megatron_normformer.parallel.random import get_rng_tracker
 
 
@@ -42,14 +42,14 @@ class ParallelAttention(nn.Module):
         self.local_heads = cfg.num_attention_heads // tp
         self.head_dim = cfg.head_dim
         prefix = f"layers.{layer_number}.attention"
-        out_std = cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
+        init = WeightInit(cfg, seed)
         groups = (pstate.tp_group, pstate.tp_rank, tp)
-        self.qkv = ColumnParallelLinear(
-            cfg.hidden_size, 3 * cfg.hidden_size, *groups, device=device,
-            init=InitSpec(seed, f"{prefix}.qkv.weight", cfg.init_method_std,
-                          logical_shape=(cfg.num_attention_heads, 3, self.head_dim, cfg.hidden_size)))
+        weight, bias = init.qkv(f"{prefix}.qkv")
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, *groups, device=device,
+                                        init=weight, bias_init=bias)
+        weight, bias = init.attention_output(f"{prefix}.dense")
         self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, *groups, device=device,
-                                       init=InitSpec(seed, f"{prefix}.dense.weight", out_std))
+                                       init=weight, bias_init=bias)
         if cfg.scale_heads:
             # HeadScale gamma (init 1): sharded with the heads before W_O, replicated after it.
             pre = cfg.head_scale_position == "pre-proj"

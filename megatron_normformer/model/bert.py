@@ -18,7 +18,8 @@ from megatron_normformer.model.embeddings import Embedding
 from megatron_normformer.model.layer import NormFormerLayer, forward_layers
 from megatron_normformer.model.norms import LayerNorm
 from megatron_normformer.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megatron_normformer.parallel.init import init_normal_
+from megatron_normformer.model.initialization import WeightInit
+from megatron_normformer.parallel.init import fill_shard
 from megatron_normformer.parallel.layers import mark_parallel, mark_vocab
 from megatron_normformer.parallel.mappings import copy_to_tensor_parallel, gather_from_tensor_parallel
 
@@ -27,11 +28,15 @@ class _Dense(nn.Module):
     """Replicated h x h linear layer, initialised inside its own ``__init__`` (ZeRO-3's zero.Init
     partitions a module's parameters as soon as its constructor returns)."""
 
-    def __init__(self, d: int, seed: int, std: float, device=None):
+    def __init__(self, cfg: ModelConfig, seed: int, device=None):
         super().__init__()
+        d = cfg.hidden_size
         self.weight = mark_parallel(nn.Parameter(torch.empty(d, d, device=device)), None)
         self.bias = mark_parallel(nn.Parameter(torch.zeros(d, device=device)), None)
-        init_normal_(self.weight, seed, "lm_head.dense.weight", (d, d), std)
+        weight, bias = WeightInit(cfg, seed).linear("lm_head.dense", d, output=False)
+        fill_shard(self.weight, weight, (d, d))
+        if bias is not None:
+            fill_shard(self.bias, bias, (d,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -44,7 +49,7 @@ class RobertaLMHead(nn.Module):
         padded = cfg.padded_vocab_size(pstate.tp_size)
         self.vocab_start = pstate.tp_rank * (padded // pstate.tp_size)
         d = cfg.hidden_size
-        self.dense = _Dense(d, seed, cfg.init_method_std, device)
+        self.dense = _Dense(cfg, seed, device)
         self.layernorm = LayerNorm(d, cfg.layernorm_epsilon, device)
         self.bias = mark_vocab(nn.Parameter(torch.zeros(padded // pstate.tp_size, device=device)))
 

@@ -9,8 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron_normformer.config import ModelConfig
-from megatron_normformer.parallel.layers import InitSpec, VocabParallelEmbedding, mark_parallel
-from megatron_normformer.parallel.init import init_normal_
+from megatron_normformer.model.initialization import WeightInit
+from megatron_normformer.parallel.init import fill_shard
+from megatron_normformer.parallel.layers import VocabParallelEmbedding, mark_parallel
 
 
 def sinusoidal_positions(num_positions: int, dim: int) -> torch.Tensor:
@@ -29,16 +30,17 @@ class Embedding(nn.Module):
     def __init__(self, cfg: ModelConfig, pstate, seed: int, device=None):
         super().__init__()
         self.cfg = cfg
+        init = WeightInit(cfg, seed)
         self.word_embeddings = VocabParallelEmbedding(
             cfg.padded_vocab_size(pstate.tp_size), cfg.vocab_size, cfg.hidden_size,
             pstate.tp_group, pstate.tp_rank, pstate.tp_size, device=device,
-            init=InitSpec(seed, "embedding.word_embeddings.weight", cfg.init_method_std))
+            init=init.embedding("embedding.word_embeddings.weight"))
         self.embed_scale = math.sqrt(cfg.hidden_size) if cfg.scale_embedding else 1.0
         if cfg.position_embedding_type == "learned":
             self.position_embeddings = mark_parallel(nn.Parameter(
                 torch.empty(cfg.max_position_embeddings, cfg.hidden_size, device=device)), None)
-            init_normal_(self.position_embeddings, seed, "embedding.position_embeddings.weight",
-                         self.position_embeddings.shape, cfg.init_method_std)
+            fill_shard(self.position_embeddings, init.embedding("embedding.position_embeddings.weight"),
+                       self.position_embeddings.shape)
         else:
             self.register_parameter("position_embeddings", None)
             self.register_buffer(

@@ -12,7 +12,9 @@ from megatron_normformer.model.embeddings import Embedding
 from megatron_normformer.model.layer import LayerRecompute, NormFormerLayer, forward_layers
 from megatron_normformer.model.norms import LayerNorm
 from megatron_normformer.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megatron_normformer.parallel.layers import InitSpec, fill_shard, mark_vocab
+from megatron_normformer.model.initialization import WeightInit
+from megatron_normformer.parallel.init import fill_shard
+from megatron_normformer.parallel.layers import mark_vocab
 from megatron_normformer.parallel.mappings import copy_to_tensor_parallel, gather_from_tensor_parallel
 
 
@@ -31,8 +33,8 @@ class LMHead(nn.Module):
         if cfg.untie_embeddings_and_output_weights:
             self.weight = mark_vocab(nn.Parameter(
                 torch.empty(padded // pstate.tp_size, cfg.hidden_size, device=device)))
-            fill_shard(self.weight, InitSpec(seed, "output_layer.weight", cfg.init_method_std),
-                  (padded, cfg.hidden_size), 0, pstate.tp_rank, pstate.tp_size)
+            fill_shard(self.weight, WeightInit(cfg, seed).embedding("output_layer.weight"),
+                       (padded, cfg.hidden_size), 0, pstate.tp_rank, pstate.tp_size)
         else:
             self.register_parameter("weight", None)
 

@@ -23,7 +23,9 @@ from megatron_normformer.model.layer import NormFormerLayer
 from megatron_normformer.model.norms import LayerNorm
 from megatron_normformer.model.pipeline import TIED_EMBEDDING_KEY, build_pipeline_module
 from megatron_normformer.parallel.cross_entropy import masked_mean, vocab_parallel_cross_entropy
-from megatron_normformer.parallel.layers import InitSpec, fill_shard, mark_vocab
+from megatron_normformer.model.initialization import WeightInit
+from megatron_normformer.parallel.init import fill_shard
+from megatron_normformer.parallel.layers import mark_vocab
 from megatron_normformer.parallel.mappings import copy_to_tensor_parallel
 
 
@@ -88,8 +90,8 @@ class UntiedOutputPipe(nn.Module):
         self.tp_group = pstate.tp_group
         padded = cfg.padded_vocab_size(pstate.tp_size)
         self.weight = mark_vocab(nn.Parameter(torch.empty(padded // pstate.tp_size, cfg.hidden_size)))
-        fill_shard(self.weight, InitSpec(seed, "output_layer.weight", cfg.init_method_std),
-              (padded, cfg.hidden_size), 0, pstate.tp_rank, pstate.tp_size)
+        fill_shard(self.weight, WeightInit(cfg, seed).embedding("output_layer.weight"),
+                   (padded, cfg.hidden_size), 0, pstate.tp_rank, pstate.tp_size)
 
     def forward(self, hidden):
         return F.linear(copy_to_tensor_parallel(hidden, self.tp_group), self.weight)

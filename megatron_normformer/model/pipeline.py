@@ -27,13 +27,13 @@ def build_pipeline_module(specs: Sequence, num_layers: int, pstate, loss_fn: Cal
                           activation_checkpoint_interval: int, checkpointable_layer: str):
     """A ``PipelineModule`` over ``specs`` (embedding, ``num_layers`` layers, the rest) cut by our
     stage rule over ``pstate``'s layout (TP fastest, then DP, then PP)."""
-    import deepspeed
-    import torch
     from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
+    from megatron_normformer.parallel.state import init_deepspeed_comm
+
     # PipelineModule talks through deepspeed.comm, which wraps the already-initialised torch group.
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    init_deepspeed_comm()
     counts = stage_layer_counts(num_layers, pstate.pp_size)
     bounds = [0]  # stage boundaries in the spec list: the embedding first, the rest last
     for s, n in enumerate(counts):

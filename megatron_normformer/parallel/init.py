@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -25,17 +26,24 @@ def _philox_key(seed: int, name: str) -> int:
     return int.from_bytes(digest[:16], "little")
 
 
+def _uniform_words(key: int, start: int, count: int) -> np.ndarray:
+    """Words [start, start + count) of the stream for ``key`` as 53-bit uniforms in (0, 1]."""
+    first_block = start // _VALUES_PER_COUNTER
+    skip = start - first_block * _VALUES_PER_COUNTER
+    bitgen = np.random.Philox(key=key)
+    bitgen.advance(first_block)
+    words = bitgen.random_raw(count + skip)[skip:]
+    # Never 0, so the Box-Muller log below is finite.
+    return ((words >> np.uint64(11)).astype(np.float64) + 1.0) * (1.0 / (1 << 53))
+
+
 def _standard_normal_range(key: int, start: int, count: int) -> np.ndarray:
     """Elements [start, start + count) of the standard-normal stream for ``key`` (float64)."""
     first_block = start // _VALUES_PER_COUNTER
     skip = start - first_block * _VALUES_PER_COUNTER
     n_words = count + skip
     n_words += (-n_words) % 2  # Box-Muller consumes words in pairs
-    bitgen = np.random.Philox(key=key)
-    bitgen.advance(first_block)
-    words = bitgen.random_raw(n_words)
-    # 53-bit uniforms in (0, 1]: never 0, so the log is finite.
-    u = ((words >> np.uint64(11)).astype(np.float64) + 1.0) * (1.0 / (1 << 53))
+    u = _uniform_words(key, first_block * _VALUES_PER_COUNTER, n_words)
     u1, u2 = u[0::2], u[1::2]
     radius = np.sqrt(-2.0 * np.log(u1))
     angle = 2.0 * np.pi * u2
@@ -45,13 +53,23 @@ def _standard_normal_range(key: int, start: int, count: int) -> np.ndarray:
     return z[skip:skip + count]
 
 
-def normal_shard(seed: int, name: str, full_shape: Sequence[int], std: float,
+def _symmetric_uniform_range(key: int, start: int, count: int) -> np.ndarray:
+    """Elements [start, start + count) of the U(-1, 1) stream for ``key`` (float64)."""
+    return 2.0 * _uniform_words(key, start, count) - 1.0
+
+
+DISTRIBUTIONS = {"normal": _standard_normal_range, "uniform": _symmetric_uniform_range}
+
+
+def random_shard(seed: int, name: str, full_shape: Sequence[int], scale: float,
                  partition_dim: Optional[int] = None, rank: int = 0, world: int = 1,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """This rank's shard of N(0, std^2) tensor ``name`` of shape ``full_shape``.
+                 dtype: torch.dtype = torch.float32, distribution: str = "normal") -> torch.Tensor:
+    """This rank's shard of random tensor ``name`` of shape ``full_shape``: N(0, scale^2) for
+    ``distribution="normal"``, U(-scale, scale) for ``"uniform"``.
 
     ``partition_dim`` is the dimension split evenly over ``world`` ranks (None: replicated).
     """
+    draw = DISTRIBUTIONS[distribution]
     full_shape = tuple(int(s) for s in full_shape)
     if partition_dim is None:
         partition_dim, world, rank = 0, 1, 0
@@ -66,21 +84,48 @@ def normal_shard(seed: int, name: str, full_shape: Sequence[int], std: float,
     flat = torch.empty(count, dtype=dtype)
     for offset in range(0, count, _CHUNK):
         n = min(_CHUNK, count - offset)
-        values = _standard_normal_range(key, start + offset, n) * std
+        values = draw(key, start + offset, n) * scale
         flat[offset:offset + n] = torch.from_numpy(values)
     # The stream is laid out with the partition dimension first; move it back into place.
     shard = flat.view(local, *rest)
     return shard.movedim(0, partition_dim).contiguous()
 
 
-def init_normal_(param: torch.Tensor, seed: int, name: str, full_shape: Sequence[int], std: float,
-                 partition_dim: Optional[int] = None, rank: int = 0, world: int = 1) -> torch.Tensor:
-    """Fill ``param`` (this rank's shard) in place; a no-op on the meta device."""
+def normal_shard(seed: int, name: str, full_shape: Sequence[int], std: float,
+                 partition_dim: Optional[int] = None, rank: int = 0, world: int = 1,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """This rank's shard of N(0, std^2) tensor ``name`` (see :func:`random_shard`)."""
+    return random_shard(seed, name, full_shape, std, partition_dim, rank, world, dtype)
+
+
+@dataclass
+class InitSpec:
+    """How to draw a weight: from the stream named ``name``, N(0, scale^2) (``normal``) or
+    U(-scale, scale) (``uniform``).
+
+    ``logical_shape`` describes the full tensor with its partition dimension first when the
+    physical layout interleaves several logical pieces (e.g. QKV as [heads, 3, head_dim, hidden]).
+    """
+
+    seed: int
+    name: str
+    scale: float
+    logical_shape: Optional[Sequence[int]] = None
+    distribution: str = "normal"
+
+
+def fill_shard(param: torch.Tensor, spec: InitSpec, full_shape: Sequence[int],
+               partition_dim: Optional[int] = None, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Fill ``param`` (this rank's shard of ``full_shape``) in place; a no-op on the meta device."""
     if param.device.type == "meta":
         return param
-    values = normal_shard(seed, name, full_shape, std, partition_dim, rank, world)
-    if tuple(values.shape) != tuple(param.shape):
-        raise ValueError(f"{name}: shard shape {tuple(values.shape)} != parameter {tuple(param.shape)}")
+    if spec.logical_shape is not None:
+        full_shape, partition_dim = spec.logical_shape, 0 if partition_dim is not None else None
+    values = random_shard(spec.seed, spec.name, full_shape, spec.scale, partition_dim, rank, world,
+                          distribution=spec.distribution)
+    if values.numel() != param.numel():
+        raise ValueError(f"{spec.name}: shard of {values.numel()} values for a parameter of shape "
+                         f"{tuple(param.shape)}")
     with torch.no_grad():
-        param.copy_(values.to(device=param.device, dtype=param.dtype))
+        param.copy_(values.reshape(param.shape).to(device=param.device, dtype=param.dtype))
     return param

@@ -10,14 +10,13 @@ Replicated parameters have ``tensor_model_parallel = False``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron_normformer.parallel.init import normal_shard
+from megatron_normformer.parallel.init import InitSpec, fill_shard
 from megatron_normformer.parallel.mappings import (
     copy_to_tensor_parallel,
     gather_from_tensor_parallel,
@@ -38,36 +37,13 @@ def mark_vocab(param: torch.Tensor) -> torch.Tensor:
     return param
 
 
-@dataclass
-class InitSpec:
-    """How to draw a weight: N(0, std^2) from the stream named ``name``.
-
-    ``logical_shape`` describes the full tensor with its partition dimension first when the
-    physical layout interleaves several logical pieces (e.g. QKV as [heads, 3, head_dim, hidden]).
-    """
-
-    seed: int
-    name: str
-    std: float
-    logical_shape: Optional[Sequence[int]] = None
-
-
-def fill_shard(param: torch.Tensor, spec: InitSpec, full_shape, partition_dim, rank, world):
-    if param.device.type == "meta":
-        return
-    if spec.logical_shape is not None:
-        values = normal_shard(spec.seed, spec.name, spec.logical_shape, spec.std, 0, rank, world)
-    else:
-        values = normal_shard(spec.seed, spec.name, full_shape, spec.std, partition_dim, rank, world)
-    with torch.no_grad():
-        param.copy_(values.reshape(param.shape).to(device=param.device, dtype=param.dtype))
-
-
 class _ParallelLinear(nn.Module):
     partition_dim: int  # of the [out, in] weight
 
     def __init__(self, input_size: int, output_size: int, tp_group, tp_rank: int, tp_size: int,
-                 init: InitSpec, bias: bool = True, device=None):
+                 init: InitSpec, bias: bool = True, bias_init: Optional[InitSpec] = None,
+                 device=None):
+        """``bias_init``: how to draw the bias (zeros when None)."""
         super().__init__()
         self.tp_group, self.tp_size = tp_group, tp_size
         full = (output_size, input_size)
@@ -77,8 +53,9 @@ class _ParallelLinear(nn.Module):
         fill_shard(self.weight, init, full, self.partition_dim, tp_rank, tp_size)
         if bias:
             bias_partition = 0 if self.partition_dim == 0 else None
-            n = local[0]
-            self.bias = mark_parallel(nn.Parameter(torch.zeros(n, device=device)), bias_partition)
+            self.bias = mark_parallel(nn.Parameter(torch.zeros(local[0], device=device)), bias_partition)
+            if bias_init is not None:
+                fill_shard(self.bias, bias_init, (output_size,), bias_partition, tp_rank, tp_size)
         else:
             self.register_parameter("bias", None)
 

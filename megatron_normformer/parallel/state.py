@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_normformer.config import ConfigError
+from megatron_normformer.training import interrupts
 
 
 @dataclass
@@ -159,10 +160,42 @@ def initialize_distributed(backend: Optional[str] = None, timeout_minutes: int =
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     if "nccl" in backend:
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+    interrupts.phase(
+        f"rendezvous of {launch.world_size} processes at {launch.master_addr}:{launch.master_port}",
+        f"waiting until every rank has joined (ranks that have not started, or cannot reach "
+        f"{launch.master_addr}:{launch.master_port}, keep this one waiting up to "
+        f"{timeout_minutes} min)")
     dist.init_process_group(backend=backend, init_method="env://", rank=launch.rank,
                             world_size=launch.world_size,
                             timeout=datetime.timedelta(minutes=timeout_minutes))
     return launch
+
+
+def _no_shm_op():
+    return None
+
+
+def init_deepspeed_comm() -> None:
+    """Let ``deepspeed.comm`` adopt the process group torch.distributed already has, without
+    DeepSpeed's shared-memory comm op.
+
+    On a CPU, DeepSpeed JIT-compiles that op (``deepspeed_shm_comm``, about 2 minutes on 2 cores)
+    the first time a process initialises ``deepspeed.comm``, under a file lock in
+    ``~/.cache/torch_extensions`` that an interrupted build leaves behind, blocking every later
+    launch. It serves only ``inference_all_reduce`` (DeepSpeed's inference tensor parallelism),
+    which training never calls: ZeRO's collectives and ours go to torch.distributed. So no launch
+    builds or loads it.
+    """
+    import importlib
+
+    import deepspeed
+
+    # By name: the attribute deepspeed.comm.torch is the torch package (a star import).
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(ds_torch_comm, "build_shm_op"):
+        ds_torch_comm.build_shm_op = _no_shm_op
+    interrupts.report_build_lock_waits()
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 def rank_grid(world_size: int, tp: int, pp: int):

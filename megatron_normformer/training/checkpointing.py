@@ -94,12 +94,17 @@ def layout_differences(meta: Dict, run_dict: Dict, world_size: int, load_dir: st
     """Why DeepSpeed's own files cannot be loaded here (empty: they can). A different model is an
     error naming the first differences; a different layout only reroutes the load."""
     saved, now = meta["run"], run_dict
+    # Dropout may change between runs; the init scheme only decided the weights the checkpoint
+    # replaces (checkpoints from before --init-scheme existed do not record it).
+    free = ("hidden_dropout", "attention_dropout", "init_scheme", "init_method_std")
     model_diffs = [f"{k}: checkpoint {saved['model'].get(k)!r} vs this run {v!r}"
-                   for k, v in now["model"].items()
-                   if k not in ("hidden_dropout", "attention_dropout") and saved["model"].get(k) != v]
+                   for k, v in now["model"].items() if k not in free and saved["model"].get(k) != v]
     if model_diffs:
+        hint = ""
+        if saved["model"].get("scale_embedding") is False and now["model"].get("scale_embedding"):
+            hint = " (add --no-scale-embedding to continue a model trained without the sqrt(d) scale)"
         raise ConfigError(f"--load {load_dir}: checkpoint does not match this run: "
-                          + "; ".join(model_diffs))
+                          + "; ".join(model_diffs) + hint)
     if meta.get("universal_only"):
         return ["converted checkpoint (no DeepSpeed files)"]
     diffs = []

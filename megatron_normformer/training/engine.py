@@ -8,6 +8,7 @@ import torch
 
 from megatron_normformer.config import ConfigError
 from megatron_normformer.parallel import random as tp_random
+from megatron_normformer.parallel.state import init_deepspeed_comm
 from megatron_normformer.training.config import RunConfig
 from megatron_normformer.training.schedule import LRSchedule
 from megatron_normformer.training.tasks import get_task
@@ -83,7 +84,7 @@ def build_engine(run: RunConfig, pstate, ds_config: Dict, task=None) -> Engine:
     task.validate(run)
     check_precision(run)
     # Adopt the process group we already created (zero.Init and friends read deepspeed.comm).
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    init_deepspeed_comm()
     stage = ds_config["zero_optimization"]["stage"]
     recompute = run.recompute()
     if recompute is not None:

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_normformer.training import checkpointing, diagnostics
+from megatron_normformer.training import checkpointing, diagnostics, interrupts
 from megatron_normformer.training.config import RunConfig
 from megatron_normformer.training.engine import Engine, build_engine
 from megatron_normformer.training.tasks import get_task
@@ -66,8 +66,12 @@ def micro_batches(dataset, consumed: int, total: int, run: RunConfig, pstate, ta
                                          persistent_workers=False,
                                          # its own generator: creating the iterator must not draw
                                          # from the global RNG, or a resumed run's dropout shifts
-                                         generator=torch.Generator().manual_seed(run.train.seed))
-    return _within_vocabulary(iter(loader), run.model.vocab_size, run.data.data_path)
+                                         generator=torch.Generator().manual_seed(run.train.seed),
+                                         # SIGTERM to the process group must not kill the workers:
+                                         # the trainer stops them after its last step
+                                         worker_init_fn=interrupts.quiet_worker_init if workers else None)
+    return _within_vocabulary(interrupts.quiet_workers_iter(loader), run.model.vocab_size,
+                              run.data.data_path)
 
 
 def _within_vocabulary(batches, vocab_size: int, data_path):
@@ -88,28 +92,35 @@ def _within_vocabulary(batches, vocab_size: int, data_path):
 # -- signals ----------------------------------------------------------------------------------
 
 class StopFlag:
-    """SIGTERM / SIGINT set a flag; the loop finishes the step, saves and exits. So does
-    ``--exit-duration-in-mins`` once that much time has passed since training started."""
+    """SIGTERM / SIGINT set a flag; the loop finishes the step, saves and exits. A second signal
+    (during the save) sets it again and changes nothing. ``--exit-duration-in-mins`` stops the
+    same way once that much time has passed since training started."""
 
     def __init__(self):
         self.signal_name: Optional[str] = None
+        interrupts.trainer_takes_signals()
         self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in interrupts.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.signal_name = signal.Signals(signum).name
 
     def agreed(self, out_of_time: bool = False) -> Optional[str]:
-        """Why to stop, the same on every rank: a signal any rank got, else ``out_of_time`` on any
-        rank ("exit-duration"), else None. One collective per iteration for both."""
-        flag = torch.tensor([1 if self.signal_name else 0, int(out_of_time)], dtype=torch.int32)
+        """Why to stop, the same on every rank: a signal any rank got (every rank then names the
+        same one), else ``out_of_time`` on any rank ("exit-duration"), else None. One collective
+        per iteration for both."""
+        mine = self.signal_name or interrupts.received_during_training()
+        flag = torch.tensor([interrupts.STOP_REASONS.index(mine) + 1 if mine else 0,
+                             int(out_of_time)], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag[0]:
-            return self.signal_name or "signal"
+            self.signal_name = interrupts.STOP_REASONS[int(flag[0]) - 1]
+            return self.signal_name
         return "exit-duration" if flag[1] else None
 
     def restore(self):
+        interrupts.finishing()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -236,6 +247,7 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
     writer_rank = world - 1
     run_dict = run.to_dict()
 
+    interrupts.phase("building the model and the DeepSpeed engine")
     e = build_engine(run, pstate, ds_config, task)
     state = dict(iteration=0, consumed_samples=0, consumed_tokens=0)
     load = run.ckpt.load
@@ -244,6 +256,8 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
         # resume yet. A --load elsewhere without a checkpoint stays an error.
         print_rank(f"> --load {load}: no checkpoint yet; starting from scratch")
         load = None
+    if load:
+        interrupts.phase(f"loading the checkpoint in {run.ckpt.load}")
     if load and run.ckpt.finetune:
         # Megatron's --finetune: the weights only; iteration, data position, optimizer, schedule
         # and RNG streams start as in a new run.
@@ -255,6 +269,7 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
             load_rng=not run.ckpt.no_load_rng,
             materialize_optimizer_state=lambda: warmup_step(e, run, gas, pstate, task))
         print_rank(f"> resumed from {run.ckpt.load} at iteration {state['iteration']}")
+    interrupts.phase("building the datasets")
     datasets = build_datasets(run, total_samples, run.log.eval_iters * global_batch,
                               vocab_size, task)
     train_ds, valid_ds, test_ds = datasets
@@ -388,7 +403,7 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
                 summary["stopped_by"] = reason
                 save()
                 why = (f"--exit-duration-in-mins {limit} reached" if reason == "exit-duration"
-                       else f"{reason} received")
+                       else reason + (" received" if reason.startswith("SIG") else ""))
                 print_rank(f"> {why}: stopped after iteration {it}"
                            + (f", checkpoint in {run.ckpt.save}" if run.ckpt.save else
                               " (no --save: nothing saved)"))

@@ -9,6 +9,7 @@ from typing import Dict, List, NoReturn, Optional, Set
 
 from megatron_normformer.arguments import build_pretrain_parser, run_config_from_args
 from megatron_normformer.config import ConfigError
+from megatron_normformer.training import interrupts
 from megatron_normformer.training.tasks import get_task
 
 
@@ -93,6 +94,7 @@ def main(argv: Optional[List[str]] = None, task=None) -> Dict:
     task = get_task(task)
     parser = build_pretrain_parser(task.description)
     try:
+        interrupts.phase("reading the flags and the tokenizer")
         args, run, user, explicit = resolve(parser, argv, task)
         if args.dry_run:
             from megatron_normformer.parallel.state import read_launch_env
@@ -135,6 +137,7 @@ def launch(task=None) -> NoReturn:
     process therefore leaves with os._exit once its output is flushed.
     """
     main(task=task)
+    interrupts.finishing()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
