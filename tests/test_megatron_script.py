@@ -2,7 +2,9 @@
 usual GPT-2 flags: GPT-2 BPE files without --tokenizer-type, --data-impl mmap, --split 949,50,1,
 --distributed-backend nccl, cosine decay with a warm-up fraction, a DeepSpeed config file,
 --checkpoint-activations, the fusion switches, --save and --load on one directory, ...) with the
-NormFormer switches added runs unchanged under the deepspeed launcher, on CPU with bf16 (fp16 is
+NormFormer switches added (and, since it passes --init-method-std, the init scheme that flag belongs
+to: the causal LM's default is fairseq's, and --init-method-std alone is refused) runs unchanged
+under the deepspeed launcher, on CPU with bf16 (fp16 is
 refused on CPU). Its second launch resumes from its own checkpoint; the end-of-document flags,
 the batch-size ramp and the samples-based schedule ride along."""
 import json
@@ -59,7 +61,7 @@ gpt_options=" \
         --save-interval 3 \
         --eval-interval 3 \
         --eval-iters 1 \
-        --exit-interval 3 \
+        --exit-interval 4 \
         --num-workers 0 \
         --seed 1234 \
         --bf16 \
@@ -77,6 +79,7 @@ gpt_options=" \
         --distributed-timeout-minutes 10 \
         --metrics-file $WORK/metrics.jsonl \
         --scale-attn --scale-fc --scale-heads \
+        --init-scheme megatron --position-embedding-type learned \
 "
 
 deepspeed_options=" \
@@ -140,13 +143,13 @@ def test_megatron_deepspeed_launch_script_runs_unchanged(tmp_path):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     outs = []
-    for _ in range(2):  # first launch: iterations 1-3 (--exit-interval 3); second: the rest
+    for _ in range(2):  # first launch: iterations 1-4 (--exit-interval 4); second: the rest
         done = subprocess.run(["bash", script], cwd=ROOT, env=dict(env, PORT=str(free_port())),
                               capture_output=True, text=True, timeout=400)
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
         outs.append(done.stdout)
     assert "no checkpoint yet; starting from scratch" in outs[0]
-    assert "resumed from" in outs[1] and "at iteration 3" in outs[1]
+    assert "resumed from" in outs[1] and "at iteration 4" in outs[1]
     with open(os.path.join(work, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if "lm_loss" in line]
     # Megatron's ramp (2 -> 8 in steps of 2, one per 8/3 samples) then 8 per iteration.
