@@ -149,7 +149,12 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     _add_dataclass_group(parser, "training", TrainingConfig)
     _add_dataclass_group(parser, "optimizer and learning-rate schedule", OptimizerConfig)
     _add_dataclass_group(parser, "data and tokenizer", DataConfig)
-    _add_dataclass_group(parser, "checkpointing", CheckpointConfig)
+    _add_dataclass_group(parser, "checkpointing", CheckpointConfig, {
+        # Megatron's spelling, with the underscore; the all-dashes one is accepted too.
+        "override_opt_param_scheduler": ["--override-opt_param-scheduler",
+                                         "--override-opt-param-scheduler"],
+        "use_checkpoint_opt_param_scheduler": ["--use-checkpoint-opt_param-scheduler",
+                                               "--use-checkpoint-opt-param-scheduler"]})
     _add_dataclass_group(parser, "logging", LoggingConfig)
     ds = _add_dataclass_group(parser, "DeepSpeed", DeepSpeedConfig,
                               {"deepspeed_config": ["--deepspeed_config", "--deepspeed-config"]})
@@ -160,10 +165,54 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                          "--pipeline-model-parallel-size is 1; with a larger value this flag is an error.")
     ds.add_argument("--local_rank", "--local-rank", type=int, default=None, dest="local_rank",
                     help="Set by the deepspeed launcher; the LOCAL_RANK environment variable wins.")
+    add_compatibility_args(parser)
     run = parser.add_argument_group("run")
     run.add_argument("--dry-run", "--print-config", action="store_true", dest="dry_run",
                      help="Validate the flags, print the resolved configuration as JSON and exit "
                           "without starting processes or training.")
+    return parser
+
+
+# Megatron-LM / Megatron-DeepSpeed flags that choose an implementation this code base does not
+# have a choice of (its fused kernels are torch's, picked by torch). A launch script passing them
+# runs unchanged; each is listed with its effect in docs/training.md.
+NO_EFFECT_SWITCHES = {
+    "--no-masked-softmax-fusion": "softmax fusion: SDPA's kernels are used",
+    "--no-bias-gelu-fusion": "bias-GeLU fusion",
+    "--no-bias-dropout-fusion": "bias-dropout fusion",
+    "--no-gradient-accumulation-fusion": "gradient-accumulation fusion",
+    "--no-persist-layer-norm": "persistent LayerNorm kernel",
+    "--no-async-tensor-model-parallel-allreduce": "asynchronous TP all-reduce",
+    "--use-flash-attn": "flash attention: SDPA picks it on GPUs when no mask is needed",
+    "--use-flash-attn-v2": "flash attention: SDPA picks it on GPUs when no mask is needed",
+    "--no-query-key-layer-scaling": "query-key layer scaling: softmax is computed in fp32 anyway",
+    "--apply-query-key-layer-scaling": "query-key layer scaling: softmax is computed in fp32 anyway",
+    "--attention-softmax-in-fp32": "SDPA accumulates the softmax in fp32",
+    "--accumulate-allreduce-grads-in-fp32": "DeepSpeed's gradient accumulation dtype applies",
+    "--fp16-lm-cross-entropy": "the vocab-parallel cross entropy runs in fp32",
+    "--log-timers-to-tensorboard": "timings are logged with every progress line",
+    "--log-batch-size-to-tensorboard": "the global batch size is always logged",
+    "--log-validation-ppl-to-tensorboard": "validation perplexity is always logged",
+    "--log-memory-to-tensorboard": "memory is not logged",
+    "--log-world-size-to-tensorboard": "the world size is printed at start",
+    "--deepspeed-activation-checkpointing": "recomputation always goes through DeepSpeed's checkpoint",
+    "--scattered-embeddings": "embeddings are vocabulary-parallel",
+    "--split-transformers": "layers are built whole",
+}
+
+
+def add_compatibility_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group(
+        "Megatron compatibility (accepted; see docs/training.md for what each means here)")
+    for flag, what in NO_EFFECT_SWITCHES.items():
+        g.add_argument(flag, action="store_true", help=f"No effect: {what}.")
+    g.add_argument("--distributed-backend", choices=("nccl", "gloo", "ccl", "hccl", "mpi"),
+                   default=None, help="No effect: NCCL on GPUs (with gloo beside it for host-side "
+                                      "collectives), gloo on CPUs.")
+    g.add_argument("--DDP-impl", choices=("local", "torch", "FSDP"), default=None,
+                   help="No effect: DeepSpeed's engine does the data-parallel reduction.")
+    g.add_argument("--tensorboard-queue-size", type=int, default=None,
+                   help="No effect: TensorBoard events are flushed at every log line.")
     return parser
 
 

@@ -34,10 +34,18 @@ def _losses(metrics):
     return {r["iteration"]: r["lm_loss"] for r in rows if "lm_loss" in r}
 
 
-def _run(cmds, timeout=240):
-    procs = [subprocess.Popen(c, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for c in cmds]
-    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+def _run(cmds, timeout=240, envs=None):
+    """Run the commands side by side (``envs``: extra variables per command); kill them all if
+    one does not finish in time."""
+    procs = [subprocess.Popen(c, cwd=ROOT, env={**_env(), **(e or {})}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for c, e in zip(cmds, envs or [None] * len(cmds))]
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
     return outs
@@ -91,3 +99,56 @@ def test_mpirun(reference, tmp_path):
     _run([[mpirun, *env_flags, "--oversubscribe", "-np", "2", "-x", "PATH",
            PYTHON, "pretrain_gpt.py", *_argv(m, tensor_model_parallel_size=2, zero_stage=1)]])
     _assert_same(_losses(m), reference)
+
+
+def _slurm_port():
+    """A free port that _slurm_port() derives from a job id (15000 + id % 20000)."""
+    import random
+    import socket
+
+    for _ in range(100):
+        port = random.randint(15000, 34999)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port in 15000-34999")
+
+
+def test_srun(reference, tmp_path):
+    """What srun gives each task (rank, task count, local id, a compressed node list whose first
+    host is this machine, the job id), nothing else: the ranks find each other from it."""
+    m = str(tmp_path / "m.jsonl")
+    job = _slurm_port() - 15000
+    cmds, envs = [], []
+    for task in (0, 1):
+        cmds.append([PYTHON, "pretrain_gpt.py", *_argv(m, tensor_model_parallel_size=2)])
+        envs.append({"SLURM_PROCID": str(task), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(task),
+                     "SLURM_JOB_NODELIST": "localhost,gpu-b[02-03]", "SLURM_JOB_ID": str(job)})
+    outs = _run(cmds, envs=envs)
+    assert "TP 2" in outs[0]
+    _assert_same(_losses(m), reference)
+
+
+def test_slurm_environment_is_read(monkeypatch):
+    from megatron_normformer.parallel.state import expand_hostlist, read_launch_env
+
+    assert expand_hostlist("node[01-03,7],gpu-a[1-2]") == [
+        "node01", "node02", "node03", "node7", "gpu-a1", "gpu-a2"]
+    assert expand_hostlist("r[1-2]-n[08-09]") == ["r1-n08", "r1-n09", "r2-n08", "r2-n09"]
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMPI_COMM_WORLD_RANK",
+                "PMI_RANK", "PMIX_RANK", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "node[07-10]")
+    monkeypatch.setenv("SLURM_JOB_ID", "123456")
+    env = read_launch_env()
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port,
+            env.launcher) == (5, 8, 1, "node07", 15000 + 123456 % 20000, "slurm")
+    monkeypatch.setenv("RANK", "0")  # torchrun inside an allocation: its variables win
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert read_launch_env().launcher == "env"

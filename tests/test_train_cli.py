@@ -21,6 +21,7 @@ def _dry(script, *extra, world=64):
 
 RECIPES = {  # script: (layers, hidden, lr, global batch, NormFormer flags, activation)
     "pretrain_gpt_125M.sh": (12, 768, 3e-3, 256, 4, "gelu"),
+    "pretrain_gpt_125M_slurm.sbatch": (12, 768, 3e-3, 256, 4, "gelu"),
     "pretrain_gpt_355M.sh": (24, 1024, 1e-3, 256, 4, "gelu"),
     "pretrain_gpt_1.3B.sh": (24, 2048, 6e-4, 512, 3, "gelu"),
     "pretrain_gpt_2.7B_relu_squared.sh": (32, 2560, 6e-4, 512, 3, "relu_squared"),

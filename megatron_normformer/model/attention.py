@@ -11,6 +11,8 @@ cached so far; ``x`` then holds only the new positions. Without a cache nothing 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,6 +21,16 @@ from megatron_normformer.config import ModelConfig
 from megatron_normformer.model.initialization import WeightInit
 from megatron_normformer.parallel.layers import ColumnParallelLinear, RowParallelLinear, mark_parallel
 from megatron_normformer.parallel.random import get_rng_tracker
+
+
+def document_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean [batch, 1, seq, seq] mask (True = may attend) of causal attention within documents:
+    position i sees position j <= i of the same segment. ``segment_ids`` [batch, seq] numbers the
+    documents of each row (``data/document_masks.py``)."""
+    same = segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1)
+    s = segment_ids.size(1)
+    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
+    return (same & causal).unsqueeze(1)
 
 
 class ParallelAttention(nn.Module):
@@ -45,32 +57,45 @@ class ParallelAttention(nn.Module):
             self.head_scale = mark_parallel(nn.Parameter(torch.ones(n, device=device)), 0 if pre else None)
         else:
             self.register_parameter("head_scale", None)
+        # Set by the trainer for selective recomputation: checkpoint(fn, *args) keeps only fn's
+        # inputs and reruns it in the backward pass.
+        self.recompute_core = None
+
+    def _core_attention(self, q, k, v, attention_mask, causal: bool) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + mask) v with attention dropout: what selective
+        recomputation (``--recompute-granularity selective``) recomputes."""
+        dropout = self.cfg.attention_dropout if self.training else 0.0
+        if dropout > 0.0:
+            with get_rng_tracker().fork():  # this rank's heads get their own dropout stream
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask,
+                                                      dropout_p=dropout, is_causal=causal)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=causal)
 
     def forward(self, x: torch.Tensor, attention_mask=None, kv_cache=None) -> torch.Tensor:
         """x: [batch, seq, hidden] (replicated) -> [batch, seq, hidden] (replicated).
 
         ``attention_mask``: None for causal attention, else a boolean [batch, 1, 1|seq, seq] mask
-        where True means "may attend" (bidirectional models with padding).
+        where True means "may attend": padding for bidirectional models, the block-diagonal causal
+        mask of :func:`document_causal_mask` for causal ones.
         ``kv_cache``: optional cache for incremental (causal) decoding; it supplies the mask.
         """
         b, s, _ = x.shape
         qkv = self.qkv(x).view(b, s, self.local_heads, 3, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # [b, heads, s, head_dim]
-        dropout = self.cfg.attention_dropout if self.training else 0.0
-        causal = not self.cfg.bidirectional
+        # A causal model's explicit mask already holds causality (document_causal_mask); without
+        # one SDPA's is_causal path (flash attention on GPUs) does the masking.
+        causal = not self.cfg.bidirectional and attention_mask is None
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_number, k, v)
             # Queries sit at the end of the cached keys, so SDPA's top-left causal mask is wrong
             # unless nothing was cached before: the cache builds the mask (None = plain causal).
             attention_mask = kv_cache.attention_mask(s, k.size(2), x.device)
             causal = attention_mask is None and s == k.size(2)
-        if dropout > 0.0:
-            with get_rng_tracker().fork():  # this rank's heads get their own dropout stream
-                context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask,
-                                                         dropout_p=dropout, is_causal=causal)
+        if self.recompute_core is not None and self.training:
+            core = functools.partial(self._core_attention, causal=causal)
+            context = self.recompute_core(core, q, k, v, attention_mask)
         else:
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask,
-                                                     is_causal=causal)
+            context = self._core_attention(q, k, v, attention_mask, causal)
         context = context.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim)
         head_scale = None
         if self.head_scale is not None and self.cfg.head_scale_position == "pre-proj":

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from megatron_normformer.config import ModelConfig
 from megatron_normformer.model.embeddings import Embedding
-from megatron_normformer.model.layer import NormFormerLayer
+from megatron_normformer.model.layer import NormFormerLayer, forward_layers
 from megatron_normformer.model.norms import LayerNorm
 from megatron_normformer.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_normformer.model.initialization import WeightInit
@@ -91,16 +91,12 @@ class BertModel(nn.Module):
             NormFormerLayer(cfg, i, pstate, seed, device) for i in range(cfg.num_layers))
         self.final_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, device)
         self.lm_head = RobertaLMHead(cfg, pstate, seed, device)
-        self.checkpoint_fn = None
+        self.recompute = None  # LayerRecompute, set by the trainer
 
     def encode(self, tokens: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
         mask = attention_mask(padding_mask)
         x = self.embedding(tokens)
-        for layer in self.layers:
-            if self.checkpoint_fn is not None and self.training:
-                x = self.checkpoint_fn(layer, x, mask)
-            else:
-                x = layer(x, mask)
+        x = forward_layers(self.layers, x, mask, self.recompute if self.training else None)
         return self.final_layernorm(x)
 
     def forward(self, tokens, padding_mask=None, labels=None, loss_mask=None):

@@ -1,7 +1,7 @@
 """The NormFormer GPT: embedding, N NormFormer layers, final LN, (tied) vocab-parallel LM head."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from megatron_normformer.config import ModelConfig
 from megatron_normformer.model.embeddings import Embedding
-from megatron_normformer.model.layer import NormFormerLayer
+from megatron_normformer.model.layer import LayerRecompute, NormFormerLayer, forward_layers
 from megatron_normformer.model.norms import LayerNorm
 from megatron_normformer.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_normformer.model.initialization import WeightInit
@@ -65,23 +65,23 @@ class GPTModel(nn.Module):
         self.layers = nn.ModuleList(
             NormFormerLayer(cfg, i, pstate, seed, device) for i in range(cfg.num_layers))
         self.head = LMHead(cfg, pstate, seed, device)
-        # Set by the trainer for activation checkpointing: fn(layer, hidden, mask) -> hidden.
-        self.checkpoint_fn: Optional[Callable] = None
+        # Set by the trainer for full activation recomputation.
+        self.recompute: Optional[LayerRecompute] = None
 
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, attention_mask=None, kv_cache=None):
-        """``kv_cache`` (an ``inference.KVCache``) turns on incremental decoding: ``tokens`` are
+        """``attention_mask``: None for causal attention over the whole sequence, else a boolean
+        [batch, 1, seq, seq] mask (True = may attend) that already includes causality, e.g.
+        ``model.attention.document_causal_mask``. ``kv_cache`` (an ``inference.KVCache``) turns on incremental decoding: ``tokens`` are
         the positions after those already cached, and positions default to continue from them."""
         if kv_cache is not None and position_ids is None:
             position_ids = kv_cache.position_ids(tokens.size(1), tokens.device)
         x = self.embedding(tokens, position_ids)
-        for layer in self.layers:
-            if kv_cache is not None:
+        if kv_cache is not None:
+            for layer in self.layers:
                 x = layer(x, attention_mask, kv_cache=kv_cache)
-            elif self.checkpoint_fn is not None and self.training:
-                x = self.checkpoint_fn(layer, x, attention_mask)
-            else:
-                x = layer(x, attention_mask)
+        else:
+            x = forward_layers(self.layers, x, attention_mask, self.recompute if self.training else None)
         logits = self.head.logits(x, self.embedding.word_embeddings.weight)
         if labels is None:
             return logits

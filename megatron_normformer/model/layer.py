@@ -11,6 +11,8 @@ With all four off this is the plain Pre-LN transformer layer.
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple, Optional, Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -48,3 +50,36 @@ class NormFormerLayer(nn.Module):
         if self.resid_scale is None:
             return x + y
         return torch.addcmul(y, x, self.resid_scale)  # lambda * x + y in one pass
+
+
+class LayerRecompute(NamedTuple):
+    """Full activation recomputation of a layer stack (set by the trainer on the model):
+    ``checkpoint(fn, *args)`` runs ``fn`` keeping only its inputs; ``method`` "uniform" recomputes
+    chunks of ``num_layers`` layers, "block" the first ``num_layers`` layers one by one."""
+
+    checkpoint: Callable
+    method: str = "uniform"
+    num_layers: int = 1
+
+
+def _chunk(layers: Sequence[nn.Module]) -> Callable:
+    def forward(x, attention_mask):
+        for layer in layers:
+            x = layer(x, attention_mask)
+        return x
+    return forward
+
+
+def forward_layers(layers: Sequence[nn.Module], x: torch.Tensor, attention_mask=None,
+                   recompute: Optional[LayerRecompute] = None) -> torch.Tensor:
+    """Run the layer stack, recomputing activations in the backward pass as ``recompute`` says."""
+    if recompute is None:
+        return _chunk(layers)(x, attention_mask)
+    n = recompute.num_layers
+    if recompute.method == "block":
+        for i, layer in enumerate(layers):
+            x = recompute.checkpoint(layer, x, attention_mask) if i < n else layer(x, attention_mask)
+        return x
+    for start in range(0, len(layers), n):
+        x = recompute.checkpoint(_chunk(layers[start:start + n]), x, attention_mask)
+    return x

@@ -82,3 +82,10 @@ def vocab_parallel_correct(logits: torch.Tensor, target: torch.Tensor, vocab_sta
     target_logit = target_logit.masked_fill(outside, float("-inf"))
     all_reduce_no_grad(target_logit, group, dist.ReduceOp.MAX)
     return (target_logit >= best).float()
+
+
+def masked_mean(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Megatron's loss under ``--eod-mask-loss``: sum(loss * mask) / sum(mask) over the
+    micro-batch (0, not NaN, for a micro-batch with no target left)."""
+    mask = loss_mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)

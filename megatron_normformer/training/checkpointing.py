@@ -73,6 +73,10 @@ def save_checkpoint(engine, run_dict: Dict, state: Dict, save_dir: str, universa
     return tag
 
 
+def has_checkpoint(load_dir: str) -> bool:
+    return os.path.isfile(os.path.join(load_dir, LATEST))
+
+
 def read_latest(load_dir: str) -> str:
     if not os.path.isdir(load_dir):
         raise ConfigError(f"--load {load_dir}: no such directory")
@@ -141,7 +145,8 @@ def load_checkpoint(e, run, pstate, load_dir: str, load_optim: bool = True, load
         load_universal(engine, e.model, pstate, run.model, tag_dir,
                        materialize_optimizer_state if load_optim else None)
         if load_optim:
-            e.schedule.load_state_dict({"num_steps": state["iteration"]})
+            e.schedule.load_state_dict({"num_steps": state["iteration"],
+                                        "num_samples": state["consumed_samples"]})
         engine.global_steps = state["iteration"]
         engine.global_samples = state["consumed_samples"]
         return state

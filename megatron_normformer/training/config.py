@@ -7,12 +7,16 @@ eps 1e-8, weight decay 0.01, linear warm-up then linear decay to 0, no gradient 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 from megatron_normformer.config import ConfigError, ModelConfig, ParallelConfig
 
 LR_DECAY_STYLES = ("linear", "cosine", "constant")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+DATA_IMPLS = ("mmap", "infer", "lazy", "cached")
 TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "HFTokenizer", "NullTokenizer")
 
 
@@ -30,6 +34,20 @@ class OptimizerConfig:
     """Iterations of linear warm-up from 0 to ``--lr`` (``--lr-warmup-iters``)."""
     lr_decay_iters: Optional[int] = None
     """Iteration at which the decay reaches ``--min-lr``; ``--train-iters`` when unset."""
+    lr_warmup_fraction: Optional[float] = None
+    """Warm-up as a fraction of the decay length (``--lr-warmup-fraction``), instead of
+    ``--lr-warmup-iters`` / ``--lr-warmup-samples``."""
+    lr_warmup_samples: int = 0
+    """Sequences of linear warm-up, with ``--train-samples`` (``--lr-warmup-samples``)."""
+    lr_decay_samples: Optional[int] = None
+    """Sequences after which the decay reaches ``--min-lr``, with ``--train-samples``;
+    ``--train-samples`` when unset (``--lr-decay-samples``)."""
+    lr_warmup_tokens: Optional[int] = None
+    """Tokens of linear warm-up (Megatron-DeepSpeed's ``--lr-warmup-tokens``): warm-up samples =
+    tokens / ``--seq-length``."""
+    lr_decay_tokens: Optional[int] = None
+    """Tokens after which the decay reaches ``--min-lr`` (Megatron-DeepSpeed's
+    ``--lr-decay-tokens``): decay samples = tokens / ``--seq-length``."""
     weight_decay: float = 0.01
     """Decoupled (AdamW) weight decay (``--weight-decay``). By default, as in Megatron, biases and
     every 1-D parameter (LayerNorm weights, HeadScale gamma, ResScale lambda) are exempt."""
@@ -72,10 +90,47 @@ class TrainingConfig:
     """Static fp16 loss scale; dynamic scaling when unset (``--loss-scale``)."""
     initial_loss_scale_power: int = 16
     """Dynamic fp16 loss scaling starts at 2^this (``--initial-loss-scale-power``)."""
+    initial_loss_scale: Optional[float] = None
+    """Megatron's spelling of the start of dynamic fp16 loss scaling, a power of two
+    (``--initial-loss-scale 65536`` = ``--initial-loss-scale-power 16``)."""
+    loss_scale_window: int = 1000
+    """Overflow-free iterations before the dynamic fp16 loss scale grows (``--loss-scale-window``)."""
+    hysteresis: int = 2
+    """Overflows tolerated before the dynamic fp16 loss scale shrinks (``--hysteresis``)."""
+    min_loss_scale: float = 1.0
+    """Floor of the dynamic fp16 loss scale (``--min-loss-scale``)."""
+    rampup_batch_size: Optional[List[int]] = field(default=None, metadata={"nargs": 3})
+    """``START INCREMENT SAMPLES``: the global batch grows from START by INCREMENT in equal steps
+    over the first SAMPLES sequences, up to ``--global-batch-size`` (``--rampup-batch-size``)."""
     checkpoint_activations: bool = False
-    """Recompute each layer's activations in the backward pass (DeepSpeed activation checkpointing)."""
+    """Recompute activations in the backward pass: the older spelling of
+    ``--recompute-granularity full --recompute-method uniform`` (``--checkpoint-activations``)."""
+    checkpoint_num_layers: int = 1
+    """Layers per recomputed chunk with ``--checkpoint-activations`` (``--checkpoint-num-layers``)."""
+    recompute_granularity: Optional[str] = field(default=None,
+                                                 metadata={"choices": RECOMPUTE_GRANULARITIES})
+    """``full``: recompute whole layers (see ``--recompute-method``); ``selective``: recompute only
+    the core attention (scores, softmax, dropout, context) of every layer."""
+    recompute_method: Optional[str] = field(default=None, metadata={"choices": RECOMPUTE_METHODS})
+    """With ``full``: ``uniform`` recomputes chunks of ``--recompute-num-layers`` layers (only each
+    chunk's input is kept); ``block`` recomputes the first ``--recompute-num-layers`` layers (of each
+    pipeline stage) one by one and keeps the others' activations."""
+    recompute_num_layers: Optional[int] = None
+    """Chunk size (uniform) or number of recomputed layers (block); 1 when unset."""
     exit_interval: Optional[int] = None
     """Save and exit when the iteration is a multiple of this (``--exit-interval``)."""
+    exit_duration_in_mins: Optional[float] = None
+    """Save and exit once training has run this many minutes (``--exit-duration-in-mins``)."""
+    distributed_timeout_minutes: int = 30
+    """Timeout of the collectives (``--distributed-timeout-minutes``); a rank that waits longer for
+    the others fails instead of hanging."""
+    eod_mask_loss: bool = False
+    """Leave out of the loss the targets that follow an end-of-document token (``--eod-mask-loss``)."""
+    reset_position_ids: bool = False
+    """Restart the position ids at 0 after every end-of-document token (``--reset-position-ids``)."""
+    reset_attention_mask: bool = False
+    """Tokens after an end-of-document token attend only to their own document
+    (``--reset-attention-mask``): a block-diagonal causal mask instead of the plain causal one."""
 
 
 @dataclass
@@ -108,6 +163,9 @@ class DataConfig:
     """GPT-2 BPE merges (``--merge-file``)."""
     num_workers: int = 2
     """DataLoader worker processes per rank (``--num-workers``)."""
+    data_impl: str = "mmap"
+    """Format of the indexed dataset (``--data-impl``): ``mmap`` (Megatron's MMIDIDX), the only one
+    read here; ``infer`` is accepted and means the same."""
 
     def per_split_paths(self):
         """The train, valid and test path lists, or None when ``--data-path`` is used instead."""
@@ -136,6 +194,15 @@ class CheckpointConfig:
     """Load weights only: fresh optimizer and LR schedule (``--no-load-optim``)."""
     no_load_rng: bool = False
     """Do not restore the RNG states (``--no-load-rng``)."""
+    finetune: bool = False
+    """Start a new run from the ``--load`` checkpoint's weights only: iteration, consumed samples,
+    optimizer, learning-rate schedule and RNG start fresh (``--finetune``)."""
+    override_opt_param_scheduler: bool = False
+    """On resume, take the learning-rate schedule's settings (``--lr``, ``--min-lr``, warm-up,
+    decay, style) from the flags even where the checkpoint's differ."""
+    use_checkpoint_opt_param_scheduler: bool = False
+    """On resume, take the learning-rate schedule's settings from the checkpoint, whatever the
+    flags say. Without either flag a difference is an error."""
     no_save_universal: bool = False
     """Skip the layout-independent copy of weights and Adam moments saved next to DeepSpeed's
     files (``--no-save-universal``): saves are faster and smaller, but the checkpoint can then only
@@ -156,6 +223,8 @@ class LoggingConfig:
     """Write TensorBoard events here, NormFormer diagnostics included (``--tensorboard-dir``)."""
     metrics_file: Optional[str] = None
     """Append one JSON object per logged iteration and per evaluation (``--metrics-file``)."""
+    log_params_norm: bool = False
+    """Log the L2 norm of all parameters every ``--log-interval`` (``--log-params-norm``)."""
     peak_flops_per_device: Optional[float] = None
     """Peak TFLOP/s of one device, for MFU where the GPU is not known (``--peak-flops-per-device``)."""
 
@@ -168,9 +237,90 @@ class DeepSpeedConfig:
     """ZeRO stage: 1 partitions optimizer states, 2 also gradients, 3 also parameters."""
     cpu_offload: bool = False
     """Offload optimizer states (ZeRO 1-3) and parameters (ZeRO-3) to CPU memory."""
+    partition_activations: bool = False
+    """Split the kept activations of recomputed layers across the TP group
+    (DeepSpeed activation checkpointing, ``--partition-activations``)."""
+    contigious_checkpointing: bool = False
+    """Copy kept activations into one contiguous buffer (DeepSpeed's flag, its spelling); needs
+    ``--partition-activations``."""
+    checkpoint_in_cpu: bool = False
+    """Keep the recomputed layers' inputs in CPU memory (``--checkpoint-in-cpu``); needs
+    ``--partition-activations``."""
+    synchronize_each_layer: bool = False
+    """Synchronize the device at every recomputed layer (``--synchronize-each-layer``)."""
     deepspeed_config: Optional[str] = None
     """A DeepSpeed JSON config; otherwise one is generated from the flags. A flag that contradicts
     it is an error."""
+
+
+class Recompute(NamedTuple):
+    """Resolved activation recomputation: ``granularity`` full or selective; with full, ``method``
+    uniform (chunks of ``num_layers``) or block (the first ``num_layers`` layers)."""
+
+    granularity: str
+    method: Optional[str]
+    num_layers: int
+
+
+@dataclass(frozen=True)
+class BatchRamp:
+    """Megatron's batch-size ramp: the global batch starts at ``start`` and grows by
+    ``increment`` each time another ``(ramp_samples / increments)`` sequences have been consumed,
+    until it reaches ``final`` (``--global-batch-size``)."""
+
+    start: int
+    increment: int
+    ramp_samples: int
+    final: int
+
+    @classmethod
+    def from_run(cls, run: "RunConfig") -> "BatchRamp":
+        t = run.train
+        start, increment, samples = t.rampup_batch_size
+        final = t.global_batch_size
+        if final is None:
+            raise ConfigError("--rampup-batch-size needs --global-batch-size (the batch it ramps to)")
+        if t.train_iters is not None:
+            raise ConfigError("--rampup-batch-size needs --train-samples (or --train-tokens): the "
+                              "number of iterations follows from the ramp, as in Megatron")
+        if start <= 0 or increment <= 0 or samples < 0:
+            raise ConfigError(f"--rampup-batch-size {start} {increment} {samples}: start and "
+                              "increment must be positive, samples >= 0")
+        if start > final or (final - start) % increment:
+            raise ConfigError(f"--rampup-batch-size {start} {increment} {samples}: --global-batch-size "
+                              f"({final}) minus the start must be a non-negative multiple of the "
+                              "increment")
+        return cls(start, increment, samples, final)
+
+    def global_batch(self, consumed_samples: int) -> int:
+        """The global batch of the iteration that starts after ``consumed_samples`` sequences."""
+        increments = (self.final - self.start) // self.increment
+        if increments == 0 or consumed_samples > self.ramp_samples:
+            return self.final
+        per_increment = self.ramp_samples / increments
+        steps = int(consumed_samples / per_increment) if per_increment > 0 else increments
+        return min(self.start + steps * self.increment, self.final)
+
+    def sizes(self):
+        """Every global batch the ramp passes through."""
+        return list(range(self.start, self.final + 1, self.increment))
+
+    def iterations(self, train_samples: int) -> int:
+        """Iterations of a run over ``train_samples`` sequences, counted as Megatron counts them:
+        ramp iterations while fewer than the ramp's (and the run's) samples are consumed, then
+        whole final-size batches."""
+        consumed = iterations = 0
+        while consumed <= self.ramp_samples and consumed <= train_samples:
+            consumed += self.global_batch(consumed)
+            iterations += 1
+        return iterations + max(0, train_samples - consumed) // self.final
+
+    def samples(self, iterations: int) -> int:
+        """Sequences consumed by the first ``iterations`` iterations."""
+        consumed = 0
+        for _ in range(iterations):
+            consumed += self.global_batch(consumed)
+        return consumed
 
 
 CONFIG_CLASSES = (OptimizerConfig, TrainingConfig, DataConfig, CheckpointConfig, LoggingConfig,
@@ -241,7 +391,111 @@ class RunConfig:
             raise ConfigError("--cpu-offload needs --zero-stage 1, 2 or 3")
         if self.log.eval_iters < 0:
             raise ConfigError(f"--eval-iters must be >= 0, got {self.log.eval_iters}")
+        if d.data_impl not in ("mmap", "infer"):
+            raise ConfigError(f"--data-impl {d.data_impl}: only mmap datasets (Megatron's MMIDIDX "
+                              "format) are read; convert the data with tools/preprocess_data.py")
+        if self.ckpt.override_opt_param_scheduler and self.ckpt.use_checkpoint_opt_param_scheduler:
+            raise ConfigError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler "
+                              "are mutually exclusive")
+        if self.ckpt.finetune and not self.ckpt.load:
+            raise ConfigError("--finetune needs --load (the checkpoint whose weights to start from)")
+        for flag, v in (("--distributed-timeout-minutes", t.distributed_timeout_minutes),
+                        ("--exit-duration-in-mins", t.exit_duration_in_mins),
+                        ("--checkpoint-num-layers", t.checkpoint_num_layers),
+                        ("--recompute-num-layers", t.recompute_num_layers)):
+            if v is not None and v <= 0:
+                raise ConfigError(f"{flag} must be positive, got {v}")
+        self.recompute()
+        self._check_schedule_flags()
+        if t.initial_loss_scale is not None and (
+                t.initial_loss_scale < 1 or math.log2(t.initial_loss_scale) % 1):
+            raise ConfigError(f"--initial-loss-scale must be a power of two (DeepSpeed's dynamic "
+                              f"loss scaler starts at 2^k), got {t.initial_loss_scale}")
+        if (self.ds.contigious_checkpointing or self.ds.checkpoint_in_cpu) and not self.ds.partition_activations:
+            raise ConfigError("--contigious-checkpointing and --checkpoint-in-cpu need "
+                              "--partition-activations")
+        if t.rampup_batch_size is not None:
+            BatchRamp.from_run(self)
         return self
+
+    def recompute(self) -> Optional["Recompute"]:
+        """The activation recomputation asked for, old and new flag spellings resolved."""
+        t = self.train
+        granularity, method, layers = t.recompute_granularity, t.recompute_method, t.recompute_num_layers
+        if t.checkpoint_activations:
+            if granularity == "selective":
+                raise ConfigError("--checkpoint-activations (full recomputation) contradicts "
+                                  "--recompute-granularity selective")
+            granularity, method = "full", method or "uniform"
+            layers = layers or t.checkpoint_num_layers
+        if granularity is None:
+            if method is not None:
+                raise ConfigError(f"--recompute-method {method} needs --recompute-granularity full")
+            return None
+        if granularity == "selective":
+            if method is not None:
+                raise ConfigError(f"--recompute-method {method} applies to --recompute-granularity "
+                                  "full only (selective recomputes the core attention of every layer)")
+            return Recompute("selective", None, 0)
+        method, layers = method or "uniform", layers or 1
+        if self.parallel.pipeline_model_parallel_size > 1 and method == "block":
+            raise ConfigError("--recompute-method block is not available with "
+                              "--pipeline-model-parallel-size > 1 (DeepSpeed's pipeline recomputes "
+                              "uniform chunks); use --recompute-method uniform")
+        return Recompute("full", method, layers)
+
+    def _check_schedule_flags(self) -> None:
+        o, t = self.optim, self.train
+        warmups = [flag for flag, v in (("--lr-warmup-fraction", o.lr_warmup_fraction),
+                                        ("--lr-warmup-iters", o.lr_warmup_iters),
+                                        ("--lr-warmup-samples", o.lr_warmup_samples),
+                                        ("--lr-warmup-tokens", o.lr_warmup_tokens)) if v]
+        if len(warmups) > 1:
+            raise ConfigError(f"give one warm-up length, not {' and '.join(warmups)}")
+        decays = [flag for flag, v in (("--lr-decay-iters", o.lr_decay_iters),
+                                       ("--lr-decay-samples", o.lr_decay_samples),
+                                       ("--lr-decay-tokens", o.lr_decay_tokens)) if v is not None]
+        if len(decays) > 1:
+            raise ConfigError(f"give one decay length, not {' and '.join(decays)}")
+        if o.lr_warmup_fraction is not None and not 0 <= o.lr_warmup_fraction <= 1:
+            raise ConfigError(f"--lr-warmup-fraction must be in [0, 1], got {o.lr_warmup_fraction}")
+        for flag, v in (("--lr-warmup-samples", o.lr_warmup_samples),
+                        ("--lr-warmup-tokens", o.lr_warmup_tokens)):
+            if v is not None and v < 0:
+                raise ConfigError(f"{flag} must be >= 0, got {v}")
+        for flag, v in (("--lr-decay-iters", o.lr_decay_iters), ("--lr-decay-samples", o.lr_decay_samples),
+                        ("--lr-decay-tokens", o.lr_decay_tokens)):
+            if v is not None and v <= 0:
+                raise ConfigError(f"{flag} must be positive, got {v}")
+        if t.train_iters is not None:
+            for flag, v in (("--lr-warmup-samples", o.lr_warmup_samples),
+                            ("--lr-decay-samples", o.lr_decay_samples)):
+                if v:
+                    raise ConfigError(f"{flag} goes with --train-samples; with --train-iters use "
+                                      f"{flag.replace('samples', 'iters')}")
+
+    def lr_schedule_samples(self, global_batch: int) -> Tuple[int, int]:
+        """(warm-up, decay) lengths of the learning-rate schedule in sequences, as Megatron counts
+        them: iteration lengths times the (final) global batch, token lengths over the sequence
+        length; the decay defaults to the whole run, a warm-up fraction is of the decay."""
+        o, t = self.optim, self.train
+        if o.lr_decay_samples is not None:
+            decay = o.lr_decay_samples
+        elif o.lr_decay_tokens is not None:
+            decay = o.lr_decay_tokens // t.seq_length
+        elif o.lr_decay_iters is not None:
+            decay = o.lr_decay_iters * global_batch
+        else:
+            decay = self.train_samples(global_batch)
+        if o.lr_warmup_fraction is not None:
+            warmup = int(o.lr_warmup_fraction * decay)
+        elif o.lr_warmup_samples:
+            warmup = o.lr_warmup_samples
+        elif o.lr_warmup_tokens:
+            warmup = o.lr_warmup_tokens // t.seq_length
+        else:
+            warmup = o.lr_warmup_iters * global_batch
+        return warmup, decay
 
     def batch_layout(self, world_size: int):
         """(data-parallel size, gradient-accumulation steps, global batch) for ``world_size`` ranks."""
@@ -252,16 +506,34 @@ class RunConfig:
             raise ConfigError(
                 f"--global-batch-size ({global_batch}) must be a multiple of --micro-batch-size "
                 f"({micro}) x data-parallel size ({dp})")
+        ramp = self.batch_ramp()
+        for size in ramp.sizes() if ramp else ():
+            if size % (micro * dp):
+                raise ConfigError(
+                    f"--rampup-batch-size passes through a global batch of {size}, not a multiple "
+                    f"of --micro-batch-size ({micro}) x data-parallel size ({dp})")
         return dp, global_batch // (micro * dp), global_batch
+
+    def batch_ramp(self) -> Optional["BatchRamp"]:
+        return None if self.train.rampup_batch_size is None else BatchRamp.from_run(self)
+
+    def train_samples(self, global_batch: int) -> int:
+        """Sequences the run trains on: ``--train-samples``, or what its iterations consume."""
+        t = self.train
+        if t.train_iters is not None:
+            return t.train_iters * global_batch
+        if t.train_samples is not None:
+            return t.train_samples
+        return -(-t.train_tokens // t.seq_length)
 
     def train_iters(self, global_batch: int) -> int:
         t = self.train
         if t.train_iters is not None:
             return t.train_iters
-        samples = t.train_samples
-        if samples is None:
-            samples = -(-t.train_tokens // t.seq_length)
-        return -(-samples // global_batch)
+        ramp = self.batch_ramp()
+        if ramp is not None:
+            return ramp.iterations(self.train_samples(global_batch))
+        return -(-self.train_samples(global_batch) // global_batch)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,4 +1,4 @@
-"""NormFormer diagnostics (paper Figs. 3 and 4) and the TP-aware gradient norm.
+"""NormFormer diagnostics (paper Figs. 3 and 4), the TP-aware gradient and parameter norms.
 
 Gradients are read between the last backward of an iteration and the optimizer step. Where they
 live depends on the ZeRO stage: ``param.grad`` at stage 0 (already averaged over DP), DeepSpeed's
@@ -34,6 +34,24 @@ def grad_norm(model, pstate, zero_stage: int) -> float:
             total += g.detach().double().pow(2).sum().cpu()
     if pstate.tp_size > 1:
         dist.all_reduce(total, group=pstate.tp_group)
+    return total.sqrt().item()
+
+
+def params_norm(model, pstate, zero_stage: int, pipeline: bool) -> float:
+    """Global L2 norm of the parameters (``--log-params-norm``), each TP-replicated parameter and
+    the tied embedding of a pipeline counted once. Collective over TP, PP (and DP at ZeRO-3)."""
+    total = torch.zeros(1, dtype=torch.float64)
+    for name, p in model.named_parameters():
+        if pipeline and name.startswith("tied_modules.") and not pstate.is_first_stage:
+            continue  # the last stage's copy of the word embedding
+        if not (getattr(p, "tensor_model_parallel", False) or pstate.tp_rank == 0):
+            continue
+        data = p.ds_tensor if zero_stage == 3 else p  # ZeRO-3: this rank's partition (zero-padded)
+        total += data.detach().double().pow(2).sum().cpu()
+    for group, size in ((pstate.tp_group, pstate.tp_size), (pstate.pp_group, pstate.pp_size),
+                        (pstate.dp_group, pstate.dp_size if zero_stage == 3 else 1)):
+        if size > 1:
+            dist.all_reduce(total, group=group)
     return total.sqrt().item()
 
 

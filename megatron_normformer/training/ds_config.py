@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Dict, Optional, Set
 
@@ -26,8 +27,10 @@ def generate(run: RunConfig, dp: int, gas: int) -> Dict:
         "zero_optimization": zero,
         "bf16": {"enabled": t.bf16},
         "fp16": {"enabled": t.fp16, "loss_scale": t.loss_scale or 0,
-                 "initial_scale_power": t.initial_loss_scale_power, "loss_scale_window": 1000,
-                 "hysteresis": 2, "min_loss_scale": 1},
+                 "initial_scale_power": (t.initial_loss_scale_power if t.initial_loss_scale is None
+                                         else int(math.log2(t.initial_loss_scale))),
+                 "loss_scale_window": t.loss_scale_window, "hysteresis": t.hysteresis,
+                 "min_loss_scale": t.min_loss_scale},
         # We log ourselves; our torch AdamW also runs with offloaded optimizer states.
         "steps_per_print": 2 ** 31 - 1,
         "wall_clock_breakdown": False,

@@ -60,6 +60,22 @@ def check_precision(run: RunConfig) -> None:
                           f"accelerator here; use {alternative} (no precision flag = fp32)")
 
 
+def apply_recompute(model: torch.nn.Module, recompute, checkpoint, pipeline: bool) -> None:
+    """Full recomputation: the model's layer stack (``model/layer.py``; the pipeline does its own);
+    selective: the core attention of every layer."""
+    from megatron_normformer.model.attention import ParallelAttention
+    from megatron_normformer.model.layer import LayerRecompute
+
+    if recompute is None:
+        return
+    if recompute.granularity == "selective":
+        for module in model.modules():
+            if isinstance(module, ParallelAttention):
+                module.recompute_core = checkpoint
+    elif not pipeline:
+        model.recompute = LayerRecompute(checkpoint, recompute.method, recompute.num_layers)
+
+
 def build_engine(run: RunConfig, pstate, ds_config: Dict, task=None) -> Engine:
     """``task`` (``training/tasks.py``, GPT when None) says which model to build."""
     import deepspeed
@@ -70,19 +86,25 @@ def build_engine(run: RunConfig, pstate, ds_config: Dict, task=None) -> Engine:
     # Adopt the process group we already created (zero.Init and friends read deepspeed.comm).
     init_deepspeed_comm()
     stage = ds_config["zero_optimization"]["stage"]
-    if run.train.checkpoint_activations:
+    recompute = run.recompute()
+    if recompute is not None:
         # DeepSpeed's checkpoint replays the TP dropout stream: make its tracker ours.
-        deepspeed.checkpointing.configure(pstate, partition_activations=False,
-                                          contiguous_checkpointing=False, checkpoint_in_cpu=False,
-                                          synchronize=False, profile=False)
+        d = run.ds
+        deepspeed.checkpointing.configure(pstate, partition_activations=d.partition_activations,
+                                          contiguous_checkpointing=d.contigious_checkpointing,
+                                          checkpoint_in_cpu=d.checkpoint_in_cpu,
+                                          synchronize=d.synchronize_each_layer, profile=False)
         tp_random.set_rng_tracker(deepspeed.checkpointing.get_cuda_rng_tracker())
     tp_random.seed_everything(run.train.seed, pstate.tp_rank, pstate.pp_rank)
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
     pipeline = pstate.pp_size > 1
     if pipeline:
+        # DeepSpeed's pipeline recomputes uniform chunks of this many layers of each stage.
+        full = recompute is not None and recompute.granularity == "full"
         model = task.build_pipeline(run.model, pstate, run.train.seed,
-                                    activation_checkpoint_interval=int(run.train.checkpoint_activations))
+                                    activation_checkpoint_interval=recompute.num_layers if full else 0,
+                                    run=run)
         if device is not None:
             model = model.to(device)
     elif stage == 3:
@@ -98,16 +120,18 @@ def build_engine(run: RunConfig, pstate, ds_config: Dict, task=None) -> Engine:
             deepspeed.zero.register_external_parameter(model, param)
     else:
         model = task.build_model(run.model, pstate, run.train.seed, device)
-    if run.train.checkpoint_activations and not pipeline:  # the pipeline checkpoints per layer itself
-        model.checkpoint_fn = lambda layer, x, mask: deepspeed.checkpointing.checkpoint(layer, x, mask)
+    apply_recompute(model, recompute, deepspeed.checkpointing.checkpoint, pipeline)
 
     o = run.optim
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay, o.weight_decay_all), lr=o.lr,
                                   betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps)
     global_batch = ds_config["train_batch_size"]
-    iters = run.train_iters(global_batch)
-    schedule = LRSchedule(optimizer, o.lr, o.min_lr, o.lr_warmup_iters, o.lr_decay_iters or iters,
-                          o.lr_decay_style)
+    warmup, decay = run.lr_schedule_samples(global_batch)
+    ramp = run.batch_ramp()
+    schedule = LRSchedule(optimizer, o.lr, o.min_lr, warmup, decay, o.lr_decay_style,
+                          batch_size=ramp.global_batch(0) if ramp else global_batch)
+    schedule.resume_settings = ("flags" if run.ckpt.override_opt_param_scheduler else
+                                "checkpoint" if run.ckpt.use_checkpoint_opt_param_scheduler else "check")
     # The pipeline engine builds its own groups from the module's topology (same rank order).
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                       lr_scheduler=schedule,

@@ -52,13 +52,16 @@ def build_datasets(run: RunConfig, train_samples: int, eval_samples: int, vocab_
     return get_task(task).build_datasets(run, [train_samples, n_eval, n_eval], vocab_size)
 
 
-def micro_batches(dataset, consumed: int, total: int, run: RunConfig, pstate):
-    from megatron_normformer.data import MegatronPretrainingSampler, collate_samples
+def micro_batches(dataset, consumed: int, total: int, run: RunConfig, pstate, task=None):
+    """This rank's micro-batches from sample ``consumed`` to ``total``, collated by the task (the
+    GPT end-of-document fields are computed in the workers)."""
+    from megatron_normformer.data import MegatronPretrainingSampler
 
     sampler = MegatronPretrainingSampler(total, consumed, run.train.micro_batch_size,
                                          pstate.dp_rank, pstate.dp_size)
     workers = run.data.num_workers
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples,
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
+                                         collate_fn=get_task(task).collate(run),
                                          num_workers=workers, pin_memory=torch.cuda.is_available(),
                                          persistent_workers=False,
                                          # its own generator: creating the iterator must not draw
@@ -90,7 +93,8 @@ def _within_vocabulary(batches, vocab_size: int, data_flags: str):
 
 class StopFlag:
     """SIGTERM / SIGINT set a flag; the loop finishes the step, saves and exits. A second signal
-    (during the save) sets it again and changes nothing."""
+    (during the save) sets it again and changes nothing. ``--exit-duration-in-mins`` stops the
+    same way once that much time has passed since training started."""
 
     def __init__(self):
         self.signal_name: Optional[str] = None
@@ -102,15 +106,18 @@ class StopFlag:
     def _handle(self, signum, frame):
         self.signal_name = signal.Signals(signum).name
 
-    def agreed(self) -> bool:
-        """True on every rank if any rank got a signal; every rank then names the same reason."""
+    def agreed(self, out_of_time: bool = False) -> Optional[str]:
+        """Why to stop, the same on every rank: a signal any rank got (every rank then names the
+        same one), else ``out_of_time`` on any rank ("exit-duration"), else None. One collective
+        per iteration for both."""
         mine = self.signal_name or interrupts.received_during_training()
-        flag = torch.tensor([interrupts.STOP_REASONS.index(mine) + 1 if mine else 0],
-                            dtype=torch.int32)
+        flag = torch.tensor([interrupts.STOP_REASONS.index(mine) + 1 if mine else 0,
+                             int(out_of_time)], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
-            self.signal_name = interrupts.STOP_REASONS[flag.item() - 1]
-        return bool(flag.item())
+        if flag[0]:
+            self.signal_name = interrupts.STOP_REASONS[int(flag[0]) - 1]
+            return self.signal_name
+        return "exit-duration" if flag[1] else None
 
     def restore(self):
         interrupts.finishing()
@@ -158,9 +165,12 @@ def train_step(e: Engine, batches, gas: int, pstate, want_diagnostics: bool, tas
         return pipeline_train_step(e, batches, gas, pstate, task)
     engine, model = e.engine, e.model
     losses, extras, diag = [], [], {}
-    for _ in range(gas):
+    for i in range(gas):
         loss, extra = task.loss(engine, next(batches))
         extras.append(extra)
+        # Said explicitly: DeepSpeed's own count assumes one accumulation length for the whole
+        # run, which a batch-size ramp changes.
+        engine.set_gradient_accumulation_boundary(i == gas - 1)
         engine.backward(loss)
         if engine.is_gradient_accumulation_boundary():
             if e.zero_stage == 0:
@@ -190,7 +200,8 @@ def warmup_step(e: Engine, run: RunConfig, gas: int, pstate, task=None) -> None:
         e.engine.train_batch(data_iter=iter([task.pipeline_batch(batch)] * gas))
         task.pipeline_extra(e.model, pstate)  # forget the dummy batch's metrics
     else:
-        for _ in range(gas):
+        for i in range(gas):
+            e.engine.set_gradient_accumulation_boundary(i == gas - 1)
             e.engine.backward(task.loss(e.engine, batch)[0])
             e.engine.step()
     set_all_rng_states(rng)
@@ -204,10 +215,11 @@ def evaluate(e: Engine, dataset, eval_iters: int, global_batch: int, run: RunCon
     resume-exact)."""
     task = get_task(task)
     total = eval_iters * global_batch
-    batches = micro_batches(dataset, 0, total, run, pstate)
+    batches = micro_batches(dataset, 0, total, run, pstate, task)
     if e.pipeline:
         gas = global_batch // (run.train.micro_batch_size * pstate.dp_size)
-        losses = [e.engine.eval_batch(_pipeline_micro_batches(batches, gas, task)) for _ in range(eval_iters)]
+        losses = [e.engine.eval_batch(_pipeline_micro_batches(batches, gas, task), num_micro_batches=gas)
+                  for _ in range(eval_iters)]
         return {"loss": float(torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in losses]).mean()),
                 **_pipeline_extra(e, pstate, task)}
     e.engine.eval()
@@ -224,9 +236,13 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
     """Train ``task`` (GPT when None) as configured; return the per-iteration summary (same on
     every rank)."""
     task = get_task(task)
+    start_time = time.time()
     world, rank = dist.get_world_size(), dist.get_rank()
     dp, gas, global_batch = run.batch_layout(world)
     train_iters = run.train_iters(global_batch)
+    ramp = run.batch_ramp()
+    # Sequences the whole run consumes (the ramp's smaller batches first).
+    total_samples = ramp.samples(train_iters) if ramp else train_iters * global_batch
     seq = run.train.seq_length
     writer_rank = world - 1
     run_dict = run.to_dict()
@@ -234,24 +250,37 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
     interrupts.phase("building the model and the DeepSpeed engine")
     e = build_engine(run, pstate, ds_config, task)
     state = dict(iteration=0, consumed_samples=0, consumed_tokens=0)
-    if run.ckpt.load:
+    load = run.ckpt.load
+    if load and load == run.ckpt.save and not checkpointing.has_checkpoint(load):
+        # The resume-or-start pattern of Megatron scripts (--save DIR --load DIR): nothing to
+        # resume yet. A --load elsewhere without a checkpoint stays an error.
+        print_rank(f"> --load {load}: no checkpoint yet; starting from scratch")
+        load = None
+    if load:
         interrupts.phase(f"loading the checkpoint in {run.ckpt.load}")
+    if load and run.ckpt.finetune:
+        # Megatron's --finetune: the weights only; iteration, data position, optimizer, schedule
+        # and RNG streams start as in a new run.
+        checkpointing.load_checkpoint(e, run, pstate, run.ckpt.load, load_optim=False, load_rng=False)
+        print_rank(f"> --finetune: loaded the weights of {run.ckpt.load}; starting at iteration 0")
+    elif load:
         state = checkpointing.load_checkpoint(
             e, run, pstate, run.ckpt.load, load_optim=not run.ckpt.no_load_optim,
             load_rng=not run.ckpt.no_load_rng,
             materialize_optimizer_state=lambda: warmup_step(e, run, gas, pstate, task))
         print_rank(f"> resumed from {run.ckpt.load} at iteration {state['iteration']}")
     interrupts.phase("building the datasets")
-    datasets = build_datasets(run, train_iters * global_batch, run.log.eval_iters * global_batch,
+    datasets = build_datasets(run, total_samples, run.log.eval_iters * global_batch,
                               vocab_size, task)
     train_ds, valid_ds, test_ds = datasets
 
     sink = MetricsSink(run.log.metrics_file, run.log.tensorboard_dir, rank == writer_rank)
     flops = task.flops(run.model, global_batch, seq, run.model.padded_vocab_size(pstate.tp_size),
-                       run.train.checkpoint_activations)
+                       (run.recompute() or (None,))[0] == "full")
     peak = peak_tflops_per_device(run.log.peak_flops_per_device, run.train.bf16 or run.train.fp16)
     summary = dict(losses={}, grad_norms={}, lrs={}, val={}, test={}, fc2_grad_l1={}, extra={},
-                   val_extra={}, test_extra={}, stopped_by=None, task=task.name,
+                   val_extra={}, test_extra={}, stopped_by=None, task=task.name, global_batches={},
+                   params_norms={},
                    train_iters=train_iters, global_batch=global_batch, gas=gas, dp=dp)
     stop = StopFlag()
     saved_at = None
@@ -287,38 +316,51 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
         if state["iteration"] >= train_iters:
             print_rank(f"> nothing to do: already trained {state['iteration']} of {train_iters} iterations")
             return summary
-        batches = micro_batches(train_ds, state["consumed_samples"], train_iters * global_batch,
-                                run, pstate)
+        batches = micro_batches(train_ds, state["consumed_samples"], total_samples, run, pstate,
+                                task)
         window = dict(time=0.0, iters=0, loss=0.0, skipped_before=e.engine.skipped_steps)
         print_rank(f"> training {train_iters} iterations: global batch {global_batch} = micro "
                    f"{run.train.micro_batch_size} x DP {dp} x accumulation {gas}; TP "
                    f"{pstate.tp_size}, ZeRO-{e.zero_stage}")
+        batch_now = None
         while state["iteration"] < train_iters:
             it = state["iteration"] + 1
             log_now = it % run.log.log_interval == 0 or it == train_iters
+            if ramp is not None and ramp.global_batch(state["consumed_samples"]) != batch_now:
+                batch_now = ramp.global_batch(state["consumed_samples"])
+                e.engine.set_train_batch_size(batch_now)
+                e.schedule.set_batch_size(batch_now)
+            batch_now = batch_now or global_batch
             lr = e.schedule.current_lr()
             skipped_before = e.engine.skipped_steps
             t0 = time.time()
-            step = train_step(e, batches, gas, pstate, log_now and sink_wants_diag(run), task)
+            step = train_step(e, batches, batch_now // (run.train.micro_batch_size * dp), pstate,
+                              log_now and sink_wants_diag(run), task)
             dt = time.time() - t0
             skipped = e.engine.skipped_steps > skipped_before
             loss = step["lm_loss"]
             if not math.isfinite(loss) and not skipped:
                 raise TrainingError(f"iteration {it}: lm loss is {loss}; stopping (lower --lr, "
                                     "enable --clip-grad or resume from the last checkpoint)")
-            state.update(iteration=it, consumed_samples=state["consumed_samples"] + global_batch)
+            state.update(iteration=it, consumed_samples=state["consumed_samples"] + batch_now)
             state["consumed_tokens"] = state["consumed_samples"] * seq
             summary["losses"][it] = loss
+            summary["global_batches"][it] = batch_now
             summary["grad_norms"][it] = step.get("grad_norm")
             summary["lrs"][it] = lr
             if step["extra"]:
                 summary["extra"][it] = step["extra"]
             window["time"] += dt
             window["iters"] += 1
+            window["samples"] = window.get("samples", 0) + batch_now
             if log_now:
                 ms = 1000 * window["time"] / window["iters"]
-                tps = global_batch * seq / (ms / 1000)
-                tflops = flops / (ms / 1000) / world / 1e12
+                tps = window["samples"] / window["iters"] * seq / (ms / 1000)
+                tflops = flops * batch_now / global_batch / (ms / 1000) / world / 1e12
+                params_norm = None
+                if run.log.log_params_norm:
+                    params_norm = diagnostics.params_norm(e.model, pstate, e.zero_stage, e.pipeline)
+                    summary["params_norms"][it] = params_norm
                 loss_scale = 1.0
                 if run.train.fp16:
                     opt = e.engine.optimizer
@@ -327,18 +369,22 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
                          consumed_tokens=state["consumed_tokens"], lm_loss=loss, ppl=safe_ppl(loss),
                          lr=lr, grad_norm=step.get("grad_norm"), loss_scale=loss_scale,
                          ms_per_iter=ms, tokens_per_sec=tps, tflops_per_device=tflops,
-                         mfu=None if peak is None else tflops / peak, global_batch_size=global_batch,
+                         mfu=None if peak is None else tflops / peak, global_batch_size=batch_now,
+                         params_norm=params_norm,
                          skipped_iters=e.engine.skipped_steps - window["skipped_before"],
                          **step["extra"])
                 print_rank(format_log_line(m), writer_rank)
                 sink.record({k: m[k] for k in ("iteration", "consumed_samples", "consumed_tokens",
                                                "lm_loss", "lr", "grad_norm", "loss_scale",
+                                               "global_batch_size",
+                                               *(["params_norm"] if params_norm is not None else []),
                                                "ms_per_iter", "tokens_per_sec", "tflops_per_device",
                                                "mfu", *step["extra"])})
                 sink.scalars({"train/lm_loss": loss, "train/ppl": m["ppl"], "train/lr": lr,
                               "train/grad_norm": m["grad_norm"], "train/loss_scale": loss_scale,
                               "train/tokens_per_sec": tps, "train/tflops_per_device": tflops,
-                              "train/mfu": m["mfu"],
+                              "train/mfu": m["mfu"], "train/params_norm": params_norm,
+                              "train/global_batch_size": batch_now,
                               **{f"train/{k}": v for k, v in step["extra"].items()}}, it)
                 fc2 = {k: v for k, v in step.items() if k.startswith("normformer/")}
                 if fc2:
@@ -346,17 +392,19 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
                     sink.scalars(fc2, it)
                 if sink_wants_diag(run):
                     sink.histograms(diagnostics.scale_parameters(e.model, pstate, e.zero_stage), it)
-                window.update(time=0.0, iters=0, skipped_before=e.engine.skipped_steps)
+                window.update(time=0.0, iters=0, samples=0, skipped_before=e.engine.skipped_steps)
             if run.log.eval_iters and it % run.log.eval_interval == 0 and it < train_iters:
                 run_eval("validation", valid_ds, it)
             if run.ckpt.save_interval and it % run.ckpt.save_interval == 0:
                 save()
-            if stop.agreed():
-                summary["stopped_by"] = stop.signal_name
+            limit = run.train.exit_duration_in_mins
+            reason = stop.agreed(limit is not None and time.time() - start_time > 60 * limit)
+            if reason:
+                summary["stopped_by"] = reason
                 save()
-                print_rank(f"> {summary['stopped_by']}"
-                           + (" received" if summary["stopped_by"].startswith("SIG") else "")
-                           + f": stopped after iteration {it}"
+                why = (f"--exit-duration-in-mins {limit} reached" if reason == "exit-duration"
+                       else reason + (" received" if reason.startswith("SIG") else ""))
+                print_rank(f"> {why}: stopped after iteration {it}"
                            + (f", checkpoint in {run.ckpt.save}" if run.ckpt.save else
                               " (no --save: nothing saved)"))
                 return summary

@@ -96,6 +96,7 @@ def format_log_line(m: Dict) -> str:
     parts += [
         f"loss scale: {m['loss_scale']:.1f}",
         f"grad norm: {num(m.get('grad_norm'), '.3f')}",
+        *([f"params norm: {m['params_norm']:.3f}"] if m.get("params_norm") is not None else []),
         f"number of skipped iterations: {m['skipped_iters']:3d}",
         f"tokens/s: {m['tokens_per_sec']:.1f}",
         f"TFLOP/s per device: {m['tflops_per_device']:.3f}",

@@ -46,6 +46,8 @@ def resolve(parser, argv: List[str], task=None):
 
     task = get_task(task)
     args = parser.parse_args(argv)
+    if args.tokenizer_type is None and args.vocab_file and args.merge_file:
+        args.tokenizer_type = "GPT2BPETokenizer"  # what Megatron-DeepSpeed's GPT scripts rely on
     vocab = _tokenizer_vocab(args)
     run = run_config_from_args(args, vocab, bidirectional=task.bidirectional)
     task.validate(run)
@@ -113,7 +115,7 @@ def main(argv: Optional[List[str]] = None, task=None) -> Dict:
     from megatron_normformer.training.loop import TrainingError
 
     try:
-        initialize_distributed()
+        initialize_distributed(timeout_minutes=run.train.distributed_timeout_minutes)
         summary = train_resolved(run, user, explicit, task)
     except (ConfigError, TrainingError) as e:
         if not dist.is_initialized() or dist.get_rank() == 0:

@@ -21,8 +21,13 @@ import torch
 
 from megatron_normformer.config import ConfigError, ModelConfig
 from megatron_normformer.model.bert import BertModel
+from megatron_normformer.model.attention import document_causal_mask
 from megatron_normformer.model.gpt import GPTModel
-from megatron_normformer.parallel.cross_entropy import vocab_parallel_correct, vocab_parallel_cross_entropy
+from megatron_normformer.parallel.cross_entropy import (
+    masked_mean,
+    vocab_parallel_correct,
+    vocab_parallel_cross_entropy,
+)
 
 Batch = Dict[str, torch.Tensor]
 
@@ -46,6 +51,7 @@ class GPTTask:
 
     def validate(self, run) -> None:
         """Checks specific to the objective; ConfigError naming the flag."""
+        self.document_masking(run)  # a tokenizer without an end-of-document id is refused here
 
     def build_model(self, cfg: ModelConfig, pstate, seed: int, device) -> torch.nn.Module:
         return GPTModel(cfg, pstate, seed=seed, device=device)
@@ -70,6 +76,34 @@ class GPTTask:
             raise _data_error(e) from None
 
     @staticmethod
+    def document_masking(run):
+        """Megatron's end-of-document flags with the tokenizer's end-of-document id, or None when
+        none is given (``data/document_masks.py``)."""
+        from megatron_normformer.data.document_masks import DocumentMasking
+
+        t, d = run.train, run.data
+        if not (t.eod_mask_loss or t.reset_position_ids or t.reset_attention_mask):
+            return None
+        if d.tokenizer_type in (None, "NullTokenizer"):
+            eod = run.model.vocab_size - 1  # the NullTokenizer's (Megatron's convention)
+        else:
+            from megatron_normformer.data import build_tokenizer
+
+            eod = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file,
+                                  run.model.vocab_size).eod
+            if eod is None:
+                raise ConfigError(f"--eod-mask-loss / --reset-position-ids / --reset-attention-mask: "
+                                  f"--tokenizer-type {d.tokenizer_type} has no end-of-document token")
+        return DocumentMasking(eod, t.eod_mask_loss, t.reset_position_ids, t.reset_attention_mask)
+
+    def collate(self, run):
+        """The DataLoader's collate function: the end-of-document fields join the batch there."""
+        from megatron_normformer.data import collate_samples
+
+        masking = self.document_masking(run)
+        return collate_samples if masking is None else masking.collate
+
+    @staticmethod
     def inputs_and_labels(batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
         tokens = batch["text"]
         if torch.cuda.is_available():
@@ -77,18 +111,35 @@ class GPTTask:
         return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
     def loss(self, model, batch: Batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        tokens, labels = self.inputs_and_labels(batch)
+        b = _cuda({k: v for k, v in batch.items() if k != "text"})
+        mask = document_causal_mask(b["segment_ids"]) if "segment_ids" in b else None
+        per_token = model(tokens, labels, position_ids=b.get("position_ids"), attention_mask=mask)
+        if "loss_mask" in b:
+            return masked_mean(per_token, b["loss_mask"]), {}
         # Every token is a target: the mean over the micro-batch's tokens.
-        return model(*self.inputs_and_labels(batch)).mean(), {}
+        return per_token.mean(), {}
 
-    def build_pipeline(self, cfg: ModelConfig, pstate, seed: int, activation_checkpoint_interval: int):
+    def build_pipeline(self, cfg: ModelConfig, pstate, seed: int, activation_checkpoint_interval: int,
+                       run=None):
         from megatron_normformer.model.gpt_pipeline import build_gpt_pipeline
 
-        return build_gpt_pipeline(cfg, pstate, seed, activation_checkpoint_interval)
+        t = run.train if run is not None else None
+        return build_gpt_pipeline(cfg, pstate, seed, activation_checkpoint_interval,
+                                  reset_position_ids=bool(t and t.reset_position_ids),
+                                  reset_attention_mask=bool(t and t.reset_attention_mask),
+                                  eod_mask_loss=bool(t and t.eod_mask_loss))
 
     def pipeline_batch(self, batch: Batch):
         """(inputs, labels) as DeepSpeed's pipeline engine reads them: the first stage takes the
-        inputs, the last the labels."""
-        return self.inputs_and_labels(batch)
+        inputs (with the position and segment ids when asked for), the last the labels (with the
+        loss mask when asked for); ``model/gpt_pipeline.py`` builds the stages to match."""
+        tokens, labels = self.inputs_and_labels(batch)
+        extra = [batch[k] for k in ("position_ids", "segment_ids") if k in batch]
+        inputs = tuple(_cuda({"x": x})["x"] for x in extra)
+        if "loss_mask" in batch:
+            labels = (labels, _cuda({"m": batch["loss_mask"]})["m"])
+        return ((tokens, *inputs) if inputs else tokens), labels
 
     def pipeline_extra(self, module, pstate) -> Dict[str, torch.Tensor]:
         """The extra metrics of the micro-batches the pipeline ran since the last call, on every
@@ -118,6 +169,17 @@ class MaskedLMTask:
     def validate(self, run) -> None:
         if not run.model.bidirectional:
             raise ConfigError("masked-LM pretraining needs the bidirectional encoder")
+        t = run.train
+        for flag, on in (("--eod-mask-loss", t.eod_mask_loss), ("--reset-position-ids", t.reset_position_ids),
+                         ("--reset-attention-mask", t.reset_attention_mask)):
+            if on:
+                raise ConfigError(f"{flag} applies to GPT pretraining; masked-LM samples are packed "
+                                  "by document already")
+
+    def collate(self, run):
+        from megatron_normformer.data import collate_samples
+
+        return collate_samples
 
     def build_model(self, cfg: ModelConfig, pstate, seed: int, device) -> torch.nn.Module:
         return MaskedLMModel(cfg, pstate, seed=seed, device=device)
@@ -153,7 +215,8 @@ class MaskedLMTask:
         count = b["loss_mask"].sum().clamp(min=1).to(per_token.dtype)
         return per_token.sum() / count, {"mlm_accuracy": correct.sum().to(count.dtype) / count}
 
-    def build_pipeline(self, cfg: ModelConfig, pstate, seed: int, activation_checkpoint_interval: int):
+    def build_pipeline(self, cfg: ModelConfig, pstate, seed: int, activation_checkpoint_interval: int,
+                       run=None):
         from megatron_normformer.model.bert_pipeline import build_bert_pipeline
 
         return build_bert_pipeline(cfg, pstate, seed, activation_checkpoint_interval)
