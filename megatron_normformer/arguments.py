@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 
 from megatron_normformer.config import (
     ACTIVATIONS,
@@ -90,8 +92,11 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int | None = No
         values["vocab_size"] = vocab_size
     cfg = ModelConfig(**values)
     if getattr(args, "init_method_std", None) is not None and cfg.init_scheme != "megatron":
-        raise ConfigError(f"--init-method-std sets Megatron's initialisation; this model uses "
-                          f"--init-scheme {cfg.init_scheme} (add --init-scheme megatron)")
+        # Megatron launch scripts pass it; they run unchanged and train the paper's model, told so.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"note: --init-method-std {args.init_method_std} is not used: this model is "
+                  f"initialised by --init-scheme {cfg.init_scheme} (the paper's); add --init-scheme "
+                  "megatron (with --position-embedding-type learned) for Megatron's", file=sys.stderr)
     return cfg.validate(getattr(args, "tensor_model_parallel_size", 1))
 
 

@@ -123,8 +123,11 @@ def test_flags():
     cfg = _parse("--init-scheme", "megatron", "--init-method-std", "0.01")
     assert (cfg.init_scheme, cfg.init_method_std, cfg.scale_embedding) == ("megatron", 0.01, False)
     assert _parse("--init-scheme", "megatron", "--scale-embedding").scale_embedding
-    with pytest.raises(ConfigError, match="--init-method-std.*--init-scheme megatron"):
-        _parse("--init-method-std", "0.01")
+
+def test_init_method_std_of_a_megatron_script_is_reported_unused(capsys):
+    cfg = _parse("--init-method-std", "0.006")  # a Megatron launch script's flag runs unchanged
+    assert cfg.init_scheme == "fairseq" and cfg.scale_embedding
+    assert "--init-method-std 0.006 is not used" in capsys.readouterr().err
 
 
 def test_resuming_a_checkpoint_from_before_init_schemes():

@@ -2,9 +2,7 @@
 usual GPT-2 flags: GPT-2 BPE files without --tokenizer-type, --data-impl mmap, --split 949,50,1,
 --distributed-backend nccl, cosine decay with a warm-up fraction, a DeepSpeed config file,
 --checkpoint-activations, the fusion switches, --save and --load on one directory, ...) with the
-NormFormer switches added (and, since it passes --init-method-std, the init scheme that flag belongs
-to: the causal LM's default is fairseq's, and --init-method-std alone is refused) runs unchanged
-under the deepspeed launcher, on CPU with bf16 (fp16 is
+NormFormer switches added runs unchanged under the deepspeed launcher, on CPU with bf16 (fp16 is
 refused on CPU). Its second launch resumes from its own checkpoint; the end-of-document flags,
 the batch-size ramp and the samples-based schedule ride along."""
 import json
@@ -79,7 +77,6 @@ gpt_options=" \
         --distributed-timeout-minutes 10 \
         --metrics-file $WORK/metrics.jsonl \
         --scale-attn --scale-fc --scale-heads \
-        --init-scheme megatron --position-embedding-type learned \
 "
 
 deepspeed_options=" \
