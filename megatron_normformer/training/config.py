@@ -161,6 +161,9 @@ class DeepSpeedConfig:
     cpu_offload: bool = False
     """Offload optimizer states (ZeRO 1-3) and parameters (ZeRO-3) to CPU memory; the optimizer
     step then runs in DeepSpeed's vectorised DeepSpeedCPUAdam."""
+    cpu_torch_adam: bool = False
+    """With --cpu-offload: step with torch's AdamW instead of DeepSpeedCPUAdam (which DeepSpeed
+    compiles on first use)."""
     zero_param_persistence_threshold: Optional[int] = None
     """ZeRO-3: parameters with fewer elements than this stay whole on every rank instead of being
     partitioned (DeepSpeed's stage3_param_persistence_threshold; its default, 100000, when unset).
@@ -248,6 +251,8 @@ class RunConfig:
             raise ConfigError("--data-path is required unless --mock-data is given")
         if self.ds.cpu_offload and self.ds.zero_stage == 0:
             raise ConfigError("--cpu-offload needs --zero-stage 1, 2 or 3")
+        if self.ds.cpu_torch_adam and not self.ds.cpu_offload:
+            raise ConfigError("--cpu-torch-adam applies to --cpu-offload only")
         if self.log.eval_iters < 0:
             raise ConfigError(f"--eval-iters must be >= 0, got {self.log.eval_iters}")
         return self

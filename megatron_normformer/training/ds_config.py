@@ -43,7 +43,7 @@ def generate(run: RunConfig, dp: int, gas: int, on_gpu: Optional[bool] = None) -
                  "initial_scale_power": int(round(math.log2(t.initial_loss_scale))),
                  "loss_scale_window": t.loss_scale_window, "hysteresis": t.hysteresis,
                  "min_loss_scale": t.min_loss_scale},
-        # We log ourselves; our torch AdamW also runs with offloaded optimizer states.
+        # We log ourselves; --cpu-torch-adam steps offloaded states with torch AdamW.
         "steps_per_print": 2 ** 31 - 1,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
