@@ -113,7 +113,7 @@ def main(argv=None):
     r0 = results[0]
     print(f"{r0['params'] / 1e6:.0f}M parameters (largest tensor {r0['largest_tensor'] / 1e6:.1f}M), "
           f"{args.world_size} ranks, {platform.processor() or platform.machine()}, flags: {' '.join(rest)}")
-    print("rank  DeepSpeed save s  extra RSS MiB | universal save s  extra RSS MiB  RSS before MiB  files MiB")
+    print("rank  DeepSpeed save s  extra RSS MiB | universal save s  extra RSS MiB  RSS before MiB  universal/ MiB")
     for r in results:
         print(f"{r['rank']:4d}  {r['ds_seconds']:16.1f}  {r['ds_extra_rss'] / mb:13.0f} | "
               f"{r['universal_seconds']:16.1f}  {r['universal_extra_rss'] / mb:13.0f}  "

@@ -157,3 +157,32 @@ def test_zero3_threshold_and_overlap_config():
         _ds(zero_stage=3, zero_param_persistence_threshold=-1)
     with pytest.raises(ConfigError, match="contradicts"):
         _ds("--bf16 --accumulate-allreduce-grads-in-fp32", NOACC)
+
+
+def test_optimizer_implementation_per_device():
+    from megatron_normformer.arguments import build_pretrain_parser
+    from megatron_normformer.training.engine import optimizer_impl
+    from megatron_normformer.training.pretrain import resolve
+
+    def impl(extra, on_gpu):
+        run = resolve(build_pretrain_parser(), flags("--mock-data", extra, train_iters=1))[1]
+        return optimizer_impl(run, on_gpu)
+
+    assert impl("--zero-stage 3 --cpu-offload", False) == "cpu_adam"
+    assert impl("--zero-stage 3 --cpu-offload", True) == "cpu_adam"
+    assert impl("--zero-stage 2 --cpu-offload --cpu-torch-adam", False) == "torch"
+    assert impl("--zero-stage 1", True) == "fused" and impl("--zero-stage 1", False) == "torch"
+    with pytest.raises(ConfigError, match="--cpu-torch-adam applies to --cpu-offload"):
+        impl("--cpu-torch-adam", False)
+
+
+def test_fp16_grad_norm_is_unscaled():
+    """At ZeRO-0 the norm is read from p.grad, which fp16 scales: the loop divides by the scale the
+    backward pass used (fp16 itself cannot run on DeepSpeed's CPU accelerator)."""
+    from types import SimpleNamespace
+
+    from megatron_normformer.training.loop import loss_scale
+
+    fp16 = SimpleNamespace(fp16_enabled=lambda: True, optimizer=SimpleNamespace(loss_scale=4096.0))
+    bf16 = SimpleNamespace(fp16_enabled=lambda: False, optimizer=SimpleNamespace(loss_scale=4096.0))
+    assert loss_scale(fp16) == 4096.0 and loss_scale(bf16) == 1.0
