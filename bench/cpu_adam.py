@@ -3,7 +3,7 @@
 (what --cpu-offload uses) against torch's AdamW (--cpu-torch-adam; its default foreach kernel and its
 fused one), on fp32 parameters with fresh random gradients, after warm-up steps.
 
-    python bench/cpu_adam.py --params 100e6 --tensors 8 --steps 5 --threads 2
+    python bench/cpu_adam.py --params 20e6 --tensors 4 --steps 3 --threads 1
 """
 from __future__ import annotations
 
