@@ -267,8 +267,6 @@ class UniversalReader:
     data-parallel pieces on demand (one tensor in memory at a time)."""
 
     def __init__(self, tag_dir: str):
-        from safetensors import safe_open
-
         self.dir = os.path.join(tag_dir, UNIVERSAL_DIR)
         meta_path = os.path.join(self.dir, "meta.json")
         if not os.path.isfile(meta_path):

@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from megatron_normformer.testing import spawn
 from train_utils import ROOT, assert_close, flags, make_null_dataset, train_many
