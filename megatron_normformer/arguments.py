@@ -151,7 +151,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         TrainingConfig,
     )
 
-    _add_dataclass_group(parser, "training", TrainingConfig)
+    training = _add_dataclass_group(parser, "training", TrainingConfig)
     _add_dataclass_group(parser, "optimizer and learning-rate schedule", OptimizerConfig)
     _add_dataclass_group(parser, "data and tokenizer", DataConfig)
     _add_dataclass_group(parser, "checkpointing", CheckpointConfig, {
@@ -165,6 +165,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                               {"deepspeed_config": ["--deepspeed_config", "--deepspeed-config"]})
     ds.add_argument("--deepspeed", action="store_true",
                     help="Accepted for Megatron-DeepSpeed compatibility: the DeepSpeed engine is always used.")
+    training.add_argument(
+        "--accumulate-allreduce-grads-in-fp32", action="store_true",
+        help="Megatron's flag, accepted: with --bf16 gradients are accumulated and all-reduced in "
+             "fp32 unless --no-accumulate-allreduce-grads-in-fp32 is given.")
     ds.add_argument("--no-pipeline-parallel", action="store_true",
                     help="The plain (non-pipeline) engine, which ZeRO-2/3 need. It is used whenever "
                          "--pipeline-model-parallel-size is 1; with a larger value this flag is an error.")
@@ -242,6 +246,10 @@ def run_config_from_args(args: argparse.Namespace, vocab_size: int | None = None
     if args.no_pipeline_parallel and args.pipeline_model_parallel_size > 1:
         raise ConfigError(f"--no-pipeline-parallel contradicts --pipeline-model-parallel-size "
                           f"{args.pipeline_model_parallel_size}")
+    if getattr(args, "accumulate_allreduce_grads_in_fp32", False) and \
+            args.no_accumulate_allreduce_grads_in_fp32:
+        raise ConfigError("--accumulate-allreduce-grads-in-fp32 contradicts "
+                          "--no-accumulate-allreduce-grads-in-fp32")
     if vocab_size is None and args.vocab_size is None:
         raise ConfigError("--vocab-size is required with --mock-data or --tokenizer-type NullTokenizer "
                           "(other tokenizers give it)")

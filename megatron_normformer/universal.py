@@ -3,18 +3,30 @@
 DeepSpeed's own checkpoint files are tied to the layout that wrote them (TP degree, pipeline stages,
 ZeRO partitions). Next to them every save writes ``TAG/universal/``:
 
-    meta.json                      source layout, model config, optimizer step, per-parameter layout
-    tp{T:02d}_pp{P:02d}.safetensors   written by data-parallel rank 0 of each (TP, PP) coordinate:
-                                   ``NAME`` (fp32 master weight), ``NAME::exp_avg``, ``NAME::exp_avg_sq``
-                                   for the parameters that coordinate owns, as its TP shard
+    meta.json                            source layout, model config, optimizer step
+    tp{T:02d}_pp{P:02d}_dp{D:03d}.safetensors  written by every rank that holds fp32 master state:
+                                         ``NAME`` (fp32 master weight), ``NAME::exp_avg``,
+                                         ``NAME::exp_avg_sq``, each the piece of the flattened TP
+                                         shard that this data-parallel rank owns
+
+Each rank writes only what it already holds: its ZeRO partition of the master weights and moments
+(ZeRO 1-3 and DeepSpeed's BF16 optimizer), or, without ZeRO, data-parallel rank 0 the whole
+replicated state. There is no gather: a save adds at most this rank's own shard to its host memory
+and moves nothing between ranks. The file's ``layout`` metadata tells, per name, the TP shard's
+shape and the piece's offset in it; ``UniversalReader`` stitches pieces together one tensor at a
+time when a run loads it (or ``tools/convert_checkpoint.py`` converts it). Files named
+``tp{T:02d}_pp{P:02d}.safetensors`` (the converter's output) hold whole TP shards.
 
 Names are the canonical ones of the plain GPT model (``layers.3.mlp.fc1.weight``), whatever the
 pipeline layout. Replicated parameters are written by TP rank 0 only; the tied word embedding by
 the first pipeline stage only. Reading back reassembles each full tensor and cuts it for the
-reader's TP rank, so a run can resume into any (TP, PP, ZeRO stage) with its optimizer state.
+reader's TP rank, so a run can resume into any (TP, PP, DP, ZeRO stage) with its optimizer state.
 
-The master weights and moments are read and written through DeepSpeed's ``safe_get_full_*`` /
-``safe_set_full_*`` API (ZeRO 1-3, bf16) or the torch optimizer's own state (no ZeRO, fp32).
+Where the fp32 master weights live depends on what DeepSpeed wrapped around the optimizer: the
+ZeRO-3 partitions, the ``_hp_mapping`` fragments of ZeRO-1/2 and the BF16 optimizer, the fp32 copies
+of the fp16/bf16 wrappers without ZeRO (state keyed by those copies, not by the module's
+parameters), or the module's own fp32 parameters. An optimizer we cannot read stops the save or the
+load with a message rather than writing (or resuming from) the low-precision weights.
 """
 from __future__ import annotations
 
@@ -22,7 +34,7 @@ import glob
 import json
 import os
 import re
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -32,6 +44,7 @@ from megatron_normformer.config import ConfigError, ModelConfig
 UNIVERSAL_DIR = "universal"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 _PIPE_INDEX = re.compile(r"^(\d+)\.(.*)$")
+_FILE = re.compile(r"^tp(\d+)_pp(\d+)(?:_dp(\d+))?\.safetensors$")
 
 
 # -- names ----------------------------------------------------------------------------------
@@ -54,52 +67,146 @@ def canonical_name(name: str, cfg: ModelConfig) -> str:
     return "head." + rest  # final_layernorm.*, then the untied output's weight
 
 
-def _owner(canonical: str, param, pstate) -> bool:
-    """Whether this rank writes ``canonical`` (one writer per distinct tensor shard)."""
-    if pstate.dp_rank != 0:
-        return False
+def _tp_writer(canonical: str, param, pstate) -> bool:
+    """Whether this (TP, PP) coordinate writes ``canonical`` (one writer per distinct TP shard)."""
     if canonical.startswith("embedding.") and not pstate.is_first_stage:
         return False  # the last stage's copy of the tied embedding
     return pstate.tp_rank == 0 or getattr(param, "tensor_model_parallel", False)
 
 
-# -- reading master weights and moments out of an engine --------------------------------------
+# -- where the fp32 master weights and moments live --------------------------------------------
 def _base_optimizer(engine):
     opt = engine.optimizer
     return getattr(opt, "optimizer", opt)
 
 
-def _is_zero_or_mixed(param) -> bool:
-    return hasattr(param, "ds_id") or getattr(param, "_hp_mapping", None) is not None
+def _state_view(state: Dict, key: str, like: torch.Tensor) -> torch.Tensor:
+    value = state.get(key)
+    return torch.zeros_like(like) if value is None else value
 
 
-def _get_master(engine, param, key: Optional[str]) -> torch.Tensor:
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+class MasterState:
+    """This rank's piece of every parameter's fp32 master weight and Adam moments.
 
-    if _is_zero_or_mixed(param):
-        value = (safe_get_full_fp32_param(param) if key is None
-                 else safe_get_full_optimizer_state(param, key))
-    else:
-        state = _base_optimizer(engine).state.get(param, {})
-        value = param.detach() if key is None else state.get(key)
-        if value is None:
-            value = torch.zeros_like(param)
-    return value.detach().float().cpu().reshape(getattr(param, "ds_shape", param.shape))
+    ``piece(param)`` is None where this rank holds none of it, else ``(start, numel, get)``: the
+    piece covers elements ``[start, start + numel)`` of the flattened (TP-shard) parameter and
+    ``get(key)`` returns it as a 1-D fp32 tensor that aliases the optimizer's storage (``key`` None:
+    the master weight; else a moment), so reading costs no copy and writing into it sets the state.
+    """
+
+    def __init__(self, engine, pstate):
+        self.engine, self.pstate = engine, pstate
+        opt = engine.optimizer
+        self._masters: Dict[int, Tuple[torch.Tensor, Callable[[str], torch.Tensor]]] = {}
+        self.kind = "zero"
+        if engine.zero_optimization_stage() > 0 or hasattr(opt, "bf16_groups"):
+            _link_optimizer_fragments(engine)  # ZeRO 1-3 or DeepSpeed's BF16 optimizer
+        elif hasattr(opt, "fp32_groups") and hasattr(opt, "fp16_groups"):
+            # DeepSpeed's unfused fp16/bf16 wrapper without ZeRO: one fp32 copy per parameter.
+            self.kind = "copies"
+            for lp_group, fp32_group in zip(opt.fp16_groups, opt.fp32_groups):
+                for lp, hp in zip(lp_group, fp32_group):
+                    self._masters[id(lp)] = (hp.view(-1), self._moments_of(opt.optimizer, hp))
+        elif hasattr(opt, "fp32_groups_flat") and hasattr(opt, "fp16_groups"):
+            # The fused fp16 wrapper: one flat fp32 tensor per group, parameters in group order.
+            self.kind = "copies"
+            for lp_group, flat in zip(opt.fp16_groups, opt.fp32_groups_flat):
+                offset = 0
+                for lp in lp_group:
+                    n = lp.numel()
+                    self._masters[id(lp)] = (flat.narrow(0, offset, n),
+                                             self._flat_moments(opt.optimizer, flat, offset, n))
+                    offset += n
+        elif isinstance(opt, torch.optim.Optimizer) and all(
+                p.dtype == torch.float32 for g in opt.param_groups for p in g["params"]):
+            self.kind = "plain"  # fp32 without ZeRO: the module's parameters are the masters
+        else:
+            raise ConfigError(
+                f"the layout-independent checkpoint cannot read the fp32 master weights out of "
+                f"DeepSpeed's {type(opt).__name__}; save with --no-save-universal and resume in the "
+                "same layout, or train with another precision / ZeRO stage")
+
+    @staticmethod
+    def _moments_of(optimizer, hp: torch.Tensor):
+        def get(key):
+            return _state_view(optimizer.state.get(hp, {}), key, hp).view(-1)
+        return get
+
+    @staticmethod
+    def _flat_moments(optimizer, flat: torch.Tensor, offset: int, n: int):
+        def get(key):
+            return _state_view(optimizer.state.get(flat, {}), key, flat).narrow(0, offset, n)
+        return get
+
+    def piece(self, param, writer: bool = True
+              ) -> Optional[Tuple[int, int, Callable[[Optional[str]], torch.Tensor]]]:
+        """``writer``: without ZeRO only data-parallel rank 0 reports its (replicated) state."""
+        if hasattr(param, "ds_id"):  # ZeRO-3: this rank's partition of the flattened parameter
+            if not param.requires_grad:
+                return None
+            opt = param._z3_optimizer
+            part = param.ds_tensor.numel()
+            start = part * opt._get_param_partition_rank(param)
+            n = max(0, min(part, param.ds_numel - start))
+            if n == 0:
+                return None
+            return start, n, lambda key: opt.get_local_fp32_param(param, key).view(-1)[:n]
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is not None:  # ZeRO-1/2, BF16 optimizer: this rank's fragment
+            address = mapping.lp_fragment_address
+            if address.numel == 0:
+                return None
+            return address.start, address.numel, lambda key: mapping.get_hp_fragment(key).view(-1)
+        if self.kind == "zero":
+            return None  # a ZeRO rank that owns no part of this parameter
+        if writer and self.pstate.dp_rank != 0:
+            return None  # replicated over data parallelism: DP rank 0 writes it
+        if self.kind == "copies":
+            master, moments = self._masters[id(param)]
+            return 0, master.numel(), lambda key: master if key is None else moments(key)
+        state = _base_optimizer(self.engine).state
+        return 0, param.numel(), lambda key: (
+            param.detach().view(-1) if key is None
+            else _state_view(state.get(param, {}), key, param).view(-1))
+
+    def set_full(self, param, value: torch.Tensor, key: Optional[str]) -> None:
+        """Set this rank's master weight (``key`` None) or moment from the full (TP-shard) tensor."""
+        flat = value.reshape(-1).float()
+        if hasattr(param, "ds_id"):
+            if not param.requires_grad:
+                return
+            # Through DeepSpeed's setter: with offload the local partition may live elsewhere.
+            part = param.ds_tensor.numel()
+            start = part * param._z3_optimizer._get_param_partition_rank(param)
+            local = torch.zeros(part, dtype=torch.float32)
+            n = max(0, min(part, flat.numel() - start))
+            local[:n] = flat[start:start + n]
+            device = param.ds_tensor.device
+            param._z3_optimizer.set_local_hp_param(local.to(device), param, key)
+            return
+        piece = self.piece(param, writer=False)
+        if piece is None:
+            return
+        start, n, get = piece
+        target = get(key)
+        with torch.no_grad():
+            target.copy_(flat[start:start + n].to(device=target.device, dtype=target.dtype))
 
 
 def _link_optimizer_fragments(engine) -> None:
-    """Point ZeRO-1/2's per-parameter views at the current optimizer state.
+    """Point ZeRO-1/2's and the BF16 optimizer's per-parameter views at the current optimizer state.
 
     DeepSpeed links them lazily, and not on every path (e.g. the pipeline engine at ZeRO-1).
     """
     opt = engine.optimizer
-    if not (hasattr(opt, "bit16_groups") and hasattr(opt, "single_partition_of_fp32_groups")):
-        return
     from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
-    for group, flat in zip(opt.bit16_groups, opt.single_partition_of_fp32_groups):
-        if flat in opt.optimizer.state:
-            lazy_init_hp_params_optimizer_state(group, flat, opt.optimizer.state)
+    for lp_name, hp_name in (("bit16_groups", "single_partition_of_fp32_groups"),
+                             ("bf16_groups", "fp32_groups_flat_partition")):
+        if hasattr(opt, lp_name) and hasattr(opt, hp_name):
+            for group, flat in zip(getattr(opt, lp_name), getattr(opt, hp_name)):
+                if flat in opt.optimizer.state:
+                    lazy_init_hp_params_optimizer_state(group, flat, opt.optimizer.state)
 
 
 def optimizer_step(engine) -> int:
@@ -110,34 +217,43 @@ def optimizer_step(engine) -> int:
 
 
 def save_universal(engine, module: torch.nn.Module, pstate, cfg: ModelConfig, tag_dir: str) -> None:
-    """Write ``tag_dir/universal`` (collective: every rank calls it)."""
+    """Write this rank's part of ``tag_dir/universal`` (every rank calls it; no collective but the
+    final barrier)."""
     from safetensors.torch import save_file
 
     out_dir = os.path.join(tag_dir, UNIVERSAL_DIR)
     os.makedirs(out_dir, exist_ok=True)
-    _link_optimizer_fragments(engine)
+    masters = MasterState(engine, pstate)
     tensors, layout = {}, {}
     for name, param in module.named_parameters():
         canonical = canonical_name(name, cfg)
-        # The safe_get calls are collectives over data parallelism: every rank, every parameter.
-        values = {key: _get_master(engine, param, key) for key in (None, *MOMENTS)}
-        if not _owner(canonical, param, pstate) or canonical in tensors:
+        if canonical in layout or not _tp_writer(canonical, param, pstate):
             continue
-        tensors[canonical] = values[None].contiguous()
-        for key in MOMENTS:
-            tensors[f"{canonical}::{key}"] = values[key].contiguous()
+        piece = masters.piece(param)
+        if piece is None:
+            continue
+        start, n, get = piece
+        for key in (None, *MOMENTS):
+            # Views of the optimizer's own storage: safetensors copies each into the file buffer.
+            value = get(key).detach()
+            value = value if value.dtype == torch.float32 else value.float()
+            tensors[canonical if key is None else f"{canonical}::{key}"] = value.cpu().contiguous()
         layout[canonical] = {
             "partition_dim": param.partition_dim if getattr(param, "tensor_model_parallel", False) else None,
             "vocab_padded": bool(getattr(param, "vocab_padded", False)),
+            "shape": list(getattr(param, "ds_shape", param.shape)), "start": start, "numel": n,
         }
     step = optimizer_step(engine)
     if tensors:
-        path = os.path.join(out_dir, f"tp{pstate.tp_rank:02d}_pp{pstate.pp_rank:02d}.safetensors")
+        path = os.path.join(out_dir, f"tp{pstate.tp_rank:02d}_pp{pstate.pp_rank:02d}"
+                                     f"_dp{pstate.dp_rank:03d}.safetensors")
         save_file(tensors, path + ".tmp", metadata={"layout": json.dumps(layout)})
         os.replace(path + ".tmp", path)
+    del tensors
     if dist.get_rank() == 0:
         meta = {"tensor_model_parallel_size": pstate.tp_size,
                 "pipeline_model_parallel_size": pstate.pp_size,
+                "data_parallel_size": pstate.dp_size,
                 "optimizer_step": step, "model_config": cfg.to_dict()}
         with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
             json.dump(meta, f, indent=1)
@@ -147,11 +263,10 @@ def save_universal(engine, module: torch.nn.Module, pstate, cfg: ModelConfig, ta
 
 # -- reading a universal directory -----------------------------------------------------------
 class UniversalReader:
-    """Full tensors of a universal checkpoint, assembled from its TP shards on demand."""
+    """Full tensors of a universal checkpoint, assembled from its TP shards and their
+    data-parallel pieces on demand (one tensor in memory at a time)."""
 
     def __init__(self, tag_dir: str):
-        from safetensors import safe_open
-
         self.dir = os.path.join(tag_dir, UNIVERSAL_DIR)
         meta_path = os.path.join(self.dir, "meta.json")
         if not os.path.isfile(meta_path):
@@ -162,40 +277,74 @@ class UniversalReader:
         self.cfg = ModelConfig.from_dict(self.meta["model_config"])
         self.tp = self.meta["tensor_model_parallel_size"]
         self.step = self.meta["optimizer_step"]
-        self.layout: Dict[str, dict] = {}
-        self.where: Dict[str, Dict[int, str]] = {}  # name -> {tp rank: file}
-        files = sorted(glob.glob(os.path.join(self.dir, "tp*_pp*.safetensors")))
-        if not files:
+        self.layout: Dict[str, dict] = {}  # name -> partition_dim, vocab_padded
+        self.shape: Dict[Tuple[str, int], List[int]] = {}  # (name, tp rank) -> TP shard shape
+        # stored key -> tp rank -> [(start, numel, file)]
+        self.pieces: Dict[str, Dict[int, List[Tuple[int, int, str]]]] = {}
+        self._files: Dict[str, object] = {}
+        paths = sorted(p for p in glob.glob(os.path.join(self.dir, "*.safetensors"))
+                       if _FILE.match(os.path.basename(p)))
+        if not paths:
             raise ConfigError(f"{self.dir}: no shard files")
-        for path in files:
-            tp_rank = int(os.path.basename(path)[2:4])
-            with safe_open(path, framework="pt") as f:
-                self.layout.update(json.loads(f.metadata()["layout"]))
-                for key in f.keys():
-                    self.where.setdefault(key, {})[tp_rank] = path
+        for path in paths:
+            tp_rank = int(_FILE.match(os.path.basename(path)).group(1))
+            f = self._open(path)
+            layout = json.loads(f.metadata()["layout"])
+            for name, info in layout.items():
+                self.layout[name] = {k: info[k] for k in ("partition_dim", "vocab_padded")}
+            for key in f.keys():
+                name = key.split("::")[0]
+                info = layout[name]
+                if "start" in info:
+                    start, n, shape = info["start"], info["numel"], info["shape"]
+                else:  # a whole TP shard
+                    shape = list(f.get_slice(key).get_shape())
+                    start, n = 0, int(torch.Size(shape).numel())
+                self.shape[(name, tp_rank)] = shape
+                self.pieces.setdefault(key, {}).setdefault(tp_rank, []).append((start, n, path))
+
+    def _open(self, path: str):
+        from safetensors import safe_open
+
+        if path not in self._files:
+            self._files[path] = safe_open(path, framework="pt")
+        return self._files[path]
 
     def names(self) -> List[str]:
-        return [k for k in self.where if "::" not in k]
+        return [k for k in self.pieces if "::" not in k]
+
+    def _tp_shard(self, stored: str, name: str, tp_rank: int) -> torch.Tensor:
+        pieces = sorted(self.pieces[stored][tp_rank])
+        shape = self.shape[(name, tp_rank)]
+        total = int(torch.Size(shape).numel())
+        if len(pieces) == 1 and pieces[0][:2] == (0, total):
+            return self._open(pieces[0][2]).get_tensor(stored).reshape(shape)
+        out = torch.empty(total, dtype=torch.float32)
+        covered = 0
+        for start, n, path in pieces:
+            if start != covered:
+                raise ConfigError(f"{self.dir}: {stored} (TP rank {tp_rank}) has a gap or overlap "
+                                  f"at element {covered} (a data-parallel rank's file is missing?)")
+            out[start:start + n] = self._open(path).get_tensor(stored)
+            covered += n
+        if covered != total:
+            raise ConfigError(f"{self.dir}: {stored} (TP rank {tp_rank}) covers {covered} of "
+                              f"{total} elements (a data-parallel rank's file is missing?)")
+        return out.view(shape)
 
     def full(self, name: str, key: Optional[str] = None) -> torch.Tensor:
         """The full tensor (vocabulary rows unpadded) of ``name`` or of its moment ``key``."""
-        from safetensors import safe_open
-
         stored = name if key is None else f"{name}::{key}"
-        if stored not in self.where:
+        if stored not in self.pieces:
             raise ConfigError(f"{self.dir}: no tensor {stored}")
         info = self.layout[name]
-        shards = self.where[stored]
+        shards = self.pieces[stored]
         if info["partition_dim"] is None:
-            with safe_open(shards[min(shards)], framework="pt") as f:
-                return f.get_tensor(stored)
+            return self._tp_shard(stored, name, min(shards))
         if sorted(shards) != list(range(self.tp)):
             raise ConfigError(f"{self.dir}: {stored} has shards {sorted(shards)}, expected {self.tp}")
-        parts = []
-        for rank in range(self.tp):
-            with safe_open(shards[rank], framework="pt") as f:
-                parts.append(f.get_tensor(stored))
-        value = torch.cat(parts, dim=info["partition_dim"])
+        value = torch.cat([self._tp_shard(stored, name, r) for r in range(self.tp)],
+                          dim=info["partition_dim"])
         return value[: self.cfg.vocab_size] if info["vocab_padded"] else value
 
 
@@ -230,20 +379,6 @@ def _set_lp(param, value: torch.Tensor) -> None:
             param.data.copy_(value.to(device=param.device, dtype=param.dtype))
 
 
-def _set_master(engine, param, value: torch.Tensor, key: Optional[str]) -> None:
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    if _is_zero_or_mixed(param):
-        device = getattr(param, "ds_tensor", param).device
-        value = value.to(device=device, dtype=torch.float32)
-        if key is None:
-            safe_set_full_fp32_param(param, value)
-        else:
-            safe_set_full_optimizer_state(param, value, key)
-    elif key is not None:
-        _base_optimizer(engine).state[param][key].copy_(value.to(param.device))
-
-
 def load_universal(engine, module: torch.nn.Module, pstate, cfg: ModelConfig, tag_dir: str,
                    materialize_optimizer_state: Optional[Callable[[], None]]) -> int:
     """Load weights and Adam moments of any source layout into this engine. Returns the step.
@@ -263,18 +398,23 @@ def load_universal(engine, module: torch.nn.Module, pstate, cfg: ModelConfig, ta
         materialize_optimizer_state()
         for g, lr in zip(groups, saved_lrs):
             g["lr"] = lr
-        _link_optimizer_fragments(engine)
+        if not _base_optimizer(engine).state:
+            raise ConfigError(f"--load {tag_dir}: DeepSpeed created no optimizer state in the "
+                              "warm-up step (fp16 overflow?); resume in the saving layout, or pass "
+                              "--no-load-optim")
+    masters = MasterState(engine, pstate)  # also links ZeRO's per-parameter views to the state
 
     for name, param in module.named_parameters():
         canonical = canonical_name(name, cfg)
         weight = shard_for(reader.full(canonical), param, pstate.tp_rank, pstate.tp_size)
         _set_lp(param, weight)
-        _set_master(engine, param, weight, None)
+        # The fp32 master copy too: the next step starts from it, not from the module's weights.
+        masters.set_full(param, weight, None)
         if not with_optimizer:
             continue
         for key in MOMENTS:
             moment = shard_for(reader.full(canonical, key), param, pstate.tp_rank, pstate.tp_size)
-            _set_master(engine, param, moment, key)
+            masters.set_full(param, moment, key)
     for state in _base_optimizer(engine).state.values() if with_optimizer else ():
         if "step" in state:
             state["step"] = (torch.tensor(float(reader.step)) if torch.is_tensor(state["step"])

@@ -112,6 +112,15 @@ def layout_differences(meta: Dict, run_dict: Dict, world_size: int, load_dir: st
         a, b = saved["parallel"].get(key, 1), now["parallel"].get(key, 1)
         if a != b:
             diffs.append(f"{key}: checkpoint {a} vs this run {b}")
+
+    def fp32_accumulation(run_dict):  # checkpoints from before the flag accumulated bf16 in bf16
+        t = run_dict["train"]
+        return bool(t.get("bf16")) and not t.get("no_accumulate_allreduce_grads_in_fp32", True)
+
+    if fp32_accumulation(saved) != fp32_accumulation(now):
+        # A different DeepSpeed optimizer wrapper (BF16 optimizer vs the unfused bf16 one).
+        diffs.append(f"bf16 gradient accumulation in fp32: checkpoint {fp32_accumulation(saved)} "
+                     f"vs this run {fp32_accumulation(now)}")
     stage_saved, stage_now = saved["ds"]["zero_stage"], now["ds"]["zero_stage"]
     if stage_saved != stage_now:
         diffs.append(f"zero_stage: checkpoint {stage_saved} vs this run {stage_now}")

@@ -88,17 +88,19 @@ class TrainingConfig:
     """float16 mixed precision with dynamic loss scaling (``--fp16``)."""
     loss_scale: Optional[float] = None
     """Static fp16 loss scale; dynamic scaling when unset (``--loss-scale``)."""
-    initial_loss_scale_power: int = 16
-    """Dynamic fp16 loss scaling starts at 2^this (``--initial-loss-scale-power``)."""
-    initial_loss_scale: Optional[float] = None
-    """Megatron's spelling of the start of dynamic fp16 loss scaling, a power of two
-    (``--initial-loss-scale 65536`` = ``--initial-loss-scale-power 16``)."""
-    loss_scale_window: int = 1000
-    """Overflow-free iterations before the dynamic fp16 loss scale grows (``--loss-scale-window``)."""
-    hysteresis: int = 2
-    """Overflows tolerated before the dynamic fp16 loss scale shrinks (``--hysteresis``)."""
+    initial_loss_scale: float = 2.0 ** 32
+    """Dynamic fp16 loss scaling starts here; a power of 2 (``--initial-loss-scale``)."""
     min_loss_scale: float = 1.0
-    """Floor of the dynamic fp16 loss scale (``--min-loss-scale``)."""
+    """Dynamic fp16 loss scaling never goes below this (``--min-loss-scale``)."""
+    loss_scale_window: int = 1000
+    """Overflow-free iterations after which the dynamic fp16 loss scale doubles
+    (``--loss-scale-window``)."""
+    hysteresis: int = 2
+    """Overflows tolerated before the dynamic fp16 loss scale halves (``--hysteresis``)."""
+    no_accumulate_allreduce_grads_in_fp32: bool = False
+    """With --bf16: accumulate and all-reduce gradients in bf16 instead of fp32 (the default, as
+    Megatron's --accumulate-allreduce-grads-in-fp32; DeepSpeed's data_types.grad_accum_dtype).
+    Saves memory; loses precision over many accumulation steps."""
     rampup_batch_size: Optional[List[int]] = field(default=None, metadata={"nargs": 3})
     """``START INCREMENT SAMPLES``: the global batch grows from START by INCREMENT in equal steps
     over the first SAMPLES sequences, up to ``--global-batch-size`` (``--rampup-batch-size``)."""
@@ -236,7 +238,15 @@ class DeepSpeedConfig:
     zero_stage: int = field(default=0, metadata={"choices": (0, 1, 2, 3)})
     """ZeRO stage: 1 partitions optimizer states, 2 also gradients, 3 also parameters."""
     cpu_offload: bool = False
-    """Offload optimizer states (ZeRO 1-3) and parameters (ZeRO-3) to CPU memory."""
+    """Offload optimizer states (ZeRO 1-3) and parameters (ZeRO-3) to CPU memory; the optimizer
+    step then runs in DeepSpeed's vectorised DeepSpeedCPUAdam."""
+    cpu_torch_adam: bool = False
+    """With --cpu-offload: step with torch's AdamW instead of DeepSpeedCPUAdam (which DeepSpeed
+    compiles on first use)."""
+    zero_param_persistence_threshold: Optional[int] = None
+    """ZeRO-3: parameters with fewer elements than this stay whole on every rank instead of being
+    partitioned (DeepSpeed's stage3_param_persistence_threshold; its default, 100000, when unset).
+    0 partitions every parameter."""
     partition_activations: bool = False
     """Split the kept activations of recomputed layers across the TP group
     (DeepSpeed activation checkpointing, ``--partition-activations``)."""
@@ -375,6 +385,22 @@ class RunConfig:
                               f"({self.model.max_position_embeddings})")
         if t.bf16 and t.fp16:
             raise ConfigError("--bf16 and --fp16 are mutually exclusive")
+        if t.no_accumulate_allreduce_grads_in_fp32 and not t.bf16:
+            raise ConfigError("--no-accumulate-allreduce-grads-in-fp32 applies to --bf16 only")
+        scale = t.initial_loss_scale
+        if scale < 1 or 2 ** round(math.log2(scale)) != scale:
+            raise ConfigError(f"--initial-loss-scale must be a power of 2 (>= 1), got {scale}")
+        if t.min_loss_scale <= 0 or t.min_loss_scale > scale:
+            raise ConfigError(f"need 0 < --min-loss-scale ({t.min_loss_scale}) <= "
+                              f"--initial-loss-scale ({scale})")
+        if t.loss_scale is not None and t.loss_scale <= 0:
+            raise ConfigError(f"--loss-scale must be positive, got {t.loss_scale}")
+        for flag, v in (("--loss-scale-window", t.loss_scale_window), ("--hysteresis", t.hysteresis)):
+            if v < 1:
+                raise ConfigError(f"{flag} must be at least 1, got {v}")
+        threshold = self.ds.zero_param_persistence_threshold
+        if threshold is not None and threshold < 0:
+            raise ConfigError(f"--zero-param-persistence-threshold must be >= 0, got {threshold}")
         if o.lr < 0 or o.min_lr < 0 or o.min_lr > o.lr:
             raise ConfigError(f"need 0 <= --min-lr ({o.min_lr}) <= --lr ({o.lr})")
         if o.lr_warmup_iters < 0:
@@ -389,6 +415,8 @@ class RunConfig:
                               "are mutually exclusive")
         if self.ds.cpu_offload and self.ds.zero_stage == 0:
             raise ConfigError("--cpu-offload needs --zero-stage 1, 2 or 3")
+        if self.ds.cpu_torch_adam and not self.ds.cpu_offload:
+            raise ConfigError("--cpu-torch-adam applies to --cpu-offload only")
         if self.log.eval_iters < 0:
             raise ConfigError(f"--eval-iters must be >= 0, got {self.log.eval_iters}")
         if d.data_impl not in ("mmap", "infer"):
@@ -407,10 +435,6 @@ class RunConfig:
                 raise ConfigError(f"{flag} must be positive, got {v}")
         self.recompute()
         self._check_schedule_flags()
-        if t.initial_loss_scale is not None and (
-                t.initial_loss_scale < 1 or math.log2(t.initial_loss_scale) % 1):
-            raise ConfigError(f"--initial-loss-scale must be a power of two (DeepSpeed's dynamic "
-                              f"loss scaler starts at 2^k), got {t.initial_loss_scale}")
         if (self.ds.contigious_checkpointing or self.ds.checkpoint_in_cpu) and not self.ds.partition_activations:
             raise ConfigError("--contigious-checkpointing and --checkpoint-in-cpu need "
                               "--partition-activations")

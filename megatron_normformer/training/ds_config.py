@@ -10,15 +10,27 @@ from megatron_normformer.config import ConfigError
 from megatron_normformer.training.config import RunConfig
 
 
-def generate(run: RunConfig, dp: int, gas: int) -> Dict:
+def fp32_grad_accumulation(run: RunConfig) -> bool:
+    """bf16 runs accumulate and all-reduce gradients in fp32 unless told otherwise."""
+    return run.train.bf16 and not run.train.no_accumulate_allreduce_grads_in_fp32
+
+
+def generate(run: RunConfig, dp: int, gas: int, on_gpu: Optional[bool] = None) -> Dict:
     t = run.train
+    if on_gpu is None:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
     zero: Dict = {"stage": run.ds.zero_stage}
     if run.ds.zero_stage > 0:
-        zero.update(contiguous_gradients=True, overlap_comm=False)
+        # Overlapping the gradient reduction with the backward pass needs a side stream (GPU).
+        zero.update(contiguous_gradients=True, overlap_comm=bool(on_gpu))
     if run.ds.cpu_offload:
         zero["offload_optimizer"] = {"device": "cpu"}
         if run.ds.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu"}
+    if run.ds.zero_stage == 3 and run.ds.zero_param_persistence_threshold is not None:
+        zero["stage3_param_persistence_threshold"] = run.ds.zero_param_persistence_threshold
     cfg = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": gas,
@@ -26,17 +38,32 @@ def generate(run: RunConfig, dp: int, gas: int) -> Dict:
         "gradient_clipping": run.optim.clip_grad,
         "zero_optimization": zero,
         "bf16": {"enabled": t.bf16},
+        # DeepSpeed: loss_scale 0 = dynamic, starting at 2^initial_scale_power.
         "fp16": {"enabled": t.fp16, "loss_scale": t.loss_scale or 0,
-                 "initial_scale_power": (t.initial_loss_scale_power if t.initial_loss_scale is None
-                                         else int(math.log2(t.initial_loss_scale))),
+                 "initial_scale_power": int(round(math.log2(t.initial_loss_scale))),
                  "loss_scale_window": t.loss_scale_window, "hysteresis": t.hysteresis,
                  "min_loss_scale": t.min_loss_scale},
-        # We log ourselves; our torch AdamW also runs with offloaded optimizer states.
+        # We log ourselves; --cpu-torch-adam steps offloaded states with torch AdamW.
         "steps_per_print": 2 ** 31 - 1,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
     }
+    if fp32_grad_accumulation(run):
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+        cfg["communication_data_type"] = "fp32"
+    return _bf16_optimizer_at_zero0(cfg)
+
+
+def _bf16_optimizer_at_zero0(cfg: Dict) -> Dict:
+    """bf16 with fp32 gradient accumulation has no ZeRO-0 engine in DeepSpeed ("unsupported mix of
+    model_dtype and grad_accum_dtype"): it runs in DeepSpeed's BF16 optimizer (fp32 master weights,
+    moments and gradient accumulators), which DeepSpeed files under stage 1 because it shards the
+    fp32 state over data parallelism. The training math is ZeRO-0's."""
+    accum = cfg.get("data_types", {}).get("grad_accum_dtype")
+    if (cfg.get("bf16", {}).get("enabled") and accum == "fp32"
+            and cfg.get("zero_optimization", {}).get("stage", 0) == 0):
+        cfg["zero_optimization"] = {**cfg["zero_optimization"], "stage": 1}
     return cfg
 
 
@@ -111,4 +138,4 @@ def build(run: RunConfig, dp: int, gas: int, user: Optional[Dict] = None) -> Dic
         cfg = merged
         cfg["train_batch_size"] = run.train.micro_batch_size * gas * dp
         cfg["gradient_accumulation_steps"] = gas
-    return cfg
+    return _bf16_optimizer_at_zero0(cfg)

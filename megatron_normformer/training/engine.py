@@ -45,6 +45,29 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_all: bool) -
     return groups
 
 
+def optimizer_impl(run: RunConfig, on_gpu: bool) -> str:
+    """Which AdamW steps the optimizer states: DeepSpeed's vectorised ``cpu_adam`` where they are
+    offloaded to host memory, DeepSpeed's ``fused`` multi-tensor kernel on GPU (as Megatron uses
+    apex's), torch's ``torch`` AdamW otherwise. All three are the same decoupled-weight-decay Adam."""
+    if run.ds.cpu_offload:
+        return "torch" if run.ds.cpu_torch_adam else "cpu_adam"
+    return "fused" if on_gpu else "torch"
+
+
+def build_optimizer(run: RunConfig, groups: List[Dict], impl: str):
+    o = run.optim
+    kwargs = dict(lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps)
+    if impl == "cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    if impl == "fused":
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
 def check_precision(run: RunConfig) -> None:
     """bf16 / fp16 only where DeepSpeed's accelerator supports them (its CPU accelerator: bf16)."""
     if not (run.train.bf16 or run.train.fp16):
@@ -123,8 +146,8 @@ def build_engine(run: RunConfig, pstate, ds_config: Dict, task=None) -> Engine:
     apply_recompute(model, recompute, deepspeed.checkpointing.checkpoint, pipeline)
 
     o = run.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay, o.weight_decay_all), lr=o.lr,
-                                  betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps)
+    optimizer = build_optimizer(run, param_groups(model, o.weight_decay, o.weight_decay_all),
+                                optimizer_impl(run, device is not None))
     global_batch = ds_config["train_batch_size"]
     warmup, decay = run.lr_schedule_samples(global_batch)
     ramp = run.batch_ramp()

@@ -174,7 +174,8 @@ def train_step(e: Engine, batches, gas: int, pstate, want_diagnostics: bool, tas
         engine.backward(loss)
         if engine.is_gradient_accumulation_boundary():
             if e.zero_stage == 0:
-                diag["grad_norm"] = diagnostics.grad_norm(model, pstate, 0)
+                # p.grad holds the loss-scaled gradient under fp16: report the true norm.
+                diag["grad_norm"] = diagnostics.grad_norm(model, pstate, 0) / loss_scale(engine)
             if want_diagnostics:
                 diag.update(diagnostics.fc2_grad_l1(model, pstate, e.zero_stage))
         engine.step()
@@ -185,6 +186,23 @@ def train_step(e: Engine, batches, gas: int, pstate, want_diagnostics: bool, tas
     diag["lm_loss"] = _dp_mean(torch.stack(losses).mean(), pstate)
     diag["extra"] = _mean_over_micro_batches(extras, pstate)
     return diag
+
+
+def loss_scale(engine) -> float:
+    """The fp16 loss scale the last backward pass used (1 without loss scaling)."""
+    if not engine.fp16_enabled():
+        return 1.0
+    return float(getattr(engine.optimizer, "loss_scale", 1.0))
+
+
+def zero3_partitioning(model) -> Dict[str, int]:
+    """How many of this rank's parameters ZeRO-3 really partitions (its piece smaller than the
+    parameter) and how many it keeps whole (under the persistence threshold)."""
+    params = [p for p in model.parameters() if hasattr(p, "ds_tensor")]
+    split = sum(1 for p in params if p.ds_tensor.numel() < p.ds_numel)
+    return {"partitioned": split, "whole": len(params) - split,
+            "local_numel": sum(p.ds_tensor.numel() for p in params),
+            "full_numel": sum(p.ds_numel for p in params)}
 
 
 def warmup_step(e: Engine, run: RunConfig, gas: int, pstate, task=None) -> None:
@@ -280,7 +298,8 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
     peak = peak_tflops_per_device(run.log.peak_flops_per_device, run.train.bf16 or run.train.fp16)
     summary = dict(losses={}, grad_norms={}, lrs={}, val={}, test={}, fc2_grad_l1={}, extra={},
                    val_extra={}, test_extra={}, stopped_by=None, task=task.name, global_batches={},
-                   params_norms={},
+                   params_norms={}, skipped_iters={}, ds_config=ds_config,
+                   zero3=zero3_partitioning(e.model) if e.zero_stage == 3 else None,
                    train_iters=train_iters, global_batch=global_batch, gas=gas, dp=dp)
     stop = StopFlag()
     saved_at = None
@@ -348,6 +367,7 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
             summary["global_batches"][it] = batch_now
             summary["grad_norms"][it] = step.get("grad_norm")
             summary["lrs"][it] = lr
+            summary["skipped_iters"][it] = int(skipped)
             if step["extra"]:
                 summary["extra"][it] = step["extra"]
             window["time"] += dt
@@ -361,13 +381,10 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
                 if run.log.log_params_norm:
                     params_norm = diagnostics.params_norm(e.model, pstate, e.zero_stage, e.pipeline)
                     summary["params_norms"][it] = params_norm
-                loss_scale = 1.0
-                if run.train.fp16:
-                    opt = e.engine.optimizer
-                    loss_scale = float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 1.0)))
+                scale = loss_scale(e.engine)
                 m = dict(iteration=it, train_iters=train_iters, consumed_samples=state["consumed_samples"],
                          consumed_tokens=state["consumed_tokens"], lm_loss=loss, ppl=safe_ppl(loss),
-                         lr=lr, grad_norm=step.get("grad_norm"), loss_scale=loss_scale,
+                         lr=lr, grad_norm=step.get("grad_norm"), loss_scale=scale,
                          ms_per_iter=ms, tokens_per_sec=tps, tflops_per_device=tflops,
                          mfu=None if peak is None else tflops / peak, global_batch_size=batch_now,
                          params_norm=params_norm,
@@ -376,12 +393,13 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
                 print_rank(format_log_line(m), writer_rank)
                 sink.record({k: m[k] for k in ("iteration", "consumed_samples", "consumed_tokens",
                                                "lm_loss", "lr", "grad_norm", "loss_scale",
-                                               "global_batch_size",
+                                               "global_batch_size", "skipped_iters",
                                                *(["params_norm"] if params_norm is not None else []),
                                                "ms_per_iter", "tokens_per_sec", "tflops_per_device",
                                                "mfu", *step["extra"])})
                 sink.scalars({"train/lm_loss": loss, "train/ppl": m["ppl"], "train/lr": lr,
-                              "train/grad_norm": m["grad_norm"], "train/loss_scale": loss_scale,
+                              "train/grad_norm": m["grad_norm"], "train/loss_scale": scale,
+                              "train/skipped_iters": m["skipped_iters"],
                               "train/tokens_per_sec": tps, "train/tflops_per_device": tflops,
                               "train/mfu": m["mfu"], "train/params_norm": params_norm,
                               "train/global_batch_size": batch_now,

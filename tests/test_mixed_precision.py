@@ -1,0 +1,188 @@
+"""Mixed precision as real runs use it.
+
+- bf16 at every ZeRO stage: the layout-independent state holds the true fp32 master weights and
+  Adam moments, and a checkpoint saved at TP=2 resumes at DP=2 under another ZeRO stage on the
+  curve of the uninterrupted run (also through DeepSpeed's unfused bf16 wrapper at ZeRO-0, the
+  wrapper fp16 uses without ZeRO, which keys its state by its own fp32 copies).
+- bf16 accumulates and all-reduces gradients in fp32 by default, closer to an fp32 run than bf16
+  accumulation over many micro-batches.
+- The DeepSpeed config the flags generate: fp32 accumulation, the fp16 loss-scale flags, the ZeRO-3
+  persistence threshold, overlap_comm on GPU only.
+"""
+import os
+
+import pytest
+import torch
+
+from megatron_normformer.config import ConfigError
+from megatron_normformer.testing import spawn
+from train_utils import flags, train_many
+
+NOACC = "--no-accumulate-allreduce-grads-in-fp32"
+# (source stage, target stage, extra flags): saved at TP=2 x DP=1, resumed at TP=1 x DP=2.
+CASES = {"z0-to-z2": (0, 2, ""), "z1-to-z3": (1, 3, ""), "z2-to-z0": (2, 0, ""),
+         "z3-to-z1": (3, 1, ""), "z0-unfused-to-z0": (0, 0, NOACC)}
+
+
+def _argv(zero, tp, extra, **kw):
+    return flags("--mock-data --bf16", extra, train_iters=6, global_batch_size=8, micro_batch_size=2,
+                 tensor_model_parallel_size=tp, zero_stage=zero, lr=1e-2, **kw)
+
+
+def _masters(tag_dir):
+    from megatron_normformer.universal import MOMENTS, UniversalReader
+
+    r = UniversalReader(tag_dir)
+    return {(n, k): r.full(n, k).clone() for n in r.names() for k in (None, *MOMENTS)}
+
+
+def _cross_layout(tmp):
+    """Per case: straight run at TP=2 saving at 3 and 6; a resume of its iteration 3 at DP=2."""
+    import torch.distributed as dist
+
+    out = {}
+    for name, (src, dst, extra) in CASES.items():
+        a, b = os.path.join(tmp, name, "a"), os.path.join(tmp, name, "b")
+        straight = train_many([_argv(src, 2, extra, save=a, save_interval=3)])[0]
+        if dist.get_rank() == 0:
+            with open(os.path.join(a, "latest"), "w") as f:
+                f.write("iter_0000003")
+        dist.barrier()
+        resumed = train_many([_argv(dst, 1, extra, load=a, save=b)])[0]
+        out[name] = dict(straight=straight["losses"], resumed=resumed["losses"],
+                         a3=_masters(os.path.join(a, "iter_0000003")),
+                         a6=_masters(os.path.join(a, "iter_0000006")),
+                         b6=_masters(os.path.join(b, "iter_0000006")))
+    return out
+
+
+def _accumulation():
+    """64 micro-batches of 1 per step over DP=2: fp32, bf16 (fp32 accumulation), bf16 accumulation."""
+    common = flags("--mock-data", train_iters=3, global_batch_size=64, micro_batch_size=1)
+    runs = train_many([common, common + ["--bf16"], common + ["--bf16", NOACC]])
+    return [dict(grad_norms=r["grad_norms"], losses=r["losses"], ds=r["ds_config"]) for r in runs]
+
+
+def _both(tmp):
+    return _cross_layout(tmp), _accumulation()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return spawn(_both, 2, str(tmp_path_factory.mktemp("bf16")))[0]
+
+
+def _distance(x, y, keys):
+    return torch.cat([(x[k] - y[k]).flatten() for k in keys]).norm().item()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bf16_checkpoint_resumes_in_another_layout_and_stage(runs, case):
+    r = runs[0][case]
+    weights = [k for k in r["a3"] if k[1] is None]
+    # True fp32 masters, not bf16-rounded module weights; moments really there.
+    w = torch.cat([r["a3"][k].flatten() for k in weights])
+    assert (w != w.bfloat16().float()).float().mean() > 0.5
+    assert all(r["a3"][(n, "exp_avg_sq")].abs().max() > 0 for n, _ in weights)
+    # After 3 more steps in the other layout the weights are where the straight run's are: far
+    # closer than the 3 steps moved them (continuing from the untrained model would be ~2x). The
+    # key bias is left out: it has no true gradient, Adam turns bf16 round-off into lr-sized steps.
+    weights = [k for k in weights if not k[0].endswith("qkv.bias")]
+    moved = _distance(r["a6"], r["a3"], weights)
+    assert _distance(r["b6"], r["a6"], weights) < 0.15 * moved
+    moments = [k for k in r["a6"] if k[1] == "exp_avg_sq"]
+    assert _distance(r["b6"], r["a6"], moments) < 0.05 * r["a6"][moments[0]].norm().item() * len(moments)
+    assert sorted(r["resumed"]) == [4, 5, 6]
+    for it in (4, 5, 6):
+        assert abs(r["resumed"][it] - r["straight"][it]) <= 2e-3 * abs(r["straight"][it])
+
+
+def test_bf16_fp32_accumulation_tracks_fp32(runs):
+    fp32, acc32, acc16 = runs[1]
+    assert acc32["ds"]["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert acc32["ds"]["communication_data_type"] == "fp32"
+    assert "data_types" not in acc16["ds"] and "data_types" not in fp32["ds"]
+
+    def err(run):
+        return sum(abs(run["grad_norms"][i] - fp32["grad_norms"][i]) / fp32["grad_norms"][i]
+                   for i in fp32["grad_norms"])
+
+    assert err(acc32) < 0.5 * err(acc16), (err(acc32), err(acc16))
+
+
+# -- the generated DeepSpeed config (no processes) ---------------------------------------------
+def _ds(*extra, world=2, on_gpu=False, **kw):
+    """The DeepSpeed config generated for these flags on ``world`` ranks."""
+    from megatron_normformer.arguments import build_pretrain_parser
+    from megatron_normformer.training import ds_config as dsc
+    from megatron_normformer.training.pretrain import resolve
+
+    _, run, user, explicit = resolve(build_pretrain_parser(), flags("--mock-data", *extra, train_iters=1, **kw))
+    dp, gas, _ = run.batch_layout(world)
+    return dsc.generate(run, dp, gas, on_gpu)
+
+
+def test_bf16_accumulation_config():
+    for zero in (0, 1, 2, 3):
+        cfg = _ds("--bf16", zero_stage=zero)
+        assert cfg["data_types"] == {"grad_accum_dtype": "fp32"}, zero
+        # DeepSpeed has no ZeRO-0 engine for bf16 with fp32 accumulation: its BF16 optimizer.
+        assert cfg["zero_optimization"]["stage"] == max(zero, 1)
+    cfg = _ds("--bf16", NOACC)
+    assert "data_types" not in cfg and cfg["zero_optimization"]["stage"] == 0
+    assert "data_types" not in _ds() and "data_types" not in _ds("--fp16")
+
+
+def test_fp16_loss_scale_flags_reach_deepspeed():
+    fp16 = _ds("--fp16 --initial-loss-scale 4096 --min-loss-scale 0.25 --loss-scale-window 50 "
+               "--hysteresis 3")["fp16"]
+    assert fp16 == {"enabled": True, "loss_scale": 0, "initial_scale_power": 12,
+                    "loss_scale_window": 50, "hysteresis": 3, "min_loss_scale": 0.25}
+    assert _ds("--fp16 --loss-scale 128")["fp16"]["loss_scale"] == 128
+    assert _ds("--fp16")["fp16"]["initial_scale_power"] == 32  # Megatron's 2^32
+    for bad, msg in (("--initial-loss-scale 1000", "power of 2"),
+                     ("--min-loss-scale 0", "--min-loss-scale"),
+                     ("--hysteresis 0", "--hysteresis"),
+                     (NOACC, "applies to --bf16 only")):
+        with pytest.raises(ConfigError, match=msg):
+            _ds("--fp16" if "bf16" not in msg else "", bad)
+
+
+def test_zero3_threshold_and_overlap_config():
+    z = _ds(zero_stage=3, zero_param_persistence_threshold=0)["zero_optimization"]
+    assert z["stage3_param_persistence_threshold"] == 0 and z["overlap_comm"] is False
+    assert _ds(zero_stage=2, on_gpu=True)["zero_optimization"]["overlap_comm"] is True
+    assert "stage3_param_persistence_threshold" not in _ds(zero_stage=3)["zero_optimization"]
+    with pytest.raises(ConfigError, match="--zero-param-persistence-threshold"):
+        _ds(zero_stage=3, zero_param_persistence_threshold=-1)
+    with pytest.raises(ConfigError, match="contradicts"):
+        _ds("--bf16 --accumulate-allreduce-grads-in-fp32", NOACC)
+
+
+def test_optimizer_implementation_per_device():
+    from megatron_normformer.arguments import build_pretrain_parser
+    from megatron_normformer.training.engine import optimizer_impl
+    from megatron_normformer.training.pretrain import resolve
+
+    def impl(extra, on_gpu):
+        run = resolve(build_pretrain_parser(), flags("--mock-data", extra, train_iters=1))[1]
+        return optimizer_impl(run, on_gpu)
+
+    assert impl("--zero-stage 3 --cpu-offload", False) == "cpu_adam"
+    assert impl("--zero-stage 3 --cpu-offload", True) == "cpu_adam"
+    assert impl("--zero-stage 2 --cpu-offload --cpu-torch-adam", False) == "torch"
+    assert impl("--zero-stage 1", True) == "fused" and impl("--zero-stage 1", False) == "torch"
+    with pytest.raises(ConfigError, match="--cpu-torch-adam applies to --cpu-offload"):
+        impl("--cpu-torch-adam", False)
+
+
+def test_fp16_grad_norm_is_unscaled():
+    """At ZeRO-0 the norm is read from p.grad, which fp16 scales: the loop divides by the scale the
+    backward pass used (fp16 itself cannot run on DeepSpeed's CPU accelerator)."""
+    from types import SimpleNamespace
+
+    from megatron_normformer.training.loop import loss_scale
+
+    fp16 = SimpleNamespace(fp16_enabled=lambda: True, optimizer=SimpleNamespace(loss_scale=4096.0))
+    bf16 = SimpleNamespace(fp16_enabled=lambda: False, optimizer=SimpleNamespace(loss_scale=4096.0))
+    assert loss_scale(fp16) == 4096.0 and loss_scale(bf16) == 1.0
