@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	# torch first: deepspeed's build needs it present (no build isolation).
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install --no-build-isolation -e .[dev]
+	# DeepSpeedCPUAdam (--cpu-offload) is a C++ op DeepSpeed compiles on first use: build it here,
+	# once, so that no launch waits on a compiler (or on a lock an interrupted build left behind).
+	$(PY) -c "import torch; from deepspeed.ops.adam import DeepSpeedCPUAdam; DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(1))])"
 	touch $(STAMP)
 
 demo: install
