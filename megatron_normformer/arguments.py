@@ -197,7 +197,6 @@ NO_EFFECT_SWITCHES = {
     "--no-query-key-layer-scaling": "query-key layer scaling: softmax is computed in fp32 anyway",
     "--apply-query-key-layer-scaling": "query-key layer scaling: softmax is computed in fp32 anyway",
     "--attention-softmax-in-fp32": "SDPA accumulates the softmax in fp32",
-    "--accumulate-allreduce-grads-in-fp32": "DeepSpeed's gradient accumulation dtype applies",
     "--fp16-lm-cross-entropy": "the vocab-parallel cross entropy runs in fp32",
     "--log-timers-to-tensorboard": "timings are logged with every progress line",
     "--log-batch-size-to-tensorboard": "the global batch size is always logged",
