@@ -35,24 +35,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from bench.data_args import add_data_args, data_flags, vocab_size  # noqa: E402
+
 NORMFORMER_FLAGS = ["--scale-attn", "--scale-fc", "--scale-heads", "--scale-resids"]
 VARIANTS = ("reference", "plain", "preln", "normformer")
 PLAIN_LOOP = ("reference", "plain")
-DEMO_DATA = os.path.join(ROOT, "data", "demo_text_document")
-DEMO_SPM = os.path.join(ROOT, "data", "demo_spm.model")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = p.add_argument_group("data (default: the demo corpus that `make demo` builds)")
-    d.add_argument("--data-path", default=None)
-    d.add_argument("--tokenizer-type", default=None)
-    d.add_argument("--tokenizer-model", default=None)
-    d.add_argument("--vocab-file", default=None)
-    d.add_argument("--merge-file", default=None)
-    d.add_argument("--vocab-size", type=int, default=None, help="with --tokenizer-type NullTokenizer")
-    d.add_argument("--split", default="95,5,0")
+    add_data_args(p, mock=False)
     m = p.add_argument_group("model and recipe (both sides)")
     m.add_argument("--num-layers", type=int, default=4)
     m.add_argument("--hidden-size", type=int, default=128)
@@ -71,32 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output-dir", default=os.path.join(ROOT, "runs", "quality"),
                    help="default runs/quality (git-ignored)")
     return p
-
-
-def data_flags(args) -> List[str]:
-    if args.data_path is None:
-        args.data_path = DEMO_DATA
-        args.tokenizer_type = args.tokenizer_type or "SentencePieceTokenizer"
-        args.tokenizer_model = args.tokenizer_model or DEMO_SPM
-        if not os.path.exists(DEMO_DATA + ".idx"):
-            raise SystemExit("error: the demo corpus is missing: run `make demo` first, or give "
-                             "--data-path and tokenizer flags")
-    if not os.path.exists(args.data_path + ".idx"):
-        raise SystemExit(f"error: --data-path {args.data_path}: no {args.data_path}.idx")
-    if args.tokenizer_type is None:
-        raise SystemExit("error: --tokenizer-type is required with --data-path")
-    flags = ["--data-path", args.data_path, "--tokenizer-type", args.tokenizer_type]
-    for name in ("tokenizer_model", "vocab_file", "merge_file", "vocab_size"):
-        if getattr(args, name):
-            flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
-    return flags + ["--split", args.split]
-
-
-def vocab_size(args) -> int:
-    from megatron_normformer.data import build_tokenizer
-
-    return build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file,
-                           args.merge_file, args.vocab_size).vocab_size
 
 
 def datasets(args, train_samples):
