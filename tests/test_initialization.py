@@ -134,7 +134,7 @@ def test_resuming_a_checkpoint_from_before_init_schemes():
     from megatron_normformer.training.checkpointing import layout_differences
 
     def run(**model):
-        return {"model": model, "parallel": {}, "ds": {"zero_stage": 0}}
+        return {"model": model, "parallel": {}, "train": {}, "ds": {"zero_stage": 0}}
 
     old = ModelConfig(**CFG, init_scheme="megatron").to_dict()
     del old["init_scheme"]

@@ -122,7 +122,7 @@ def test_samples_schedule_equals_iteration_schedule():
     ("--train-samples 40 --global-batch-size 8 --rampup-batch-size 2 4 8", "multiple of the increment"),
     ("--train-iters 4 --recompute-method block", "needs --recompute-granularity full"),
     ("--train-iters 4 --recompute-granularity selective --recompute-method uniform", "full only"),
-    ("--train-iters 4 --initial-loss-scale 1000", "power of two"),
+    ("--train-iters 4 --initial-loss-scale 1000", "power of 2"),
 ])
 def test_bad_flag_combinations_are_named(extra, message):
     with pytest.raises(ConfigError, match=message):
