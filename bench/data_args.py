@@ -1,5 +1,6 @@
-"""The data flags of the benchmarks that train on text: the demo corpus (`make demo`) by default,
-any preprocessed dataset with its tokenizer otherwise, random tokens for the tests."""
+"""The flags of the benchmarks that train on text: the data (the demo corpus of `make demo` by
+default, any preprocessed dataset with its tokenizer otherwise, random tokens for the tests) and
+the small model's shape."""
 from __future__ import annotations
 
 import argparse
@@ -55,3 +56,15 @@ def vocab_size(args) -> int:
 
     return build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file,
                            args.merge_file, args.vocab_size).vocab_size
+
+
+def add_model_shape_args(parser: argparse.ArgumentParser, title: str):
+    """The small model both benchmarks train (4 x 128, 4 heads, sequence 128, micro batch 8);
+    returns the group for the benchmark's own recipe flags."""
+    m = parser.add_argument_group(title)
+    m.add_argument("--num-layers", type=int, default=4)
+    m.add_argument("--hidden-size", type=int, default=128)
+    m.add_argument("--num-attention-heads", type=int, default=4)
+    m.add_argument("--seq-length", type=int, default=128)
+    m.add_argument("--micro-batch-size", type=int, default=8)
+    return m

@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench.data_args import add_data_args, data_flags, vocab_size  # noqa: E402
+from bench.data_args import add_data_args, add_model_shape_args, data_flags, vocab_size  # noqa: E402
 
 NORMFORMER_FLAGS = ["--scale-attn", "--scale-fc", "--scale-heads", "--scale-resids"]
 VARIANTS = ("reference", "plain", "preln", "normformer")
@@ -46,12 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(p, mock=False)
-    m = p.add_argument_group("model and recipe (both sides)")
-    m.add_argument("--num-layers", type=int, default=4)
-    m.add_argument("--hidden-size", type=int, default=128)
-    m.add_argument("--num-attention-heads", type=int, default=4)
-    m.add_argument("--seq-length", type=int, default=128)
-    m.add_argument("--micro-batch-size", type=int, default=8)
+    m = add_model_shape_args(p, "model and recipe (both sides)")
     m.add_argument("--iters", type=int, default=400)
     m.add_argument("--lr", type=float, default=1e-3)
     m.add_argument("--lr-warmup-iters", type=int, default=20)
