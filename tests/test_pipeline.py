@@ -32,7 +32,7 @@ def _adam(params):
 def _pipeline_losses(cfg, tp, pp):
     import deepspeed
 
-    from megatron_normformer.model.gpt_pipeline import build_gpt_pipeline
+    from megatron_normformer.model.gpt import build_gpt_pipeline
     from megatron_normformer.parallel.random import seed_everything
     from megatron_normformer.parallel.state import ParallelState
 
@@ -93,3 +93,43 @@ def test_uneven_split_rule():
     assert stage_layer_counts(24, 4) == [6, 6, 6, 6]
     with pytest.raises(ValueError, match="--num-layers"):
         stage_layer_counts(1, 2)
+
+
+def _pipeline_parameters(cfg, order):
+    """Every stage's parameters by name, from pipelines over ``cfg``'s pieces as listed and with
+    the layers in ``order`` (a reordered list must not move a tensor to another name)."""
+    from megatron_normformer.model.gpt import gpt_pieces
+    from megatron_normformer.model.pipeline import build_pipeline
+    from megatron_normformer.parallel.state import ParallelState
+
+    pstate = ParallelState(1, 2)
+    pieces = gpt_pieces(cfg, pstate, seed=3)
+    layers = [p for p in pieces if p.transformer_layer]
+    reordered = pieces[:1] + [layers[i] for i in order] + pieces[1 + len(layers):]
+    out = {}
+    for name, listed in (("as listed", pieces), ("reordered", reordered)):
+        module = build_pipeline(listed, pstate, loss_fn=None)
+        out[name] = {n: p.detach().clone() for n, p in module.named_parameters()}
+    return out
+
+
+@pytest.mark.parametrize("cfg", [NORMFORMER, UNTIED], ids=["tied", "untied"])
+def test_pipeline_parameters_have_the_plain_models_names(cfg):
+    """Both forms are built from one definition: every parameter of every stage has the plain
+    model's name and value, whatever the stage cut or the order of the layer list."""
+    from megatron_normformer.model.gpt import GPTModel
+    from megatron_normformer.parallel.state import SingleProcessState
+
+    plain = {n: p.detach() for n, p in GPTModel(cfg, SingleProcessState(), seed=3).named_parameters()}
+    stages = spawn(_pipeline_parameters, 2, cfg, [2, 0, 1])
+    for form in ("as listed", "reordered"):
+        seen = set()
+        for stage in stages:
+            for name, value in stage[form].items():
+                assert name in plain, (form, name)
+                torch.testing.assert_close(value, plain[name], rtol=0, atol=0, msg=f"{form}: {name}")
+                seen.add(name)
+        assert seen == set(plain), (form, set(plain) - seen)
+    # The stage cut differs between the two lists: layer 2 moved to the first stage.
+    assert not any(n.startswith("layers.2.") for n in stages[0]["as listed"])
+    assert any(n.startswith("layers.2.") for n in stages[0]["reordered"])

@@ -27,7 +27,7 @@ def _engine(tp, pp, zero):
     import deepspeed
 
     from megatron_normformer.model.gpt import GPTModel
-    from megatron_normformer.model.gpt_pipeline import build_gpt_pipeline
+    from megatron_normformer.model.gpt import build_gpt_pipeline
     from megatron_normformer.parallel.random import seed_everything
     from megatron_normformer.parallel.state import ParallelState
 

@@ -4,24 +4,32 @@ The same NormFormer layer with bidirectional attention and a padding mask, a fin
 and RoBERTa's LM head: dense -> gelu -> LayerNorm -> projection tied to the word embedding, plus a
 vocab-parallel output bias. The loss is computed on the masked positions only: their hidden states
 are selected before the head, so the vocabulary projection costs 15 % of a full one.
+
+Written once (``bert_pieces``) for both forms, ``BertModel`` and ``build_bert_pipeline``, with the
+same parameter names (``model/pipeline.py``). Between pipeline stages travels
+``(hidden, padding_mask, loss_mask)``: the layers need the padding mask, the head the loss mask.
+The masks are integer tensors, which DeepSpeed's pipeline engine sends along without gradients.
+The pipeline's loss is the mean over the micro-batch's masked tokens, as without pipelining, and
+the masked-token accuracy is kept beside it for the log.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron_normformer.config import ModelConfig
-from megatron_normformer.model.embeddings import Embedding
+from megatron_normformer.model.embeddings import Embedding, vocab_projection
+from megatron_normformer.model.initialization import WeightInit
 from megatron_normformer.model.layer import NormFormerLayer, forward_layers
 from megatron_normformer.model.norms import LayerNorm
-from megatron_normformer.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megatron_normformer.model.initialization import WeightInit
+from megatron_normformer.model.pipeline import Piece, build_pieces, build_pipeline
+from megatron_normformer.parallel.cross_entropy import vocab_parallel_correct, vocab_parallel_cross_entropy
 from megatron_normformer.parallel.init import fill_shard
 from megatron_normformer.parallel.layers import mark_parallel, mark_vocab
-from megatron_normformer.parallel.mappings import copy_to_tensor_parallel, gather_from_tensor_parallel
+from megatron_normformer.parallel.mappings import gather_from_tensor_parallel
 
 
 class _Dense(nn.Module):
@@ -58,18 +66,88 @@ class RobertaLMHead(nn.Module):
         return self.layernorm(F.gelu(self.dense(hidden)))
 
     def logits(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
-        return tied_projection(self.transform(hidden), embedding_weight, self.bias, self.tp_group)
-
-
-def tied_projection(h: torch.Tensor, embedding_weight: torch.Tensor, bias: torch.Tensor, tp_group):
-    """This rank's vocabulary slice of the logits: the word embedding's shard as the output layer."""
-    return F.linear(copy_to_tensor_parallel(h, tp_group), embedding_weight, bias)
+        return vocab_projection(self.transform(hidden), embedding_weight, self.tp_group, self.bias)
 
 
 def attention_mask(padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """[b, s] padding mask (1 = token) -> [b, 1, 1, s] boolean, True = may attend: no query ever
     looks at padding."""
     return None if padding_mask is None else padding_mask.bool()[:, None, None, :]
+
+
+class MaskedLMLoss:
+    """The pipeline's loss: the mean over the micro-batch's masked tokens, from this rank's
+    vocabulary slice of the logits.
+
+    It also keeps each micro-batch's masked-token accuracy, which DeepSpeed's engine does not
+    return: ``take_accuracies`` hands them over (on the last stage) and forgets them."""
+
+    __name__ = "masked_lm_cross_entropy"
+
+    def __init__(self, cfg: ModelConfig, pstate):
+        self.vocab_size, self.group = cfg.vocab_size, pstate.tp_group
+        self.vocab_start = pstate.tp_rank * (cfg.padded_vocab_size(pstate.tp_size) // pstate.tp_size)
+        self.accuracies: List[torch.Tensor] = []
+
+    def __call__(self, local_logits, labels):
+        target, loss_mask = labels
+        selected = loss_mask.bool()
+        target = target[selected]
+        count = selected.sum().clamp(min=1)
+        with torch.no_grad():
+            correct = vocab_parallel_correct(local_logits, target, self.vocab_start, self.vocab_size, self.group)
+            self.accuracies.append(correct.sum().double() / count)
+        per_token = vocab_parallel_cross_entropy(local_logits, target, self.vocab_start, self.vocab_size,
+                                                 self.group)
+        return per_token.sum() / count.to(per_token.dtype)
+
+    def take_accuracies(self) -> List[torch.Tensor]:
+        out, self.accuracies = self.accuracies, []
+        return out
+
+
+# -- what each piece reads and sends between pipeline stages ----------------------------------
+def _embed(embedding: Embedding, inputs):
+    tokens, padding_mask, loss_mask = inputs
+    return embedding(tokens), padding_mask, loss_mask
+
+
+def _layer(layer: NormFormerLayer, inputs):
+    hidden, padding_mask, loss_mask = inputs
+    return layer(hidden, attention_mask(padding_mask)), padding_mask, loss_mask
+
+
+def _final_layernorm(norm: LayerNorm, inputs):
+    hidden, _, loss_mask = inputs
+    return norm(hidden), loss_mask
+
+
+def _head_transform(head: RobertaLMHead, inputs):
+    """The head up to the tied projection, on the masked positions; hands on its output bias."""
+    hidden, loss_mask = inputs
+    return head.transform(hidden[loss_mask.bool()]), head.bias
+
+
+def _tied_output(embedding: Embedding, inputs) -> torch.Tensor:
+    h, bias = inputs
+    word = embedding.word_embeddings
+    return vocab_projection(h, word.weight, word.tp_group, bias)
+
+
+def bert_pieces(cfg: ModelConfig, pstate, seed: int, device=None) -> List[Piece]:
+    """The masked LM, written once: embedding | layers 0 .. L-1 | final LayerNorm | LM head |
+    the tied output projection."""
+    if not cfg.bidirectional:
+        raise ValueError("the masked LM needs a config with bidirectional=True")
+    pieces = [Piece("embedding", Embedding, (cfg, pstate, seed, device), _embed, tied=True)]
+    pieces += [Piece(f"layers.{i}", NormFormerLayer, (cfg, i, pstate, seed, device), _layer,
+                     transformer_layer=True) for i in range(cfg.num_layers)]
+    pieces += [Piece("final_layernorm", LayerNorm, (cfg.hidden_size, cfg.layernorm_epsilon, device),
+                     _final_layernorm),
+               Piece("lm_head", RobertaLMHead, (cfg, pstate, seed, device), _head_transform),
+               Piece("embedding", Embedding, (cfg, pstate, seed, device), _tied_output,
+                     reuses=True, tied=True)]
+    return pieces
 
 
 class BertModel(nn.Module):
@@ -82,15 +160,13 @@ class BertModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, pstate, seed: int = 1234, device=None):
         super().__init__()
-        if not cfg.bidirectional:
-            raise ValueError("BertModel needs a config with bidirectional=True")
         cfg.validate(pstate.tp_size)
         self.cfg, self.tp_group = cfg, pstate.tp_group
-        self.embedding = Embedding(cfg, pstate, seed, device)
-        self.layers = nn.ModuleList(
-            NormFormerLayer(cfg, i, pstate, seed, device) for i in range(cfg.num_layers))
-        self.final_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, device)
-        self.lm_head = RobertaLMHead(cfg, pstate, seed, device)
+        self.embedding: Embedding
+        self.layers: nn.ModuleList
+        self.final_layernorm: LayerNorm
+        self.lm_head: RobertaLMHead
+        build_pieces(self, bert_pieces(cfg, pstate, seed, device))
         self.recompute = None  # LayerRecompute, set by the trainer
 
     def encode(self, tokens: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -111,3 +187,29 @@ class BertModel(nn.Module):
 
     def gather_logits(self, local_logits: torch.Tensor) -> torch.Tensor:
         return gather_from_tensor_parallel(local_logits, self.tp_group)[..., : self.cfg.vocab_size]
+
+
+class MaskedLMModel(BertModel):
+    """``BertModel`` whose training forward also says which masked tokens it predicted right.
+
+    ``forward(tokens, padding_mask, labels, loss_mask)`` returns ``(per-token loss, correct)``, both
+    [num_masked] in row-major order of ``loss_mask``. Parameter names are BertModel's, so its
+    checkpoints are BertModel checkpoints.
+    """
+
+    def forward(self, tokens, padding_mask, labels, loss_mask):
+        hidden = self.encode(tokens, padding_mask)
+        selected = loss_mask.bool()
+        target = labels[selected]
+        logits = self.lm_head.logits(hidden[selected], self.embedding.word_embeddings.weight)
+        start, vocab = self.lm_head.vocab_start, self.cfg.vocab_size
+        correct = vocab_parallel_correct(logits, target, start, vocab, self.tp_group)
+        return vocab_parallel_cross_entropy(logits, target, start, vocab, self.tp_group), correct
+
+
+def build_bert_pipeline(cfg: ModelConfig, pstate, seed: int = 1234,
+                        activation_checkpoint_interval: int = 0):
+    """The masked LM as a ``PipelineModule`` over ``pstate``'s layout."""
+    cfg.validate(pstate.tp_size)
+    return build_pipeline(bert_pieces(cfg, pstate, seed), pstate, MaskedLMLoss(cfg, pstate),
+                          activation_checkpoint_interval)

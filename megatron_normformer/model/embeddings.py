@@ -1,4 +1,4 @@
-"""Token embedding (vocab-parallel) plus sinusoidal or learned positions."""
+"""Token embedding (vocab-parallel) plus sinusoidal or learned positions, and the vocabulary projection."""
 from __future__ import annotations
 
 import math
@@ -12,6 +12,7 @@ from megatron_normformer.config import ModelConfig
 from megatron_normformer.model.initialization import WeightInit
 from megatron_normformer.parallel.init import fill_shard
 from megatron_normformer.parallel.layers import VocabParallelEmbedding, mark_parallel
+from megatron_normformer.parallel.mappings import copy_to_tensor_parallel
 
 
 def sinusoidal_positions(num_positions: int, dim: int) -> torch.Tensor:
@@ -59,3 +60,9 @@ class Embedding(nn.Module):
         positions = table[:seq].unsqueeze(0) if position_ids is None else table[position_ids]
         x = x + positions.to(x.dtype)
         return F.dropout(x, self.cfg.hidden_dropout, self.training)
+
+
+def vocab_projection(hidden: torch.Tensor, weight: torch.Tensor, tp_group, bias=None) -> torch.Tensor:
+    """This rank's vocabulary slice of the logits: ``hidden`` times its shard of the output (or
+    tied word-embedding) weight, [rows of padded vocab / TP, hidden]."""
+    return F.linear(copy_to_tensor_parallel(hidden, tp_group), weight, bias)

@@ -1,34 +1,44 @@
-"""The NormFormer GPT: embedding, N NormFormer layers, final LN, (tied) vocab-parallel LM head."""
+"""The NormFormer GPT: embedding, N NormFormer layers, final LN, (tied) vocab-parallel LM head.
+
+Written once (``gpt_pieces``) for both forms: ``GPTModel`` (one pipeline stage) and
+``build_gpt_pipeline`` (DeepSpeed's 1F1B engine), with the same parameter names
+(``model/pipeline.py``). Between pipeline stages travel the hidden states only (causal attention
+needs no mask). Under ``--reset-attention-mask`` the segment ids travel with them ([batch, seq]
+integers, no gradient) and each layer builds the block-diagonal causal mask from them; under
+``--reset-position-ids`` the first stage also takes the position ids; under ``--eod-mask-loss`` the
+last stage's labels come with the loss mask (``training/tasks.py`` builds the matching batch).
+"""
 from __future__ import annotations
 
-from typing import Optional
+from functools import partial
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from megatron_normformer.config import ModelConfig
-from megatron_normformer.model.embeddings import Embedding
+from megatron_normformer.model.attention import document_causal_mask
+from megatron_normformer.model.embeddings import Embedding, vocab_projection
+from megatron_normformer.model.initialization import WeightInit
 from megatron_normformer.model.layer import LayerRecompute, NormFormerLayer, forward_layers
 from megatron_normformer.model.norms import LayerNorm
-from megatron_normformer.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megatron_normformer.model.initialization import WeightInit
+from megatron_normformer.model.pipeline import Piece, build_pieces, build_pipeline
+from megatron_normformer.parallel.cross_entropy import masked_mean, vocab_parallel_cross_entropy
 from megatron_normformer.parallel.init import fill_shard
 from megatron_normformer.parallel.layers import mark_vocab
-from megatron_normformer.parallel.mappings import copy_to_tensor_parallel, gather_from_tensor_parallel
+from megatron_normformer.parallel.mappings import gather_from_tensor_parallel
 
 
 class LMHead(nn.Module):
-    """Final LayerNorm, then logits over this rank's vocabulary slice and the vocab-parallel loss.
+    """Final LayerNorm, then the logits over this rank's vocabulary slice.
 
     With tied embeddings the projection weight is the word-embedding shard, passed at call time.
     """
 
     def __init__(self, cfg: ModelConfig, pstate, seed: int, device=None):
         super().__init__()
-        self.cfg, self.tp_group = cfg, pstate.tp_group
+        self.tp_group = pstate.tp_group
         padded = cfg.padded_vocab_size(pstate.tp_size)
-        self.vocab_start = pstate.tp_rank * (padded // pstate.tp_size)
         self.final_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, device)
         if cfg.untie_embeddings_and_output_weights:
             self.weight = mark_vocab(nn.Parameter(
@@ -41,12 +51,73 @@ class LMHead(nn.Module):
     def logits(self, hidden: torch.Tensor, tied_weight: Optional[torch.Tensor]) -> torch.Tensor:
         """This rank's slice of the logits [batch, seq, padded_vocab / TP]."""
         weight = self.weight if self.weight is not None else tied_weight
-        h = copy_to_tensor_parallel(self.final_layernorm(hidden), self.tp_group)
-        return F.linear(h, weight)
+        return vocab_projection(self.final_layernorm(hidden), weight, self.tp_group)
 
-    def loss(self, local_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(local_logits, labels, self.vocab_start,
-                                            self.cfg.vocab_size, self.tp_group)
+
+class VocabParallelLoss:
+    """Cross entropy from this rank's vocabulary slice of the logits. Called, it is the pipeline's
+    loss: the micro-batch mean (over the unmasked tokens under ``--eod-mask-loss``)."""
+
+    __name__ = "vocab_parallel_cross_entropy"
+
+    def __init__(self, cfg: ModelConfig, pstate):
+        self.vocab_size, self.group = cfg.vocab_size, pstate.tp_group
+        self.vocab_start = pstate.tp_rank * (cfg.padded_vocab_size(pstate.tp_size) // pstate.tp_size)
+
+    def per_token(self, local_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(local_logits, labels, self.vocab_start, self.vocab_size,
+                                            self.group)
+
+    def __call__(self, local_logits, labels):
+        loss_mask = None
+        if isinstance(labels, (tuple, list)):  # --eod-mask-loss
+            labels, loss_mask = labels
+        per_token = self.per_token(local_logits, labels)
+        return per_token.mean() if loss_mask is None else masked_mean(per_token, loss_mask)
+
+
+# -- what each piece reads and sends between pipeline stages ----------------------------------
+def _embed(embedding: Embedding, inputs, position_ids: bool = False, segment_ids: bool = False):
+    """tokens, or (tokens, [position ids], [segment ids]) under the document flags."""
+    if not (position_ids or segment_ids):
+        return embedding(inputs)
+    tokens, *rest = inputs
+    hidden = embedding(tokens, rest.pop(0) if position_ids else None)
+    return (hidden, rest[0]) if segment_ids else hidden
+
+
+def _layer(layer: NormFormerLayer, inputs):
+    """hidden, or (hidden, segment ids) under --reset-attention-mask."""
+    if torch.is_tensor(inputs):
+        return layer(inputs)
+    hidden, segment_ids = inputs
+    return layer(hidden, document_causal_mask(segment_ids)), segment_ids
+
+
+def _head(head: LMHead, inputs):
+    """The final LayerNorm; the logits too when the output layer has its own weight."""
+    hidden = inputs if torch.is_tensor(inputs) else inputs[0]
+    return head.final_layernorm(hidden) if head.weight is None else head.logits(hidden, None)
+
+
+def _tied_output(embedding: Embedding, hidden: torch.Tensor) -> torch.Tensor:
+    word = embedding.word_embeddings
+    return vocab_projection(hidden, word.weight, word.tp_group)
+
+
+def gpt_pieces(cfg: ModelConfig, pstate, seed: int, device=None, reset_position_ids: bool = False,
+               reset_attention_mask: bool = False) -> List[Piece]:
+    """The GPT, written once: embedding | layers 0 .. L-1 | head [| the tied output projection]."""
+    tied = not cfg.untie_embeddings_and_output_weights
+    embed = partial(_embed, position_ids=reset_position_ids, segment_ids=reset_attention_mask)
+    pieces = [Piece("embedding", Embedding, (cfg, pstate, seed, device), embed, tied=tied)]
+    pieces += [Piece(f"layers.{i}", NormFormerLayer, (cfg, i, pstate, seed, device), _layer,
+                     transformer_layer=True) for i in range(cfg.num_layers)]
+    pieces.append(Piece("head", LMHead, (cfg, pstate, seed, device), _head))
+    if tied:
+        pieces.append(Piece("embedding", Embedding, (cfg, pstate, seed, device), _tied_output,
+                            reuses=True, tied=True))
+    return pieces
 
 
 class GPTModel(nn.Module):
@@ -61,10 +132,11 @@ class GPTModel(nn.Module):
         cfg.validate(pstate.tp_size)
         self.cfg = cfg
         self.tp_group = pstate.tp_group
-        self.embedding = Embedding(cfg, pstate, seed, device)
-        self.layers = nn.ModuleList(
-            NormFormerLayer(cfg, i, pstate, seed, device) for i in range(cfg.num_layers))
-        self.head = LMHead(cfg, pstate, seed, device)
+        self.embedding: Embedding
+        self.layers: nn.ModuleList
+        self.head: LMHead
+        build_pieces(self, gpt_pieces(cfg, pstate, seed, device))
+        self.loss_fn = VocabParallelLoss(cfg, pstate)
         # Set by the trainer for full activation recomputation.
         self.recompute: Optional[LayerRecompute] = None
 
@@ -72,8 +144,9 @@ class GPTModel(nn.Module):
                 position_ids: Optional[torch.Tensor] = None, attention_mask=None, kv_cache=None):
         """``attention_mask``: None for causal attention over the whole sequence, else a boolean
         [batch, 1, seq, seq] mask (True = may attend) that already includes causality, e.g.
-        ``model.attention.document_causal_mask``. ``kv_cache`` (an ``inference.KVCache``) turns on incremental decoding: ``tokens`` are
-        the positions after those already cached, and positions default to continue from them."""
+        ``model.attention.document_causal_mask``. ``kv_cache`` (an ``inference.KVCache``) turns on
+        incremental decoding: ``tokens`` are the positions after those already cached, and
+        positions default to continue from them."""
         if kv_cache is not None and position_ids is None:
             position_ids = kv_cache.position_ids(tokens.size(1), tokens.device)
         x = self.embedding(tokens, position_ids)
@@ -85,8 +158,19 @@ class GPTModel(nn.Module):
         logits = self.head.logits(x, self.embedding.word_embeddings.weight)
         if labels is None:
             return logits
-        return self.head.loss(logits, labels)
+        return self.loss_fn.per_token(logits, labels)
 
     def gather_logits(self, local_logits: torch.Tensor) -> torch.Tensor:
         """Full logits over the real vocabulary (padding dropped), on every TP rank."""
         return gather_from_tensor_parallel(local_logits, self.tp_group)[..., : self.cfg.vocab_size]
+
+
+def build_gpt_pipeline(cfg: ModelConfig, pstate, seed: int = 1234,
+                       activation_checkpoint_interval: int = 0, reset_position_ids: bool = False,
+                       reset_attention_mask: bool = False):
+    """The GPT as a ``PipelineModule`` over ``pstate``'s layout. The reset flags change what travels
+    between stages; ``--eod-mask-loss`` needs nothing here (the loss reads the mask beside the
+    labels)."""
+    cfg.validate(pstate.tp_size)
+    pieces = gpt_pieces(cfg, pstate, seed, None, reset_position_ids, reset_attention_mask)
+    return build_pipeline(pieces, pstate, VocabParallelLoss(cfg, pstate), activation_checkpoint_interval)

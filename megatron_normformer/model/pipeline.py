@@ -1,17 +1,67 @@
-"""What the GPT and masked-LM pipelines share: the stage rule and the ``PipelineModule`` built on it.
+"""One model definition, two forms: a plain ``nn.Module`` (PP=1) and a DeepSpeed ``PipelineModule``.
 
-Each model is a flat list of DeepSpeed layer specs, ``embedding | L transformer layers | the rest``.
+A model is written once, as a flat list of ``Piece``s: the embedding, the L transformer layers, then
+what follows them. A piece names the place of its module in the model (``embedding``, ``layers.3``,
+``head``), the module's class and arguments, and how it reads and writes what travels between
+pipeline stages. ``build_pieces`` builds every piece into the plain model at its name; the
+``PipelineModule`` of ``build_pipeline`` builds its own stage's pieces at the same names. Both forms
+therefore have the same parameter names (``layers.3.mlp.fc1.weight``), and checkpoints, the
+layout-independent state, conversion and inference map tensors by name, never by position: moving
+pieces between stages, or cutting the stages differently, cannot give a tensor another name.
+
 The L layers are split as evenly as possible and the first L mod P stages get one more; the
 embedding goes to the first stage with its layers, everything after the last layer to the last
-stage. The word embedding is a ``TiedLayerSpec`` on the first and last stages (the LM head's
-projection); both copies are initialised from the same stream and DeepSpeed all-reduces their
-gradients over the pair of stages.
+stage. A model whose output layer is its word embedding lists the embedding twice: once as the
+first piece and once, ``reuses`` set, as the output projection. The plain model builds it once; the
+pipeline builds a copy on the last stage, initialised from the same stream, and DeepSpeed keeps the
+two equal (it all-reduces their gradients over the pair of stages).
 """
 from __future__ import annotations
 
-from typing import Callable, List, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, List, Sequence, Tuple
 
-TIED_EMBEDDING_KEY = "word_embeddings"
+import torch.nn as nn
+
+TIED_KEY = "embedding"  # DeepSpeed's key for the tied word embedding: the piece's name
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One entry of a model's flat sequence of modules."""
+
+    name: str                                      # the module's place: "embedding", "layers.3"
+    cls: type                                      # built as cls(*args)
+    args: Tuple                                    #
+    pipe_forward: Callable[[nn.Module, Any], Any]  # (module, what the previous piece sent)
+    reuses: bool = False                           # the earlier piece of this name's module, again
+    tied: bool = False                             # its module is shared by two stages (the embedding)
+    transformer_layer: bool = False                # recomputed under activation checkpointing
+
+
+def _place(root: nn.Module, name: str, module: nn.Module, stack: type) -> None:
+    """Register ``module`` at the dotted ``name`` below ``root``; ``layers.3`` goes into a ``stack``
+    (``nn.ModuleList`` for the whole model, ``nn.ModuleDict`` for a stage's run of layers)."""
+    parent, _, leaf = name.rpartition(".")
+    if not parent:
+        root.add_module(leaf, module)
+        return
+    if parent not in root._modules:
+        root.add_module(parent, stack())
+    container = root._modules[parent]
+    if isinstance(container, nn.ModuleList):
+        if int(leaf) != len(container):
+            raise ValueError(f"piece {name} is out of order")
+        container.append(module)
+    else:
+        container[leaf] = module
+
+
+def build_pieces(root: nn.Module, pieces: Sequence[Piece]) -> None:
+    """Build every piece of the plain (one-stage) model at its name."""
+    for piece in pieces:
+        if not piece.reuses:
+            _place(root, piece.name, piece.cls(*piece.args), nn.ModuleList)
 
 
 def stage_layer_counts(num_layers: int, num_stages: int) -> List[int]:
@@ -23,31 +73,81 @@ def stage_layer_counts(num_layers: int, num_stages: int) -> List[int]:
     return [base + (1 if s < extra else 0) for s in range(num_stages)]
 
 
-def build_pipeline_module(specs: Sequence, num_layers: int, pstate, loss_fn: Callable,
-                          activation_checkpoint_interval: int, checkpointable_layer: str):
-    """A ``PipelineModule`` over ``specs`` (embedding, ``num_layers`` layers, the rest) cut by our
-    stage rule over ``pstate``'s layout (TP fastest, then DP, then PP)."""
-    from deepspeed.pipe import PipelineModule
+def stage_bounds(pieces: Sequence[Piece], num_stages: int) -> List[int]:
+    """Where each stage starts in ``pieces`` (and where the last ends): our stated rule."""
+    layers = [i for i, p in enumerate(pieces) if p.transformer_layer]
+    counts = stage_layer_counts(len(layers), num_stages)
+    bounds, seen = [0], 0
+    for n in counts[:-1]:
+        seen += n
+        bounds.append(layers[seen - 1] + 1)
+    bounds.append(len(pieces))
+    return bounds
+
+
+class _StageCall:
+    """What DeepSpeed's engine runs for one piece: its module, called the pipeline way.
+
+    DeepSpeed saves and loads a stage's checkpoint files through the ``state_dict`` of each entry
+    it runs; the second use of a tied module has none (its first use, or the other stage, owns it).
+    """
+
+    def __init__(self, module: nn.Module, piece: Piece):
+        self.module, self.piece = module, piece
+        self.checkpointable = piece.transformer_layer
+        if not piece.reuses:
+            self.state_dict, self.load_state_dict = module.state_dict, module.load_state_dict
+
+    def __call__(self, inputs):
+        return self.piece.pipe_forward(self.module, inputs)
+
+
+def build_pipeline(pieces: Sequence[Piece], pstate, loss_fn: Callable,
+                   activation_checkpoint_interval: int = 0):
+    """The ``PipelineModule`` of ``pieces`` over ``pstate``'s layout (TP fastest, then DP, then PP)."""
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     from megatron_normformer.parallel.state import init_deepspeed_comm
 
     # PipelineModule talks through deepspeed.comm, which wraps the already-initialised torch group.
     init_deepspeed_comm()
-    counts = stage_layer_counts(num_layers, pstate.pp_size)
-    bounds = [0]  # stage boundaries in the spec list: the embedding first, the rest last
-    for s, n in enumerate(counts):
-        bounds.append(bounds[-1] + n + (1 if s == 0 else 0))
-    bounds[-1] = len(specs)
+    pieces = list(pieces)
+    bounds = stage_bounds(pieces, pstate.pp_size)
+    specs = [TiedLayerSpec(TIED_KEY, p.cls, *p.args, tied_weight_attr=["word_embeddings.weight"])
+             if p.tied else LayerSpec(p.cls, *p.args) for p in pieces]
 
-    class StageRulePipelineModule(PipelineModule):
-        def _partition_layers(self, method="uniform"):  # our stated rule, not DeepSpeed's
+    class ModelPipe(PipelineModule):
+        def _partition_layers(self, method="uniform"):  # our stage rule, not DeepSpeed's
             self.parts = bounds
             stage = self._topo.get_coord(self.global_rank).pipe
             self._set_bounds(start=bounds[stage], stop=bounds[stage + 1])
 
+        def _build(self):  # each piece at its name; DeepSpeed's own build numbers them
+            for index in range(self._local_start, self._local_stop):
+                piece, spec = pieces[index], specs[index]
+                if piece.tied:
+                    if spec.key not in self.tied_modules:
+                        self.tied_modules[spec.key] = spec.build()
+                        self.tied_weight_attrs[spec.key] = spec.tied_weight_attr
+                        _place(self, piece.name, self.tied_modules[spec.key], nn.ModuleDict)
+                    module = self.tied_modules[spec.key]
+                else:
+                    module = spec.build()
+                    _place(self, piece.name, module, nn.ModuleDict)
+                self.forward_funcs.append(_StageCall(module, piece))
+            for p in self.parameters():
+                p.ds_pipe_replicated = False
+
+        def _is_checkpointable(self, funcs):
+            return all(getattr(f, "checkpointable", False) for f in funcs)
+
     topology = PipeModelDataParallelTopology(num_pp=pstate.pp_size, num_mp=pstate.tp_size,
                                              num_dp=pstate.dp_size)
-    return StageRulePipelineModule(list(specs), topology=topology, loss_fn=loss_fn,
-                                   activation_checkpoint_interval=activation_checkpoint_interval,
-                                   checkpointable_layers=[checkpointable_layer])
+    module = ModelPipe(specs, topology=topology, loss_fn=loss_fn,
+                       activation_checkpoint_interval=activation_checkpoint_interval)
+    # DeepSpeed registers the tied embedding a second time, under tied_modules.<key>: keep its
+    # handle for the tied gradients but not the second registration, so that every parameter has
+    # one name, the plain model's.
+    module.__dict__["tied_modules"] = module._modules.pop("tied_modules")
+    return module

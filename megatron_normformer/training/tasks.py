@@ -20,14 +20,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from megatron_normformer.config import ConfigError, ModelConfig
-from megatron_normformer.model.bert import BertModel
+from megatron_normformer.model.bert import MaskedLMModel, build_bert_pipeline
 from megatron_normformer.model.attention import document_causal_mask
-from megatron_normformer.model.gpt import GPTModel
-from megatron_normformer.parallel.cross_entropy import (
-    masked_mean,
-    vocab_parallel_correct,
-    vocab_parallel_cross_entropy,
-)
+from megatron_normformer.model.gpt import GPTModel, build_gpt_pipeline
+from megatron_normformer.parallel.cross_entropy import masked_mean
 
 Batch = Dict[str, torch.Tensor]
 
@@ -122,18 +118,15 @@ class GPTTask:
 
     def build_pipeline(self, cfg: ModelConfig, pstate, seed: int, activation_checkpoint_interval: int,
                        run=None):
-        from megatron_normformer.model.gpt_pipeline import build_gpt_pipeline
-
         t = run.train if run is not None else None
         return build_gpt_pipeline(cfg, pstate, seed, activation_checkpoint_interval,
                                   reset_position_ids=bool(t and t.reset_position_ids),
-                                  reset_attention_mask=bool(t and t.reset_attention_mask),
-                                  eod_mask_loss=bool(t and t.eod_mask_loss))
+                                  reset_attention_mask=bool(t and t.reset_attention_mask))
 
     def pipeline_batch(self, batch: Batch):
         """(inputs, labels) as DeepSpeed's pipeline engine reads them: the first stage takes the
         inputs (with the position and segment ids when asked for), the last the labels (with the
-        loss mask when asked for); ``model/gpt_pipeline.py`` builds the stages to match."""
+        loss mask when asked for); ``model/gpt.py`` builds the stages to match."""
         tokens, labels = self.inputs_and_labels(batch)
         extra = [batch[k] for k in ("position_ids", "segment_ids") if k in batch]
         inputs = tuple(_cuda({"x": x})["x"] for x in extra)
@@ -217,12 +210,10 @@ class MaskedLMTask:
 
     def build_pipeline(self, cfg: ModelConfig, pstate, seed: int, activation_checkpoint_interval: int,
                        run=None):
-        from megatron_normformer.model.bert_pipeline import build_bert_pipeline
-
         return build_bert_pipeline(cfg, pstate, seed, activation_checkpoint_interval)
 
     def pipeline_batch(self, batch: Batch):
-        """The masks travel with the hidden states (``model/bert_pipeline.py``); the last stage also
+        """The masks travel with the hidden states (``model/bert.py``); the last stage also
         gets the loss mask with the labels."""
         return ((batch["text"], batch["padding_mask"], batch["loss_mask"]),
                 (batch["labels"], batch["loss_mask"]))
@@ -253,24 +244,6 @@ class MaskedLMTask:
         # The head (dense h x h and the vocabulary projection) runs on the masked positions only.
         return flops_per_iteration(cfg, global_batch, seq, padded_vocab, recompute,
                                    head_fraction=self.masking_prob, head_dense=True)
-
-
-class MaskedLMModel(BertModel):
-    """``BertModel`` whose training forward also says which masked tokens it predicted right.
-
-    ``forward(tokens, padding_mask, labels, loss_mask)`` returns ``(per-token loss, correct)``, both
-    [num_masked] in row-major order of ``loss_mask``. Parameter names are BertModel's, so its
-    checkpoints are BertModel checkpoints.
-    """
-
-    def forward(self, tokens, padding_mask, labels, loss_mask):
-        hidden = self.encode(tokens, padding_mask)
-        selected = loss_mask.bool()
-        target = labels[selected]
-        logits = self.lm_head.logits(hidden[selected], self.embedding.word_embeddings.weight)
-        start, vocab = self.lm_head.vocab_start, self.cfg.vocab_size
-        correct = vocab_parallel_correct(logits, target, start, vocab, self.tp_group)
-        return vocab_parallel_cross_entropy(logits, target, start, vocab, self.tp_group), correct
 
 
 TASKS = {"gpt": GPTTask(), "bert": MaskedLMTask()}
