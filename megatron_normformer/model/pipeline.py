@@ -31,12 +31,18 @@ class Piece:
     """One entry of a model's flat sequence of modules."""
 
     name: str                                      # the module's place: "embedding", "layers.3"
-    cls: type                                      # built as cls(*args)
-    args: Tuple                                    #
+    make: Callable[..., nn.Module]                 # built as make(*args): a class or a factory
+    args: Tuple
     pipe_forward: Callable[[nn.Module, Any], Any]  # (module, what the previous piece sent)
     reuses: bool = False                           # the earlier piece of this name's module, again
     tied: bool = False                             # its module is shared by two stages (the embedding)
     transformer_layer: bool = False                # recomputed under activation checkpointing
+
+
+def is_tied_copy(name: str, pstate) -> bool:
+    """Whether parameter ``name`` is the last stage's copy of the tied word embedding (counted,
+    saved and reported by the first stage only)."""
+    return name.startswith(TIED_KEY + ".") and not pstate.is_first_stage
 
 
 def _place(root: nn.Module, name: str, module: nn.Module, stack: type) -> None:
@@ -61,7 +67,7 @@ def build_pieces(root: nn.Module, pieces: Sequence[Piece]) -> None:
     """Build every piece of the plain (one-stage) model at its name."""
     for piece in pieces:
         if not piece.reuses:
-            _place(root, piece.name, piece.cls(*piece.args), nn.ModuleList)
+            _place(root, piece.name, piece.make(*piece.args), nn.ModuleList)
 
 
 def stage_layer_counts(num_layers: int, num_stages: int) -> List[int]:
@@ -105,7 +111,7 @@ class _StageCall:
 def build_pipeline(pieces: Sequence[Piece], pstate, loss_fn: Callable,
                    activation_checkpoint_interval: int = 0):
     """The ``PipelineModule`` of ``pieces`` over ``pstate``'s layout (TP fastest, then DP, then PP)."""
-    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+    from deepspeed.pipe import PipelineModule, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     from megatron_normformer.parallel.state import init_deepspeed_comm
@@ -114,8 +120,9 @@ def build_pipeline(pieces: Sequence[Piece], pstate, loss_fn: Callable,
     init_deepspeed_comm()
     pieces = list(pieces)
     bounds = stage_bounds(pieces, pstate.pp_size)
-    specs = [TiedLayerSpec(TIED_KEY, p.cls, *p.args, tied_weight_attr=["word_embeddings.weight"])
-             if p.tied else LayerSpec(p.cls, *p.args) for p in pieces]
+    # DeepSpeed finds the tied module's stages from its TiedLayerSpecs; the other pieces we build.
+    specs = [TiedLayerSpec(TIED_KEY, p.make, *p.args, tied_weight_attr=["word_embeddings.weight"])
+             if p.tied else p for p in pieces]
 
     class ModelPipe(PipelineModule):
         def _partition_layers(self, method="uniform"):  # our stage rule, not DeepSpeed's
@@ -133,7 +140,7 @@ def build_pipeline(pieces: Sequence[Piece], pstate, loss_fn: Callable,
                         _place(self, piece.name, self.tied_modules[spec.key], nn.ModuleDict)
                     module = self.tied_modules[spec.key]
                 else:
-                    module = spec.build()
+                    module = piece.make(*piece.args)
                     _place(self, piece.name, module, nn.ModuleDict)
                 self.forward_funcs.append(_StageCall(module, piece))
             for p in self.parameters():

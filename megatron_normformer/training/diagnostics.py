@@ -12,6 +12,7 @@ from typing import Dict
 import torch
 import torch.distributed as dist
 
+from megatron_normformer.model.pipeline import is_tied_copy
 from megatron_normformer.parallel.mappings import full_tensor
 
 
@@ -42,8 +43,8 @@ def params_norm(model, pstate, zero_stage: int, pipeline: bool) -> float:
     the tied embedding of a pipeline counted once. Collective over TP, PP (and DP at ZeRO-3)."""
     total = torch.zeros(1, dtype=torch.float64)
     for name, p in model.named_parameters():
-        if pipeline and name.startswith("tied_modules.") and not pstate.is_first_stage:
-            continue  # the last stage's copy of the word embedding
+        if is_tied_copy(name, pstate):
+            continue
         if not (getattr(p, "tensor_model_parallel", False) or pstate.tp_rank == 0):
             continue
         data = p.ds_tensor if zero_stage == 3 else p  # ZeRO-3: this rank's partition (zero-padded)
