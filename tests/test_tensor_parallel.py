@@ -1,4 +1,5 @@
-"""TP=1 vs 2 vs 4 from one seed: identical logits, loss and every gathered parameter gradient."""
+"""TP=1 vs 2 vs 4, with and without sequence parallelism, from one seed: identical logits, loss and
+every gathered parameter gradient."""
 import dataclasses
 
 import pytest
@@ -28,7 +29,7 @@ CONFIGS = {
 }
 
 
-def _run_configs(tp):
+def _run_configs(tp, sequence_parallel=False):
     import torch.distributed as dist
 
     from megatron_normformer.model.gpt import GPTModel
@@ -36,13 +37,14 @@ def _run_configs(tp):
     from megatron_normformer.parallel.random import seed_everything
     from megatron_normformer.parallel.state import ParallelState
 
-    pstate = ParallelState(tensor_model_parallel_size=tp)
+    pstate = ParallelState(tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel)
     out = {}
     for name, overrides in CONFIGS.items():
         cfg = dataclasses.replace(BASE, **overrides)
         seed_everything(7, pstate.tp_rank)
         model = GPTModel(cfg, pstate, seed=11)
-        # Train-mode forward (dropout is 0): exercises the training code path.
+        # Train-mode forward (dropout is 0): exercises the training code path. 16 positions: the
+        # sequence splits evenly over 2 and 4 ranks under sequence parallelism.
         tokens = torch.randint(0, cfg.vocab_size, (3, 17), generator=torch.Generator().manual_seed(5))
         loss = model(tokens[:, :-1], tokens[:, 1:]).mean()
         loss.backward()
@@ -62,7 +64,9 @@ def _run_configs(tp):
 
 @pytest.fixture(scope="module")
 def results():
-    return {tp: spawn(_run_configs, tp, tp)[0] for tp in (1, 2, 4)}
+    out = {tp: spawn(_run_configs, tp, tp)[0] for tp in (1, 2, 4)}
+    out.update({f"sp{tp}": spawn(_run_configs, tp, tp, True)[0] for tp in (2, 4)})
+    return out
 
 
 def _rel(a, b):
@@ -70,7 +74,7 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("tp", [2, 4, "sp2", "sp4"])
 def test_tp_matches_single_process(results, config, tp):
     ref, got = results[1][config], results[tp][config]
     # Initialisation is layout-invariant: bit-identical full weights.

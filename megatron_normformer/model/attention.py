@@ -19,7 +19,12 @@ import torch.nn.functional as F
 
 from megatron_normformer.config import ModelConfig
 from megatron_normformer.model.initialization import WeightInit
-from megatron_normformer.parallel.layers import ColumnParallelLinear, RowParallelLinear, mark_parallel
+from megatron_normformer.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    mark_parallel,
+    sequence_parallel_param,
+)
 from megatron_normformer.parallel.random import get_rng_tracker
 
 
@@ -44,12 +49,13 @@ class ParallelAttention(nn.Module):
         prefix = f"layers.{layer_number}.attention"
         init = WeightInit(cfg, seed)
         groups = (pstate.tp_group, pstate.tp_rank, tp)
+        self.sp_group = pstate.sp_group
         weight, bias = init.qkv(f"{prefix}.qkv")
         self.qkv = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, *groups, device=device,
-                                        init=weight, bias_init=bias)
+                                        init=weight, bias_init=bias, sp_group=self.sp_group)
         weight, bias = init.attention_output(f"{prefix}.dense")
         self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, *groups, device=device,
-                                       init=weight, bias_init=bias)
+                                       init=weight, bias_init=bias, sp_group=self.sp_group)
         if cfg.scale_heads:
             # HeadScale gamma (init 1): sharded with the heads before W_O, replicated after it.
             pre = cfg.head_scale_position == "pre-proj"
@@ -72,15 +78,17 @@ class ParallelAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=causal)
 
     def forward(self, x: torch.Tensor, attention_mask=None, kv_cache=None) -> torch.Tensor:
-        """x: [batch, seq, hidden] (replicated) -> [batch, seq, hidden] (replicated).
+        """x: [batch, seq, hidden] (replicated) -> [batch, seq, hidden] (replicated); under sequence
+        parallelism this rank's slice of the sequence in and out.
 
         ``attention_mask``: None for causal attention, else a boolean [batch, 1, 1|seq, seq] mask
         where True means "may attend": padding for bidirectional models, the block-diagonal causal
         mask of :func:`document_causal_mask` for causal ones.
         ``kv_cache``: optional cache for incremental (causal) decoding; it supplies the mask.
         """
-        b, s, _ = x.shape
-        qkv = self.qkv(x).view(b, s, self.local_heads, 3, self.head_dim)
+        qkv = self.qkv(x)
+        b, s, _ = qkv.shape  # the whole sequence, also when x is this rank's slice of it
+        qkv = qkv.view(b, s, self.local_heads, 3, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # [b, heads, s, head_dim]
         # A causal model's explicit mask already holds causality (document_causal_mask); without
         # one SDPA's is_causal path (flash attention on GPUs) does the masking.
@@ -103,6 +111,7 @@ class ParallelAttention(nn.Module):
             head_scale = self.head_scale.repeat_interleave(self.head_dim)
         out = self.dense(context, input_scale=head_scale)
         if self.head_scale is not None and self.cfg.head_scale_position == "post-proj":
-            out = out.view(b, s, -1, self.head_dim) * self.head_scale.view(-1, 1).to(out.dtype)
-            out = out.view(b, s, -1)
+            head_scale = sequence_parallel_param(self.head_scale, self.sp_group)
+            shape = out.shape
+            out = (out.view(*shape[:2], -1, self.head_dim) * head_scale.view(-1, 1).to(out.dtype)).view(shape)
         return out

@@ -29,7 +29,7 @@ from megatron_normformer.model.pipeline import Piece, build_pieces, build_pipeli
 from megatron_normformer.parallel.cross_entropy import vocab_parallel_correct, vocab_parallel_cross_entropy
 from megatron_normformer.parallel.init import fill_shard
 from megatron_normformer.parallel.layers import mark_parallel, mark_vocab
-from megatron_normformer.parallel.mappings import gather_from_tensor_parallel
+from megatron_normformer.parallel.mappings import gather_from_tensor_parallel, gather_sequence
 
 
 class _Dense(nn.Module):
@@ -117,9 +117,10 @@ def _layer(layer: NormFormerLayer, inputs):
     return layer(hidden, attention_mask(padding_mask)), padding_mask, loss_mask
 
 
-def _final_layernorm(norm: LayerNorm, inputs):
+def _final_layernorm(norm: nn.Module, inputs):
     hidden, _, loss_mask = inputs
-    return norm(hidden), loss_mask
+    # Under sequence parallelism the head sees the whole sequence: it selects the masked positions.
+    return gather_sequence(norm(hidden), getattr(norm, "sp_group", None)), loss_mask
 
 
 def _head_transform(head: RobertaLMHead, inputs):
@@ -142,8 +143,8 @@ def bert_pieces(cfg: ModelConfig, pstate, seed: int, device=None) -> List[Piece]
     pieces = [Piece("embedding", Embedding, (cfg, pstate, seed, device), _embed, tied=True)]
     pieces += [Piece(f"layers.{i}", NormFormerLayer, (cfg, i, pstate, seed, device), _layer,
                      transformer_layer=True) for i in range(cfg.num_layers)]
-    pieces += [Piece("final_layernorm", LayerNorm, (cfg.hidden_size, cfg.layernorm_epsilon, device),
-                     _final_layernorm),
+    pieces += [Piece("final_layernorm", LayerNorm,
+                     (cfg.hidden_size, cfg.layernorm_epsilon, device, pstate.sp_group), _final_layernorm),
                Piece("lm_head", RobertaLMHead, (cfg, pstate, seed, device), _head_transform),
                Piece("embedding", Embedding, (cfg, pstate, seed, device), _tied_output,
                      reuses=True, tied=True)]
@@ -164,7 +165,7 @@ class BertModel(nn.Module):
         self.cfg, self.tp_group = cfg, pstate.tp_group
         self.embedding: Embedding
         self.layers: nn.ModuleList
-        self.final_layernorm: LayerNorm
+        self.final_layernorm: nn.Module
         self.lm_head: RobertaLMHead
         build_pieces(self, bert_pieces(cfg, pstate, seed, device))
         self.recompute = None  # LayerRecompute, set by the trainer
@@ -173,7 +174,7 @@ class BertModel(nn.Module):
         mask = attention_mask(padding_mask)
         x = self.embedding(tokens)
         x = forward_layers(self.layers, x, mask, self.recompute if self.training else None)
-        return self.final_layernorm(x)
+        return gather_sequence(self.final_layernorm(x), getattr(self.final_layernorm, "sp_group", None))
 
     def forward(self, tokens, padding_mask=None, labels=None, loss_mask=None):
         hidden = self.encode(tokens, padding_mask)

@@ -12,7 +12,7 @@ from megatron_normformer.config import ModelConfig
 from megatron_normformer.model.initialization import WeightInit
 from megatron_normformer.parallel.init import fill_shard
 from megatron_normformer.parallel.layers import VocabParallelEmbedding, mark_parallel
-from megatron_normformer.parallel.mappings import copy_to_tensor_parallel
+from megatron_normformer.parallel.mappings import copy_to_tensor_parallel, scatter_to_sequence_parallel
 
 
 def sinusoidal_positions(num_positions: int, dim: int) -> torch.Tensor:
@@ -31,6 +31,7 @@ class Embedding(nn.Module):
     def __init__(self, cfg: ModelConfig, pstate, seed: int, device=None):
         super().__init__()
         self.cfg = cfg
+        self.sp_group = pstate.sp_group
         init = WeightInit(cfg, seed)
         self.word_embeddings = VocabParallelEmbedding(
             cfg.padded_vocab_size(pstate.tp_size), cfg.vocab_size, cfg.hidden_size,
@@ -59,7 +60,9 @@ class Embedding(nn.Module):
         table = self.position_embeddings if self.position_embeddings is not None else self.sinusoid
         positions = table[:seq].unsqueeze(0) if position_ids is None else table[position_ids]
         x = x + positions.to(x.dtype)
-        return F.dropout(x, self.cfg.hidden_dropout, self.training)
+        x = F.dropout(x, self.cfg.hidden_dropout, self.training)
+        # Under sequence parallelism the layers take this rank's slice of the sequence.
+        return scatter_to_sequence_parallel(x, self.sp_group)
 
 
 def vocab_projection(hidden: torch.Tensor, weight: torch.Tensor, tp_group, bias=None) -> torch.Tensor:

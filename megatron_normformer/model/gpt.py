@@ -26,7 +26,7 @@ from megatron_normformer.model.pipeline import Piece, build_pieces, build_pipeli
 from megatron_normformer.parallel.cross_entropy import masked_mean, vocab_parallel_cross_entropy
 from megatron_normformer.parallel.init import fill_shard
 from megatron_normformer.parallel.layers import mark_vocab
-from megatron_normformer.parallel.mappings import gather_from_tensor_parallel
+from megatron_normformer.parallel.mappings import gather_from_tensor_parallel, gather_sequence
 
 
 class LMHead(nn.Module):
@@ -37,9 +37,9 @@ class LMHead(nn.Module):
 
     def __init__(self, cfg: ModelConfig, pstate, seed: int, device=None):
         super().__init__()
-        self.tp_group = pstate.tp_group
+        self.tp_group, self.sp_group = pstate.tp_group, pstate.sp_group
         padded = cfg.padded_vocab_size(pstate.tp_size)
-        self.final_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, device)
+        self.final_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, device, self.sp_group)
         if cfg.untie_embeddings_and_output_weights:
             self.weight = mark_vocab(nn.Parameter(
                 torch.empty(padded // pstate.tp_size, cfg.hidden_size, device=device)))
@@ -48,10 +48,14 @@ class LMHead(nn.Module):
         else:
             self.register_parameter("weight", None)
 
+    def norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final LayerNorm, over the whole sequence (gathered under sequence parallelism)."""
+        return gather_sequence(self.final_layernorm(hidden), self.sp_group)
+
     def logits(self, hidden: torch.Tensor, tied_weight: Optional[torch.Tensor]) -> torch.Tensor:
         """This rank's slice of the logits [batch, seq, padded_vocab / TP]."""
         weight = self.weight if self.weight is not None else tied_weight
-        return vocab_projection(self.final_layernorm(hidden), weight, self.tp_group)
+        return vocab_projection(self.norm(hidden), weight, self.tp_group)
 
 
 class VocabParallelLoss:
@@ -97,7 +101,7 @@ def _layer(layer: NormFormerLayer, inputs):
 def _head(head: LMHead, inputs):
     """The final LayerNorm; the logits too when the output layer has its own weight."""
     hidden = inputs if torch.is_tensor(inputs) else inputs[0]
-    return head.final_layernorm(hidden) if head.weight is None else head.logits(hidden, None)
+    return head.norm(hidden) if head.weight is None else head.logits(hidden, None)
 
 
 def _tied_output(embedding: Embedding, hidden: torch.Tensor) -> torch.Tensor:

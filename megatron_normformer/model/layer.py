@@ -8,6 +8,11 @@
     x = lambda * x + dropout(y)          ResScale (--scale-resids), FFN residual only
 
 With all four off this is the plain Pre-LN transformer layer.
+
+Under sequence parallelism (``--sequence-parallel``) x, the LayerNorms, ResScale, the dropouts and
+the residual adds see this rank's slice of the sequence; attention and the MLP gather it on entry
+and reduce-scatter on exit. Their dropout masks then come from the tensor-parallel RNG stream (each
+rank drops its own tokens), as in Megatron.
 """
 from __future__ import annotations
 
@@ -21,19 +26,21 @@ from megatron_normformer.config import ModelConfig
 from megatron_normformer.model.attention import ParallelAttention
 from megatron_normformer.model.mlp import ParallelMLP
 from megatron_normformer.model.norms import LayerNorm
-from megatron_normformer.parallel.layers import mark_parallel
+from megatron_normformer.parallel.layers import mark_parallel, sequence_parallel_param
+from megatron_normformer.parallel.random import get_rng_tracker
 
 
 class NormFormerLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_number: int, pstate, seed: int, device=None):
         super().__init__()
-        eps, d = cfg.layernorm_epsilon, cfg.hidden_size
+        eps, d, sp = cfg.layernorm_epsilon, cfg.hidden_size, pstate.sp_group
         self.layer_number = layer_number
         self.hidden_dropout = cfg.hidden_dropout
-        self.input_layernorm = LayerNorm(d, eps, device)
+        self.sp_group = sp
+        self.input_layernorm = LayerNorm(d, eps, device, sp)
         self.attention = ParallelAttention(cfg, layer_number, pstate, seed, device)
-        self.post_attention_layernorm = LayerNorm(d, eps, device) if cfg.scale_attn else None
-        self.pre_mlp_layernorm = LayerNorm(d, eps, device)
+        self.post_attention_layernorm = LayerNorm(d, eps, device, sp) if cfg.scale_attn else None
+        self.pre_mlp_layernorm = LayerNorm(d, eps, device, sp)
         self.mlp = ParallelMLP(cfg, layer_number, pstate, seed, device)
         if cfg.scale_resids:
             self.resid_scale = mark_parallel(nn.Parameter(torch.ones(d, device=device)), None)
@@ -44,12 +51,21 @@ class NormFormerLayer(nn.Module):
         a = self.attention(self.input_layernorm(x), attention_mask, kv_cache=kv_cache)
         if self.post_attention_layernorm is not None:
             a = self.post_attention_layernorm(a)
-        x = x + F.dropout(a, self.hidden_dropout, self.training)
+        x = x + self._dropout(a)
 
-        y = F.dropout(self.mlp(self.pre_mlp_layernorm(x)), self.hidden_dropout, self.training)
+        y = self._dropout(self.mlp(self.pre_mlp_layernorm(x)))
         if self.resid_scale is None:
             return x + y
-        return torch.addcmul(y, x, self.resid_scale)  # lambda * x + y in one pass
+        # lambda * x + y in one pass
+        return torch.addcmul(y, x, sequence_parallel_param(self.resid_scale, self.sp_group))
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.hidden_dropout == 0.0:
+            return x
+        if self.sp_group is None:
+            return F.dropout(x, self.hidden_dropout, True)
+        with get_rng_tracker().fork():  # this rank's tokens get their own stream
+            return F.dropout(x, self.hidden_dropout, True)
 
 
 class LayerRecompute(NamedTuple):

@@ -31,14 +31,14 @@ class ParallelMLP(nn.Module):
         self.activation = ACTIVATION_FNS[cfg.activation_fn]
         weight, bias = init.linear(f"{prefix}.fc1", cfg.hidden_size, output=False)
         self.fc1 = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, *groups, device=device,
-                                        init=weight, bias_init=bias)
+                                        init=weight, bias_init=bias, sp_group=pstate.sp_group)
         self.ffn_layernorm = (
             PartitionedLayerNorm(cfg.ffn_hidden_size // pstate.tp_size, cfg.layernorm_epsilon,
                                  pstate.tp_group, device=device)
             if cfg.scale_fc else None)
         weight, bias = init.linear(f"{prefix}.fc2", cfg.ffn_hidden_size, output=True)
         self.fc2 = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, *groups, device=device,
-                                     init=weight, bias_init=bias)
+                                     init=weight, bias_init=bias, sp_group=pstate.sp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = self.activation(self.fc1(x))

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron_normformer.parallel.layers import mark_parallel
+from megatron_normformer.parallel.layers import mark_parallel, sequence_parallel_param
 from megatron_normformer.parallel.mappings import all_reduce_no_grad
 
 try:  # apex is optional: used when importable, never required
@@ -22,9 +22,25 @@ except Exception:  # noqa: BLE001 - any import failure means "not available"
     _ApexLayerNorm = None
 
 
-def LayerNorm(hidden_size: int, eps: float, device=None) -> nn.Module:
-    """A replicated LayerNorm; apex's fused kernel on GPU when apex is installed."""
-    if _ApexLayerNorm is not None and torch.cuda.is_available() and (device is None or str(device) != "meta"):
+class SequenceParallelLayerNorm(nn.LayerNorm):
+    """A replicated LayerNorm applied to this rank's slice of the sequence: its weight and bias
+    gradients are summed over the sequence-parallel group (``sequence_parallel_param``)."""
+
+    def __init__(self, hidden_size: int, eps: float, sp_group, device=None):
+        super().__init__(hidden_size, eps=eps, device=device)
+        self.sp_group = sp_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, sequence_parallel_param(self.weight, self.sp_group),
+                            sequence_parallel_param(self.bias, self.sp_group), self.eps)
+
+
+def LayerNorm(hidden_size: int, eps: float, device=None, sp_group=None) -> nn.Module:
+    """A replicated LayerNorm; apex's fused kernel on GPU when apex is installed. With ``sp_group``
+    (sequence parallelism) it sees this rank's tokens only and sums its gradients over the group."""
+    if sp_group is not None:
+        norm = SequenceParallelLayerNorm(hidden_size, eps, sp_group, device)
+    elif _ApexLayerNorm is not None and torch.cuda.is_available() and (device is None or str(device) != "meta"):
         norm = _ApexLayerNorm(hidden_size, eps=eps)
     else:
         norm = nn.LayerNorm(hidden_size, eps=eps, device=device)

@@ -19,9 +19,18 @@ import torch.nn.functional as F
 from megatron_normformer.parallel.init import InitSpec, fill_shard
 from megatron_normformer.parallel.mappings import (
     copy_to_tensor_parallel,
+    gather_from_sequence_parallel,
     gather_from_tensor_parallel,
     reduce_from_tensor_parallel,
+    reduce_scatter_to_sequence_parallel,
 )
+
+
+def sequence_parallel_param(param: torch.Tensor, sp_group) -> torch.Tensor:
+    """A replicated parameter used on this rank's slice of the sequence: identity forward, and the
+    gradient summed over the group backward, so that every rank holds the gradient of the whole
+    sequence before the optimizer (or ZeRO's reduction) sees it. The identity without a group."""
+    return param if sp_group is None else copy_to_tensor_parallel(param, sp_group)
 
 
 def mark_parallel(param: torch.Tensor, partition_dim: Optional[int]) -> torch.Tensor:
@@ -42,10 +51,11 @@ class _ParallelLinear(nn.Module):
 
     def __init__(self, input_size: int, output_size: int, tp_group, tp_rank: int, tp_size: int,
                  init: InitSpec, bias: bool = True, bias_init: Optional[InitSpec] = None,
-                 device=None):
-        """``bias_init``: how to draw the bias (zeros when None)."""
+                 device=None, sp_group=None):
+        """``bias_init``: how to draw the bias (zeros when None). ``sp_group``: the group the
+        sequence is split over outside this op (sequence parallelism), None when it is not."""
         super().__init__()
-        self.tp_group, self.tp_size = tp_group, tp_size
+        self.tp_group, self.tp_size, self.sp_group = tp_group, tp_size, sp_group
         full = (output_size, input_size)
         local = list(full)
         local[self.partition_dim] //= tp_size
@@ -63,7 +73,8 @@ class _ParallelLinear(nn.Module):
 class ColumnParallelLinear(_ParallelLinear):
     """Y = X A^T + b with A split by rows (output features) across the TP group.
 
-    The input is replicated; the output is this rank's slice unless ``gather_output``.
+    The input is replicated (or, under sequence parallelism, this rank's slice of the sequence,
+    gathered here); the output is this rank's slice of the features unless ``gather_output``.
     """
 
     partition_dim = 0
@@ -73,14 +84,18 @@ class ColumnParallelLinear(_ParallelLinear):
         self.gather_output = gather_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = copy_to_tensor_parallel(x, self.tp_group)
+        if self.sp_group is not None:
+            x = gather_from_sequence_parallel(x, self.sp_group)
+        else:
+            x = copy_to_tensor_parallel(x, self.tp_group)
         y = F.linear(x, self.weight, self.bias)
         return gather_from_tensor_parallel(y, self.tp_group) if self.gather_output else y
 
 
 class RowParallelLinear(_ParallelLinear):
     """Y = X A^T + b with A split by columns (input features): the input arrives already split,
-    partial products are summed over the TP group, the (replicated) bias is added once."""
+    partial products are summed over the TP group, the (replicated) bias is added once. Under
+    sequence parallelism the sum is reduce-scattered: each rank keeps its slice of the sequence."""
 
     partition_dim = 1
 
@@ -97,8 +112,12 @@ class RowParallelLinear(_ParallelLinear):
                 weight = weight * input_scale.to(weight.dtype)
             else:
                 x = x * input_scale.to(x.dtype)
-        y = reduce_from_tensor_parallel(F.linear(x, weight), self.tp_group)
-        return y + self.bias if self.bias is not None else y
+        if self.sp_group is None:
+            y = reduce_from_tensor_parallel(F.linear(x, weight), self.tp_group)
+            return y + self.bias if self.bias is not None else y
+        y = reduce_scatter_to_sequence_parallel(F.linear(x, weight), self.sp_group)
+        # Each rank adds the bias to its own tokens only: the bias gradient is summed over the group.
+        return y + sequence_parallel_param(self.bias, self.sp_group) if self.bias is not None else y
 
 
 class VocabParallelEmbedding(nn.Module):

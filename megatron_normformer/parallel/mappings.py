@@ -2,6 +2,15 @@
 
 Each function is the identity when the group has one rank. The pairs are conjugate: the backward of
 ``copy_to_tensor_parallel`` is the forward of ``reduce_from_tensor_parallel`` and so on.
+
+Sequence parallelism (Megatron's ``--sequence-parallel``) splits the activations outside the
+tensor-parallel regions along the sequence (dimension 1 of [batch, seq, hidden]) across the same
+group; three more conjugate maps move between the two forms:
+
+    scatter_to_sequence_parallel        split            | all-gather
+    gather_from_sequence_parallel       all-gather       | reduce-scatter   (into a TP region)
+    reduce_scatter_to_sequence_parallel reduce-scatter   | all-gather       (out of a TP region)
+    gather_sequence                     all-gather       | split            (into replicated work)
 """
 from __future__ import annotations
 
@@ -35,6 +44,77 @@ def _split_last_dim(x: torch.Tensor, group) -> torch.Tensor:
     if world == 1:
         return x
     return x.chunk(world, dim=-1)[dist.get_rank(group)].contiguous()
+
+
+def _gather_seq(x: torch.Tensor, group) -> torch.Tensor:
+    world = _world(group)
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
+def _split_seq(x: torch.Tensor, group) -> torch.Tensor:
+    world = _world(group)
+    if world == 1:
+        return x
+    return x.chunk(world, dim=1)[dist.get_rank(group)].contiguous()
+
+
+def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
+    world = _world(group)
+    if world == 1:
+        return x
+    # Sequence first, so that each rank's slice is one contiguous block of the collective.
+    full = x.transpose(0, 1).contiguous()
+    out = full.new_empty((full.size(0) // world,) + tuple(full.shape[1:]))
+    dist.reduce_scatter_tensor(out, full, group=group)
+    return out.transpose(0, 1).contiguous()
+
+
+class _ScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_seq(grad, ctx.group), None
+
+
+class _GatherFromSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_seq(grad, ctx.group), None
+
+
+class _ReduceScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_seq(grad, ctx.group), None
+
+
+class _GatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split_seq(grad, ctx.group), None
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -98,6 +178,29 @@ def gather_from_tensor_parallel(x: torch.Tensor, group) -> torch.Tensor:
 def scatter_to_tensor_parallel(x: torch.Tensor, group) -> torch.Tensor:
     """Keep this rank's slice of the last dimension; backward gathers."""
     return x if _world(group) == 1 else _ScatterToTP.apply(x, group)
+
+
+def scatter_to_sequence_parallel(x: torch.Tensor, group) -> torch.Tensor:
+    """Keep this rank's slice of the sequence; backward gathers the gradient's slices."""
+    return x if _world(group) == 1 else _ScatterToSP.apply(x, group)
+
+
+def gather_from_sequence_parallel(x: torch.Tensor, group) -> torch.Tensor:
+    """The whole sequence from every rank's slice (the input of a column-parallel op); backward
+    sums the ranks' gradients and keeps this rank's slice."""
+    return x if _world(group) == 1 else _GatherFromSP.apply(x, group)
+
+
+def reduce_scatter_to_sequence_parallel(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum the ranks' partial outputs and keep this rank's slice of the sequence (the output of a
+    row-parallel op); backward gathers."""
+    return x if _world(group) == 1 else _ReduceScatterToSP.apply(x, group)
+
+
+def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    """The whole sequence from every rank's slice, for work every rank repeats (the output head):
+    the gradient arriving is the same on every rank, so backward keeps this rank's slice of it."""
+    return x if _world(group) == 1 else _GatherSequence.apply(x, group)
 
 
 def all_reduce_no_grad(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:

@@ -223,8 +223,10 @@ class ParallelState:
     same replica: the TP group without pipelining, TP x PP with it.
     """
 
-    def __init__(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1):
+    def __init__(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                 sequence_parallel: bool = False):
         tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+        self.sequence_parallel = sequence_parallel
         if not dist.is_initialized():
             raise RuntimeError("initialize_distributed() must run before ParallelState()")
         world, me = dist.get_world_size(), dist.get_rank()
@@ -250,6 +252,12 @@ class ParallelState:
         self.pp_rank = self.pp_ranks.index(me)
 
     # -- convenience -------------------------------------------------------------------------
+    @property
+    def sp_group(self):
+        """The group the sequence is split over outside the tensor-parallel regions (the TP group
+        under ``--sequence-parallel``), None when it is not split."""
+        return self.tp_group if self.sequence_parallel and self.tp_size > 1 else None
+
     @property
     def is_first_stage(self) -> bool:
         return self.pp_rank == 0
@@ -305,6 +313,7 @@ class SingleProcessState(ParallelState):
 
     def __init__(self):  # noqa: D401 - deliberately skips the group building
         self.tp_size = self.pp_size = self.dp_size = self.world_size = 1
+        self.sequence_parallel = False
         self.rank = self.tp_rank = self.dp_rank = self.pp_rank = 0
         self.tp_group = self.dp_group = self.pp_group = self.mp_group = None
         self.tp_ranks = self.dp_ranks = self.pp_ranks = self.mp_ranks = [0]
