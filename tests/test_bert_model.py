@@ -27,7 +27,7 @@ def _batch():
     return tokens, padding_mask, labels, loss_mask
 
 
-def _run(tp):
+def _run(tp, sequence_parallel=False):
     import torch.distributed as dist
 
     from megatron_normformer.model.bert import BertModel
@@ -35,7 +35,7 @@ def _run(tp):
     from megatron_normformer.parallel.random import seed_everything
     from megatron_normformer.parallel.state import ParallelState
 
-    pstate = ParallelState(tensor_model_parallel_size=tp)
+    pstate = ParallelState(tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel)
     seed_everything(3, pstate.tp_rank)
     model = BertModel(CFG, pstate, seed=5)
     tokens, padding_mask, labels, loss_mask = _batch()
@@ -62,11 +62,14 @@ def _run(tp):
 
 @pytest.fixture(scope="module")
 def results():
-    return {tp: spawn(_run, tp, tp)[0] for tp in (1, 2)}
+    out = {tp: spawn(_run, tp, tp)[0] for tp in (1, 2)}
+    out["sp2"] = spawn(_run, 2, 2, True)[0]
+    return out
 
 
-def test_bert_tp2_matches_tp1(results):
-    ref, got = results[1], results[2]
+@pytest.mark.parametrize("layout", [2, "sp2"])
+def test_bert_tp2_matches_tp1(results, layout):
+    ref, got = results[1], results[layout]
     torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-5, atol=0)
     for name, g in ref["grads"].items():
         rel = ((got["grads"][name] - g).norm() / g.norm()).item()
