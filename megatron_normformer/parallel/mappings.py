@@ -8,9 +8,11 @@ tensor-parallel regions along the sequence (dimension 1 of [batch, seq, hidden])
 group; three more conjugate maps move between the two forms:
 
     scatter_to_sequence_parallel        split            | all-gather
-    gather_from_sequence_parallel       all-gather       | reduce-scatter   (into a TP region)
     reduce_scatter_to_sequence_parallel reduce-scatter   | all-gather       (out of a TP region)
     gather_sequence                     all-gather       | split            (into replicated work)
+
+The way into a TP region (all-gather forward, reduce-scatter backward) is fused with the
+column-parallel matmul that follows it (``parallel/layers.py``), which saves only this rank's slice.
 """
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ def _split_last_dim(x: torch.Tensor, group) -> torch.Tensor:
     return x.chunk(world, dim=-1)[dist.get_rank(group)].contiguous()
 
 
-def _gather_seq(x: torch.Tensor, group) -> torch.Tensor:
+def gather_sequence_no_grad(x: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate every rank's slice along the sequence (dimension 1), outside autograd."""
     world = _world(group)
     if world == 1:
         return x
@@ -62,7 +65,8 @@ def _split_seq(x: torch.Tensor, group) -> torch.Tensor:
     return x.chunk(world, dim=1)[dist.get_rank(group)].contiguous()
 
 
-def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
+def reduce_scatter_sequence_no_grad(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum over the ranks and keep this rank's slice of the sequence, outside autograd."""
     world = _world(group)
     if world == 1:
         return x
@@ -81,36 +85,25 @@ class _ScatterToSP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather_seq(grad, ctx.group), None
-
-
-class _GatherFromSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter_seq(grad, ctx.group), None
+        return gather_sequence_no_grad(grad, ctx.group), None
 
 
 class _ReduceScatterToSP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _reduce_scatter_seq(x, group)
+        return reduce_scatter_sequence_no_grad(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather_seq(grad, ctx.group), None
+        return gather_sequence_no_grad(grad, ctx.group), None
 
 
 class _GatherSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _gather_seq(x, group)
+        return gather_sequence_no_grad(x, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -183,12 +176,6 @@ def scatter_to_tensor_parallel(x: torch.Tensor, group) -> torch.Tensor:
 def scatter_to_sequence_parallel(x: torch.Tensor, group) -> torch.Tensor:
     """Keep this rank's slice of the sequence; backward gathers the gradient's slices."""
     return x if _world(group) == 1 else _ScatterToSP.apply(x, group)
-
-
-def gather_from_sequence_parallel(x: torch.Tensor, group) -> torch.Tensor:
-    """The whole sequence from every rank's slice (the input of a column-parallel op); backward
-    sums the ranks' gradients and keeps this rank's slice."""
-    return x if _world(group) == 1 else _GatherFromSP.apply(x, group)
 
 
 def reduce_scatter_to_sequence_parallel(x: torch.Tensor, group) -> torch.Tensor:
