@@ -64,6 +64,8 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help=field_help(ParallelConfig, "tensor_model_parallel_size"))
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                    help=field_help(ParallelConfig, "pipeline_model_parallel_size"))
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help=field_help(ParallelConfig, "sequence_parallel"))
     return parser
 
 
@@ -101,7 +103,8 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int | None = No
 
 
 def parallel_config_from_args(args: argparse.Namespace) -> ParallelConfig:
-    return ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    return ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                          getattr(args, "sequence_parallel", False))
 
 
 def parse_or_exit(parser: argparse.ArgumentParser, build, argv=None):

@@ -192,6 +192,11 @@ class ParallelConfig:
     """Tensor-parallel degree (``--tensor-model-parallel-size``)."""
     pipeline_model_parallel_size: int = 1
     """Pipeline-parallel degree (``--pipeline-model-parallel-size``)."""
+    sequence_parallel: bool = False
+    """Split the activations outside the tensor-parallel regions (LayerNorms, ResScale, dropout,
+    residuals) along the sequence across the TP group: all-gather before the column-parallel
+    inputs, reduce-scatter after the row-parallel outputs. Same losses; less activation memory.
+    No effect at TP=1 (``--sequence-parallel``)."""
 
     def data_parallel_size(self, world_size: int) -> int:
         model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size

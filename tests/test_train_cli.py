@@ -80,6 +80,8 @@ def _cli(*extra):
      "--global-batch-size (3) must be a multiple of --micro-batch-size (2)", 2),
     (["--train-iters", "2", "--load", "/nonexistent/ckpt"], "--load /nonexistent/ckpt: no such directory", 2),
     (["--train-iters", "2", "--tensor-model-parallel-size", "3"], "--num-attention-heads (4) must be divisible", 2),
+    (["--train-iters", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "15"],
+     "--seq-length (15) must be divisible by --tensor-model-parallel-size (2)", 2),
 ])
 def test_user_errors_are_one_clear_message(extra, message, code):
     p = _cli(*extra)

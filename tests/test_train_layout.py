@@ -1,7 +1,9 @@
 """Layout invariance of training: same seed, data and global batch give the same per-iteration
 losses (1e-4 relative, 5 iterations, dropout 0) whatever the TP / DP / accumulation / ZeRO layout,
 on mock data and on a real preprocessed dataset. Also: activation checkpointing (with dropout)
-reproduces the losses and gradient norms of the plain run.
+reproduces the losses and gradient norms of the plain run. Sequence parallelism gives TP's losses
+at TP=2 (with ZeRO-3, with pipelining), its checkpoint resumes without it, and activation
+checkpointing replays its per-rank dropout streams.
 
 ZeRO-3 runs partition every parameter (--zero-param-persistence-threshold 0; DeepSpeed's default
 would keep all of the tiny model's tensors whole): TP=2 x DP=2 with the tied embedding and
@@ -28,7 +30,7 @@ def base(data, *extra, **kw):
 def results(tmp_path_factory):
     prefix = make_null_dataset(str(tmp_path_factory.mktemp("data")))
     ckpt = tmp_path_factory.mktemp("ckpt")
-    one_dir, z3_dir = str(ckpt / "one"), str(ckpt / "z3")
+    one_dir, z3_dir, sp_dir = str(ckpt / "one"), str(ckpt / "z3"), str(ckpt / "sp")
     z3 = dict(micro_batch_size=2, tensor_model_parallel_size=2, zero_stage=3,
               zero_param_persistence_threshold=0)
     real = f"--data-path {prefix} --split 90,10,0 --eval-iters 1 --eval-interval 3"
@@ -46,6 +48,12 @@ def results(tmp_path_factory):
         base(real, micro_batch_size=4, tensor_model_parallel_size=2),        # real, TP2
         base(mock, dropout, micro_batch_size=4, tensor_model_parallel_size=2, checkpoint_activations=True),
         base(mock, dropout, micro_batch_size=4, tensor_model_parallel_size=2),
+        base(mock, micro_batch_size=4, tensor_model_parallel_size=2, sequence_parallel=True,  # 5 SP
+             save=sp_dir, exit_interval=3),
+        base(mock, micro_batch_size=4, tensor_model_parallel_size=2, load=sp_dir),  # 6 resume, no SP
+        base(mock, dropout, micro_batch_size=4, tensor_model_parallel_size=2, sequence_parallel=True),
+        base(mock, dropout, micro_batch_size=4, tensor_model_parallel_size=2, sequence_parallel=True,
+             checkpoint_activations=True),                                   # 8 SP + recompute
     ])[1]
     four = spawn(train_many, 4, [
         base(mock, checkpoint_activations=True, **z3),                               # TP2 x DP2 Z3
@@ -54,6 +62,9 @@ def results(tmp_path_factory):
         base(mock, cpu_offload=True, **z3),                                          # ZeRO-Offload
         base(mock, save=z3_dir, exit_interval=3, **z3),                              # Z3 3 its + save
         base(mock, save=z3_dir, load=z3_dir, **z3),                                  # resume to 5
+        base(mock, sequence_parallel=True, **z3),                                    # Z3 + SP
+        base(mock, micro_batch_size=2, tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
+             zero_stage=1, sequence_parallel=True),                                  # TP2 x PP2 SP
     ])[3]
     return one, two, four, dict(one=one_dir, z3=z3_dir, root=ckpt)
 
@@ -122,6 +133,21 @@ def test_cpu_offload_matches_single_process(results):
     one, _, four, _ = results
     assert_close(four[3]["losses"], one[0]["losses"], 1e-4)
     assert_close(four[3]["grad_norms"], one[0]["grad_norms"], 1e-4, "grad norm")
+
+
+def test_sequence_parallel_matches_tensor_parallel(results):
+    one, two, four, _ = results
+    assert sorted(two[5]["losses"]) == [1, 2, 3] and sorted(two[6]["losses"]) == [4, 5]
+    # SP for 3 iterations, then resumed from its checkpoint without SP: one uninterrupted TP run.
+    assert_close({**two[5]["losses"], **two[6]["losses"]}, two[0]["losses"], 1e-4)
+    assert_close(two[5]["grad_norms"], {k: two[0]["grad_norms"][k] for k in (1, 2, 3)}, 1e-4, "grad norm")
+    assert_close(four[6]["losses"], one[0]["losses"], 1e-4)  # with ZeRO-3 partitioning
+    assert four[6]["zero3"]["whole"] == 0
+    assert_close(four[7]["losses"], one[0]["losses"], 1e-4)  # with pipeline parallelism
+    # Dropout in the sequence-parallel regions draws per-rank masks; recomputation replays them.
+    assert_close(two[8]["losses"], two[7]["losses"], 1e-6)
+    assert_close(two[8]["grad_norms"], two[7]["grad_norms"], 1e-6, "grad norm")
+    assert two[7]["losses"] != two[4]["losses"]  # the masks differ from TP's, as in Megatron
 
 
 def test_real_data_evaluates_on_schedule(results):

@@ -380,6 +380,11 @@ class RunConfig:
                         ("--exit-interval", t.exit_interval)):
             if v is not None and v <= 0:
                 raise ConfigError(f"{flag} must be positive, got {v}")
+        tp = self.parallel.tensor_model_parallel_size
+        if self.parallel.sequence_parallel and t.seq_length % tp:
+            raise ConfigError(f"--sequence-parallel splits the sequence over the {tp} tensor-parallel "
+                              f"ranks: --seq-length ({t.seq_length}) must be divisible by "
+                              f"--tensor-model-parallel-size ({tp})")
         if t.seq_length > self.model.max_position_embeddings:
             raise ConfigError(f"--seq-length ({t.seq_length}) exceeds --max-position-embeddings "
                               f"({self.model.max_position_embeddings})")

@@ -52,6 +52,11 @@ def generate(run: RunConfig, dp: int, gas: int, on_gpu: Optional[bool] = None) -
     if fp32_grad_accumulation(run):
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}
         cfg["communication_data_type"] = "fp32"
+    if run.parallel.sequence_parallel:
+        # DeepSpeed's pipeline engine sends 1/TP of a (replicated) activation from each TP rank
+        # and all-gathers it on arrival; under sequence parallelism the ranks' activations are
+        # different slices of the sequence, so each rank sends its own whole.
+        cfg["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     return _bf16_optimizer_at_zero0(cfg)
 
 
@@ -138,4 +143,8 @@ def build(run: RunConfig, dp: int, gas: int, user: Optional[Dict] = None) -> Dic
         cfg = merged
         cfg["train_batch_size"] = run.train.micro_batch_size * gas * dp
         cfg["gradient_accumulation_steps"] = gas
+        pipeline = cfg.get("pipeline", {})
+        if run.parallel.sequence_parallel and (pipeline.get("pipe_partitioned") or pipeline.get("grad_partitioned")):
+            raise ConfigError("--sequence-parallel: the DeepSpeed config's pipeline.pipe_partitioned / "
+                              "grad_partitioned would mix the ranks' sequence slices; set them false")
     return _bf16_optimizer_at_zero0(cfg)

@@ -77,7 +77,7 @@ def train_resolved(run, user=None, explicit=(), task=None):
 
     ds, _, _ = layout(run, user, explicit, dist.get_world_size())
     pstate = ParallelState(run.parallel.tensor_model_parallel_size,
-                           run.parallel.pipeline_model_parallel_size)
+                           run.parallel.pipeline_model_parallel_size, run.parallel.sequence_parallel)
     return train(run, pstate, ds, run.model.vocab_size, task)
 
 
