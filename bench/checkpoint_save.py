@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Checkpoint save cost per rank: wall time and peak extra host memory (RSS) of DeepSpeed's own
-save and of the layout-independent state (``megatron_normformer/universal.py``).
+save and of the layout-independent state (``megatron_normformer/checkpoint/universal.py``).
 
 Builds the engine ``pretrain_gpt.py`` builds (mock data, ZeRO stage and precision from the flags),
 runs one training step so the optimizer state exists, then saves twice and reports, per rank, the
@@ -65,7 +65,7 @@ def _measure(argv, out_dir):
     from megatron_normformer.training.engine import build_engine
     from megatron_normformer.training.loop import warmup_step
     from megatron_normformer.training.pretrain import layout, resolve
-    from megatron_normformer.universal import save_universal
+    from megatron_normformer.checkpoint.universal import save_universal
 
     _, run, user, explicit = resolve(build_pretrain_parser(), argv)
     ds, _, gas = layout(run, user, explicit, dist.get_world_size())

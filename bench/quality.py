@@ -160,7 +160,7 @@ def run(argv=None) -> Dict:
     for v in variants:
         if v in PLAIN_LOOP:
             results[v] = score(train_plain(args, v, vocab, train), valid, args.micro_batch_size)
-    from megatron_normformer.inference.loading import build_inference_model
+    from megatron_normformer.checkpoint.inference import build_inference_model
 
     for v, proc in procs.items():
         if proc.wait() != 0:

@@ -38,7 +38,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from megatron_normformer.config import ConfigError
 from megatron_normformer.inference.generation import generate
-from megatron_normformer.inference.loading import build_inference_model, check_tokenizer, resolve_device
+from megatron_normformer.checkpoint.inference import build_inference_model
+from megatron_normformer.inference.cli import check_tokenizer, resolve_device
 from megatron_normformer.inference.sampling import SamplingConfig
 from megatron_normformer.inference.scoring import rolling_loglikelihood, score_continuations
 

@@ -6,7 +6,7 @@ import torch
 
 from megatron_normformer.analysis.grad_norms import record_fc2_grad_l1
 from megatron_normformer.analysis.common import TokenSource, architecture_pair
-from megatron_normformer.consolidated import load_consolidated
+from megatron_normformer.checkpoint.release import load_consolidated
 from test_generate_loading import make_checkpoint, run_tool, tiny_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -31,7 +31,7 @@ def _run(tp, sequence_parallel=False):
     import torch.distributed as dist
 
     from megatron_normformer.model.bert import BertModel
-    from megatron_normformer.parallel.mappings import full_tensor
+    from megatron_normformer.checkpoint.shards import full_tensor
     from megatron_normformer.parallel.random import seed_everything
     from megatron_normformer.parallel.state import ParallelState
 

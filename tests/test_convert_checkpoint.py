@@ -51,7 +51,7 @@ def _tool(*args):
 
 
 def test_consolidated_export_is_layout_invariant(runs):
-    from megatron_normformer.consolidated import load_consolidated
+    from megatron_normformer.checkpoint.release import load_consolidated
 
     out = []
     for name in ("src", "ref_dir"):
@@ -86,8 +86,8 @@ def test_offline_reshard_then_resume(runs):
 
 
 def test_consolidated_to_checkpoint_and_inference_from_training_dir(runs):
-    from megatron_normformer.consolidated import load_consolidated
-    from megatron_normformer.inference.loading import build_inference_model
+    from megatron_normformer.checkpoint.release import load_consolidated
+    from megatron_normformer.checkpoint.inference import build_inference_model
 
     release = str(runs["root"] / "src_release")
     if not os.path.isfile(release + ".safetensors"):

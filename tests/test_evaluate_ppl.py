@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_normformer.data.indexed_dataset import IndexedDataset
-from megatron_normformer.inference.loading import build_inference_model
+from megatron_normformer.checkpoint.inference import build_inference_model
 from test_generate_loading import make_checkpoint, run_tool
 
 

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from megatron_normformer.consolidated import load_consolidated
+from megatron_normformer.checkpoint.release import load_consolidated
 from megatron_normformer.data.tokenizers import SentencePieceTokenizer
 from megatron_normformer.inference.generation import generate
-from megatron_normformer.inference.loading import build_inference_model
+from megatron_normformer.checkpoint.inference import build_inference_model
 from megatron_normformer.inference.sampling import SamplingConfig, filter_logits
 from megatron_normformer.testing import spawn
 from test_generate_loading import make_checkpoint, run_tool

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from megatron_normformer.config import ConfigError, ModelConfig
-from megatron_normformer.consolidated import full_state_dict, save_consolidated
+from megatron_normformer.checkpoint.release import full_state_dict, save_consolidated
 from megatron_normformer.data.tokenizers import SentencePieceTokenizer
-from megatron_normformer.inference.loading import build_inference_model, check_tokenizer, load_full_state
+from megatron_normformer.checkpoint.inference import build_inference_model, load_full_state
+from megatron_normformer.inference.cli import check_tokenizer
 from megatron_normformer.model.gpt import GPTModel
 from megatron_normformer.parallel.state import SingleProcessState
 

@@ -131,7 +131,7 @@ def test_init_method_std_of_a_megatron_script_is_reported_unused(capsys):
 
 
 def test_resuming_a_checkpoint_from_before_init_schemes():
-    from megatron_normformer.training.checkpointing import layout_differences
+    from megatron_normformer.checkpoint.training import layout_differences
 
     def run(**model):
         return {"model": model, "parallel": {}, "train": {}, "ds": {"zero_stage": 0}}

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_normformer.data.tokenizers import SentencePieceTokenizer
-from megatron_normformer.inference.loading import build_inference_model
+from megatron_normformer.checkpoint.inference import build_inference_model
 from test_generate_loading import make_checkpoint
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",

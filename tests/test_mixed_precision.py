@@ -30,7 +30,7 @@ def _argv(zero, tp, extra, **kw):
 
 
 def _masters(tag_dir):
-    from megatron_normformer.universal import MOMENTS, UniversalReader
+    from megatron_normformer.checkpoint.universal import MOMENTS, UniversalReader
 
     r = UniversalReader(tag_dir)
     return {(n, k): r.full(n, k).clone() for n in r.names() for k in (None, *MOMENTS)}

@@ -33,7 +33,7 @@ def _run_configs(tp, sequence_parallel=False):
     import torch.distributed as dist
 
     from megatron_normformer.model.gpt import GPTModel
-    from megatron_normformer.parallel.mappings import full_tensor
+    from megatron_normformer.checkpoint.shards import full_tensor
     from megatron_normformer.parallel.random import seed_everything
     from megatron_normformer.parallel.state import ParallelState
 

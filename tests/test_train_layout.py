@@ -108,7 +108,7 @@ def test_zero3_really_partitions_and_resumes(results):
 
 
 def test_zero3_consolidated_export_matches_single_process(results):
-    from megatron_normformer.consolidated import load_consolidated
+    from megatron_normformer.checkpoint.release import load_consolidated
 
     *_, dirs = results
     out = []

@@ -72,7 +72,7 @@ def _engine(tp, pp, zero):
 
 
 def _run(tp, pp, zero, steps, save_dir=None, load_dir=None, first_step=0):
-    from megatron_normformer.universal import load_universal, save_universal
+    from megatron_normformer.checkpoint.universal import load_universal, save_universal
 
     engine, module, pstate, train_step = _engine(tp, pp, zero)
     if load_dir:

@@ -21,7 +21,7 @@ from megatron_normformer.config import ConfigError  # noqa: E402
 def main(argv=None) -> int:
     from megatron_normformer.analysis.common import write_json
     from megatron_normformer.analysis.scales import plot_scales, scale_report
-    from megatron_normformer.inference.loading import load_full_state
+    from megatron_normformer.checkpoint.inference import load_full_state
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--load", required=True,

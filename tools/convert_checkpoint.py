@@ -49,7 +49,7 @@ def main(argv=None):
     if args.target_tp < 1 or args.target_pp < 1:
         parser.error("--target-tp and --target-pp must be positive")
 
-    from megatron_normformer import checkpoint_convert as cc
+    from megatron_normformer.checkpoint import convert as cc
 
     consolidated_input = args.load.endswith(".safetensors") or os.path.isfile(args.load + ".safetensors")
     try:

@@ -68,7 +68,7 @@ def read_prompts(args):
 
 def main(argv=None) -> int:
     from megatron_normformer.inference.generation import generate
-    from megatron_normformer.inference.loading import check_tokenizer
+    from megatron_normformer.inference.cli import check_tokenizer
     from megatron_normformer.inference.sampling import SamplingConfig
 
     parser = build_parser()

@@ -24,7 +24,7 @@ from megatron_normformer.config import ConfigError  # noqa: E402
 def main(argv=None) -> int:
     from megatron_normformer.analysis import common
     from megatron_normformer.analysis.lr_stability import DTYPES, plot_stability, run_stability_test
-    from megatron_normformer.inference.loading import resolve_device
+    from megatron_normformer.inference.cli import resolve_device
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_analysis_args(parser)

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Optional
 
 import torch
 
-from megatron_normformer.config import ConfigError
+from megatron_normformer.checkpoint.inference import build_inference_model
+from megatron_normformer.config import ConfigError, ModelConfig
 from megatron_normformer.data.tokenizers import add_tokenizer_args  # noqa: F401 - the tools take it from here
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -43,10 +45,24 @@ def parallel_state_from_env():
     return ParallelState(tensor_model_parallel_size=launch.world_size)
 
 
+def resolve_device(device: Optional[str] = None) -> torch.device:
+    """``cuda`` when available, else ``cpu``; an explicit ``device`` wins."""
+    if device in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def check_tokenizer(tokenizer, cfg: ModelConfig, flag: str = "--tokenizer-type") -> None:
+    """A tokenizer whose ids the model cannot embed is a user error, reported before any work."""
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ConfigError(f"{flag}: the tokenizer has {tokenizer.vocab_size} ids but the checkpoint's "
+                          f"vocabulary has {cfg.vocab_size}; is it the tokenizer the model was trained with?")
+
+
 def load_model_from_args(args, pstate):
     """(model, cfg) on the requested device and dtype, for ``pstate``'s TP rank."""
-    from megatron_normformer.inference.loading import build_inference_model, resolve_device
-
     device = resolve_device(args.device)
     if device.type == "cuda" and pstate.world_size > 1:
         device = torch.device("cuda", torch.cuda.current_device())

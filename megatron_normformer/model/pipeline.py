@@ -91,6 +91,24 @@ def stage_bounds(pieces: Sequence[Piece], num_stages: int) -> List[int]:
     return bounds
 
 
+def stage_of_parameters(pieces: Sequence[Piece], num_stages: int) -> Callable[[str], int]:
+    """``stage(name)``: the pipeline stage that owns parameter ``name`` (the first stage for the
+    tied embedding), by the name of the piece it belongs to."""
+    bounds = stage_bounds(pieces, num_stages)
+    owner = {}
+    for stage in range(num_stages):
+        for piece in pieces[bounds[stage]:bounds[stage + 1]]:
+            owner.setdefault(piece.name, stage)
+
+    def stage(name: str) -> int:
+        parts = name.split(".")
+        for n in (2, 1):
+            if ".".join(parts[:n]) in owner:
+                return owner[".".join(parts[:n])]
+        raise KeyError(f"parameter {name} belongs to no piece of the model")
+    return stage
+
+
 class _StageCall:
     """What DeepSpeed's engine runs for one piece: its module, called the pipeline way.
 

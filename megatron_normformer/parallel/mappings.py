@@ -205,10 +205,3 @@ def gather_along_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
-
-
-def full_tensor(param: torch.Tensor, value: torch.Tensor, group) -> torch.Tensor:
-    """The full (TP-gathered) version of ``value`` laid out like ``param`` (a weight or its grad)."""
-    if getattr(param, "tensor_model_parallel", False):
-        return gather_along_dim(value, param.partition_dim, group)
-    return value

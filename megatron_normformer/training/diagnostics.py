@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_normformer.model.pipeline import is_tied_copy
-from megatron_normformer.parallel.mappings import full_tensor
+from megatron_normformer.checkpoint.shards import full_tensor
 
 
 def _grad(p: torch.Tensor, zero_stage: int):

@@ -15,7 +15,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_normformer.training import checkpointing, diagnostics, interrupts
+from megatron_normformer.checkpoint import training as checkpointing
+from megatron_normformer.training import diagnostics, interrupts
 from megatron_normformer.training.config import RunConfig
 from megatron_normformer.training.engine import Engine, build_engine
 from megatron_normformer.training.tasks import get_task

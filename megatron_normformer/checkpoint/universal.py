@@ -17,9 +17,9 @@ shape and the piece's offset in it; ``UniversalReader`` stitches pieces together
 time when a run loads it (or ``tools/convert_checkpoint.py`` converts it). Files named
 ``tp{T:02d}_pp{P:02d}.safetensors`` (the converter's output) hold whole TP shards.
 
-Names are the canonical ones of the plain GPT model (``layers.3.mlp.fc1.weight``), whatever the
-pipeline layout. Replicated parameters are written by TP rank 0 only; the tied word embedding by
-the first pipeline stage only. Reading back reassembles each full tensor and cuts it for the
+Names are the model's own (``layers.3.mlp.fc1.weight``), identical with and without pipelining
+(``model/pipeline.py``). Replicated parameters are written by TP rank 0 only; the tied word
+embedding by the first pipeline stage only. Reading back reassembles each full tensor and cuts it for the
 reader's TP rank, so a run can resume into any (TP, PP, DP, ZeRO stage) with its optimizer state.
 
 Where the fp32 master weights live depends on what DeepSpeed wrapped around the optimizer: the
@@ -38,39 +38,22 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from megatron_normformer.checkpoint.shards import cut_for, layout_of
 from megatron_normformer.config import ConfigError, ModelConfig
+from megatron_normformer.model.pipeline import is_tied_copy
 
 UNIVERSAL_DIR = "universal"
 MOMENTS = ("exp_avg", "exp_avg_sq")
-_PIPE_INDEX = re.compile(r"^(\d+)\.(.*)$")
 _FILE = re.compile(r"^tp(\d+)_pp(\d+)(?:_dp(\d+))?\.safetensors$")
 
 
-# -- names ----------------------------------------------------------------------------------
-def canonical_name(name: str, cfg: ModelConfig) -> str:
-    """The plain-model name (``GPTModel``'s or ``BertModel``'s) of a parameter of the plain or the
-    pipeline model (``model/gpt_pipeline.py``, ``model/bert_pipeline.py``)."""
-    if name.startswith("tied_modules."):
-        # tied_modules.<key>.<path inside the embedding>
-        return "embedding." + name.split(".", 2)[2]
-    m = _PIPE_INDEX.match(name)
-    if not m:
-        return name
-    index, rest = int(m.group(1)), m.group(2)
-    if index == 0:
-        return "embedding." + rest
-    if index <= cfg.num_layers:
-        return f"layers.{index - 1}.{rest}"
-    if cfg.bidirectional:  # final_layernorm.*, then the LM head's transform and output bias
-        return rest if index == cfg.num_layers + 1 else "lm_head." + rest
-    return "head." + rest  # final_layernorm.*, then the untied output's weight
-
-
-def _tp_writer(canonical: str, param, pstate) -> bool:
-    """Whether this (TP, PP) coordinate writes ``canonical`` (one writer per distinct TP shard)."""
-    if canonical.startswith("embedding.") and not pstate.is_first_stage:
-        return False  # the last stage's copy of the tied embedding
+def _tp_writer(name: str, param, pstate) -> bool:
+    """Whether this (TP, PP) coordinate writes ``name`` (one writer per distinct TP shard)."""
+    if is_tied_copy(name, pstate):
+        return False
     return pstate.tp_rank == 0 or getattr(param, "tensor_model_parallel", False)
 
 
@@ -219,15 +202,12 @@ def optimizer_step(engine) -> int:
 def save_universal(engine, module: torch.nn.Module, pstate, cfg: ModelConfig, tag_dir: str) -> None:
     """Write this rank's part of ``tag_dir/universal`` (every rank calls it; no collective but the
     final barrier)."""
-    from safetensors.torch import save_file
-
     out_dir = os.path.join(tag_dir, UNIVERSAL_DIR)
     os.makedirs(out_dir, exist_ok=True)
     masters = MasterState(engine, pstate)
     tensors, layout = {}, {}
     for name, param in module.named_parameters():
-        canonical = canonical_name(name, cfg)
-        if canonical in layout or not _tp_writer(canonical, param, pstate):
+        if name in layout or not _tp_writer(name, param, pstate):
             continue
         piece = masters.piece(param)
         if piece is None:
@@ -237,12 +217,9 @@ def save_universal(engine, module: torch.nn.Module, pstate, cfg: ModelConfig, ta
             # Views of the optimizer's own storage: safetensors copies each into the file buffer.
             value = get(key).detach()
             value = value if value.dtype == torch.float32 else value.float()
-            tensors[canonical if key is None else f"{canonical}::{key}"] = value.cpu().contiguous()
-        layout[canonical] = {
-            "partition_dim": param.partition_dim if getattr(param, "tensor_model_parallel", False) else None,
-            "vocab_padded": bool(getattr(param, "vocab_padded", False)),
-            "shape": list(getattr(param, "ds_shape", param.shape)), "start": start, "numel": n,
-        }
+            tensors[name if key is None else f"{name}::{key}"] = value.cpu().contiguous()
+        layout[name] = {**layout_of(param), "shape": list(getattr(param, "ds_shape", param.shape)),
+                        "start": start, "numel": n}
     step = optimizer_step(engine)
     if tensors:
         path = os.path.join(out_dir, f"tp{pstate.tp_rank:02d}_pp{pstate.pp_rank:02d}"
@@ -304,8 +281,6 @@ class UniversalReader:
                 self.pieces.setdefault(key, {}).setdefault(tp_rank, []).append((start, n, path))
 
     def _open(self, path: str):
-        from safetensors import safe_open
-
         if path not in self._files:
             self._files[path] = safe_open(path, framework="pt")
         return self._files[path]
@@ -346,18 +321,6 @@ class UniversalReader:
         value = torch.cat([self._tp_shard(stored, name, r) for r in range(self.tp)],
                           dim=info["partition_dim"])
         return value[: self.cfg.vocab_size] if info["vocab_padded"] else value
-
-
-def shard_for(value: torch.Tensor, param, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """This TP rank's slice of a full tensor, vocabulary re-padded to the parameter's size."""
-    if not getattr(param, "tensor_model_parallel", False):
-        return value
-    dim = param.partition_dim
-    if getattr(param, "vocab_padded", False):
-        padded = getattr(param, "ds_shape", param.shape)[0] * tp_size
-        pad = value.new_zeros((padded - value.shape[0],) + tuple(value.shape[1:]))
-        value = torch.cat([value, pad])
-    return value.chunk(tp_size, dim=dim)[tp_rank]
 
 
 # -- writing master weights and moments into an engine ----------------------------------------
@@ -405,15 +368,14 @@ def load_universal(engine, module: torch.nn.Module, pstate, cfg: ModelConfig, ta
     masters = MasterState(engine, pstate)  # also links ZeRO's per-parameter views to the state
 
     for name, param in module.named_parameters():
-        canonical = canonical_name(name, cfg)
-        weight = shard_for(reader.full(canonical), param, pstate.tp_rank, pstate.tp_size)
+        weight = cut_for(reader.full(name), param, pstate.tp_rank, pstate.tp_size)
         _set_lp(param, weight)
         # The fp32 master copy too: the next step starts from it, not from the module's weights.
         masters.set_full(param, weight, None)
         if not with_optimizer:
             continue
         for key in MOMENTS:
-            moment = shard_for(reader.full(canonical, key), param, pstate.tp_rank, pstate.tp_size)
+            moment = cut_for(reader.full(name, key), param, pstate.tp_rank, pstate.tp_size)
             masters.set_full(param, moment, key)
     for state in _base_optimizer(engine).state.values() if with_optimizer else ():
         if "step" in state:

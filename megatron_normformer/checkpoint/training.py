@@ -1,4 +1,4 @@
-"""Checkpoints: DeepSpeed's model/optimizer/schedule files plus what exact resume needs.
+"""Training checkpoints: DeepSpeed's model/optimizer/schedule files plus what exact resume needs.
 
 Layout of ``--save DIR``::
 
@@ -20,6 +20,7 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_normformer.checkpoint.universal import load_universal, save_universal
 from megatron_normformer.config import ConfigError
 from megatron_normformer.parallel.random import get_all_rng_states, set_all_rng_states
 
@@ -60,8 +61,6 @@ def save_checkpoint(engine, run_dict: Dict, state: Dict, save_dir: str, universa
     _atomic_write(os.path.join(tag_dir, f"rng_rank{rank:05d}.pt"),
                   lambda tmp: torch.save(get_all_rng_states(), tmp))
     if universal is not None:
-        from megatron_normformer.universal import save_universal
-
         save_universal(engine, *universal, tag_dir)
     if rank == 0:
         meta = dict(state, run=run_dict, world_size=dist.get_world_size())
@@ -77,14 +76,24 @@ def has_checkpoint(load_dir: str) -> bool:
     return os.path.isfile(os.path.join(load_dir, LATEST))
 
 
-def read_latest(load_dir: str) -> str:
+def resolve_tag(load_dir: str, tag: Optional[str] = None) -> str:
+    """``tag``, or the newest complete checkpoint's (``latest``), checked to exist in ``load_dir``."""
     if not os.path.isdir(load_dir):
         raise ConfigError(f"--load {load_dir}: no such directory")
-    path = os.path.join(load_dir, LATEST)
-    if not os.path.isfile(path):
-        raise ConfigError(f"--load {load_dir}: no complete checkpoint (no '{LATEST}' file)")
-    with open(path) as f:
-        tag = f.read().strip()
+    if tag is None:
+        path = os.path.join(load_dir, LATEST)
+        if not os.path.isfile(path):
+            raise ConfigError(f"--load {load_dir}: no complete checkpoint (no '{LATEST}' file)")
+        with open(path) as f:
+            tag = f.read().strip()
+    if not os.path.isdir(os.path.join(load_dir, tag)):
+        raise ConfigError(f"--load {load_dir}: no checkpoint {tag!r}")
+    return tag
+
+
+def read_latest(load_dir: str) -> str:
+    """The tag a training run resumes from: the newest complete one, with its run.json."""
+    tag = resolve_tag(load_dir)
     if not os.path.isfile(os.path.join(load_dir, tag, "run.json")):
         raise ConfigError(f"--load {load_dir}: '{LATEST}' names {tag!r}, which has no run.json")
     return tag
@@ -146,8 +155,6 @@ def load_checkpoint(e, run, pstate, load_dir: str, load_optim: bool = True, load
     diffs = layout_differences(meta, run.to_dict(), dist.get_world_size(), load_dir)
     state = {k: meta[k] for k in ("iteration", "consumed_samples", "consumed_tokens")}
     if diffs:
-        from megatron_normformer.universal import load_universal
-
         if dist.get_rank() == 0:
             print(f"> --load {load_dir}: layout changed ({'; '.join(diffs)}); loading the "
                   "layout-independent state", flush=True)

@@ -9,7 +9,7 @@ Layouts inside the tensors: the fused QKV weight is ``[heads, (q, k, v), head_di
 to ``[3 * hidden, hidden]``; linear weights are ``[out, in]`` (torch convention).
 
 ``full_state_dict`` gathers a TP-sharded model into this form (a collective over the TP group);
-``shard_state_dict`` cuts it back for any TP degree. Together they move weights between layouts.
+``load_into`` cuts it back into a model of any TP degree, and ``build_model`` builds that model.
 """
 from __future__ import annotations
 
@@ -18,9 +18,13 @@ import os
 from typing import Dict, Tuple
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from megatron_normformer.checkpoint.shards import cut_for, full_tensor, unpadded
 from megatron_normformer.config import ConfigError, ModelConfig
-from megatron_normformer.parallel.mappings import full_tensor
+from megatron_normformer.model.bert import BertModel
+from megatron_normformer.model.gpt import GPTModel
 
 FORMAT = "megatron_normformer.consolidated.v1"
 
@@ -32,44 +36,36 @@ def _paths(path: str) -> Tuple[str, str]:
 
 def full_state_dict(model: torch.nn.Module, tp_group, vocab_size: int) -> Dict[str, torch.Tensor]:
     """Full fp32 tensors of a TP-sharded model, on every TP rank (call on all of them)."""
-    out = {}
-    for name, param in model.named_parameters():
-        value = full_tensor(param, param.detach().float().cpu(), tp_group)
-        if getattr(param, "vocab_padded", False):
-            value = value[:vocab_size]
-        out[name] = value.contiguous()
-    return out
+    return {name: unpadded(param, full_tensor(param, param.detach().float().cpu(), tp_group),
+                           vocab_size).contiguous()
+            for name, param in model.named_parameters()}
 
 
-def shard_state_dict(full: Dict[str, torch.Tensor], model: torch.nn.Module, tp_rank: int,
-                     tp_size: int) -> Dict[str, torch.Tensor]:
-    """This TP rank's slices of ``full``, shaped like ``model``'s parameters (vocab re-padded)."""
-    local = {}
+def load_into(model: torch.nn.Module, full: Dict[str, torch.Tensor], tp_rank: int, tp_size: int) -> None:
+    """Copy this TP rank's slices of ``full`` (full tensors by name) into ``model``'s parameters."""
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(full))
     unexpected = sorted(set(full) - set(params))
     if missing or unexpected:
         raise ConfigError(f"checkpoint does not match the model: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}")
-    for name, param in params.items():
-        value = full[name]
-        if getattr(param, "tensor_model_parallel", False):
-            dim = param.partition_dim
-            if getattr(param, "vocab_padded", False):
-                padded = param.shape[0] * tp_size
-                pad = torch.zeros((padded - value.shape[0],) + tuple(value.shape[1:]), dtype=value.dtype)
-                value = torch.cat([value, pad])
-            value = value.chunk(tp_size, dim=dim)[tp_rank]
-        if tuple(value.shape) != tuple(param.shape):
-            raise ConfigError(f"checkpoint tensor {name} has shape {tuple(value.shape)}, "
-                              f"the model expects {tuple(param.shape)}")
-        local[name] = value.contiguous()
-    return local
+    with torch.no_grad():
+        for name, param in params.items():
+            value = cut_for(full[name], param, tp_rank, tp_size)
+            if tuple(value.shape) != tuple(param.shape):
+                raise ConfigError(f"checkpoint tensor {name} has shape {tuple(value.shape)}, "
+                                  f"the model expects {tuple(param.shape)}")
+            param.copy_(value)
+
+
+def build_model(full: Dict[str, torch.Tensor], cfg: ModelConfig, pstate, device=None):
+    """A GPTModel / BertModel for ``pstate``'s TP layout holding the full tensors ``full``."""
+    model = (BertModel if cfg.bidirectional else GPTModel)(cfg, pstate, device=device)
+    load_into(model, full, pstate.tp_rank, pstate.tp_size)
+    return model
 
 
 def save_consolidated(path: str, full: Dict[str, torch.Tensor], cfg: ModelConfig) -> str:
-    from safetensors.torch import save_file
-
     tensor_path, config_path = _paths(path)
     os.makedirs(os.path.dirname(os.path.abspath(tensor_path)), exist_ok=True)
     config_json = json.dumps(cfg.to_dict(), indent=1, sort_keys=True)
@@ -84,8 +80,6 @@ def save_consolidated(path: str, full: Dict[str, torch.Tensor], cfg: ModelConfig
 
 
 def load_consolidated(path: str) -> Tuple[Dict[str, torch.Tensor], ModelConfig]:
-    from safetensors import safe_open
-
     tensor_path, _ = _paths(path)
     if not os.path.isfile(tensor_path):
         raise ConfigError(f"{tensor_path}: no such consolidated checkpoint")
@@ -95,18 +89,3 @@ def load_consolidated(path: str) -> Tuple[Dict[str, torch.Tensor], ModelConfig]:
             raise ConfigError(f"{tensor_path}: not a megatron_normformer consolidated checkpoint")
         full = {k: f.get_tensor(k) for k in f.keys()}
     return full, ModelConfig.from_dict(json.loads(meta["model_config"]))
-
-
-def build_model_from_consolidated(path: str, pstate, device=None):
-    """A GPTModel / BertModel for ``pstate``'s TP layout with the weights of ``path``."""
-    from megatron_normformer.model.bert import BertModel
-    from megatron_normformer.model.gpt import GPTModel
-
-    full, cfg = load_consolidated(path)
-    model_cls = BertModel if cfg.bidirectional else GPTModel
-    model = model_cls(cfg, pstate, device=device)
-    local = shard_state_dict(full, model, pstate.tp_rank, pstate.tp_size)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(local[name])
-    return model, cfg
