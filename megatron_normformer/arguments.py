@@ -11,16 +11,25 @@ import argparse
 import dataclasses
 import os
 import sys
+import typing
 
 from megatron_normformer.config import (
     ACTIVATIONS,
+    CONFIG_CLASSES,
     HEAD_SCALE_POSITIONS,
     INIT_SCHEMES,
     MODEL_SIZE_PRESETS,
     POSITION_EMBEDDING_TYPES,
+    CheckpointConfig,
     ConfigError,
+    DataConfig,
+    DeepSpeedConfig,
+    LoggingConfig,
     ModelConfig,
+    OptimizerConfig,
     ParallelConfig,
+    RunConfig,
+    TrainingConfig,
     field_help,
 )
 
@@ -120,8 +129,6 @@ def parse_or_exit(parser: argparse.ArgumentParser, build, argv=None):
 
 def _add_dataclass_group(parser, title: str, cls, flag_names=None):
     """One argparse group from a config dataclass: ``--field-name``, help from the field docstring."""
-    import typing
-
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -145,15 +152,6 @@ def _add_dataclass_group(parser, title: str, cls, flag_names=None):
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from megatron_normformer.training.config import (
-        CheckpointConfig,
-        DataConfig,
-        DeepSpeedConfig,
-        LoggingConfig,
-        OptimizerConfig,
-        TrainingConfig,
-    )
-
     training = _add_dataclass_group(parser, "training", TrainingConfig)
     _add_dataclass_group(parser, "optimizer and learning-rate schedule", OptimizerConfig)
     _add_dataclass_group(parser, "data and tokenizer", DataConfig)
@@ -240,8 +238,6 @@ def run_config_from_args(args: argparse.Namespace, vocab_size: int | None = None
     """All typed configs of a training run. ``vocab_size`` comes from the tokenizer when one is
     built; otherwise ``--vocab-size`` (NullTokenizer / mock data) must be given. ``bidirectional``:
     the masked-LM encoder (``pretrain_bert.py``)."""
-    from megatron_normformer.training.config import CONFIG_CLASSES, RunConfig
-
     parts = {}
     for cls in CONFIG_CLASSES:
         parts[cls.__name__] = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})

@@ -36,12 +36,18 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("the lm-eval adapter needs lm-evaluation-harness: "
                       "pip install 'megatron_normformer[eval]'") from error
 
-from megatron_normformer.config import ConfigError
-from megatron_normformer.inference.generation import generate
 from megatron_normformer.checkpoint.inference import build_inference_model
+from megatron_normformer.config import ConfigError
+from megatron_normformer.data.tokenizers import build_tokenizer
 from megatron_normformer.inference.cli import check_tokenizer, resolve_device
+from megatron_normformer.inference.generation import generate
 from megatron_normformer.inference.sampling import SamplingConfig
 from megatron_normformer.inference.scoring import rolling_loglikelihood, score_continuations
+from megatron_normformer.parallel.state import (
+    ParallelState,
+    SingleProcessState,
+    initialize_distributed,
+)
 
 MODEL_NAME = "megatron_normformer"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -50,8 +56,6 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 def _parallel_state():
     """Single process, or one TP group spanning every process torchrun started."""
-    from megatron_normformer.parallel.state import ParallelState, SingleProcessState, initialize_distributed
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return SingleProcessState()
     launch = initialize_distributed()
@@ -72,7 +76,6 @@ class MegatronLM(LM):
                  max_length=None, max_gen_toks=256, rolling_stride=None, dtype: str = "float32",
                  tag: Optional[str] = None, seed=1234, **unused):
         super().__init__()
-        from megatron_normformer.data.tokenizers import build_tokenizer
 
         if str(batch_size).startswith("auto"):
             raise ConfigError("--batch_size auto is not supported by megatron_normformer; give a number")

@@ -15,6 +15,8 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
+from megatron_normformer.parallel.state import initialize_distributed
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -30,8 +32,6 @@ def _worker(rank, world_size, port, fn, args, queue, env):
 
     torch.set_num_threads(1)
     try:
-        from megatron_normformer.parallel.state import initialize_distributed
-
         initialize_distributed(backend="gloo")
         result = fn(*args)
         # Tensors through a torch queue live in the child's shared memory, gone once it exits:

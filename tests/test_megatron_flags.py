@@ -25,7 +25,7 @@ from megatron_normformer.model.attention import document_causal_mask
 from megatron_normformer.model.gpt import GPTModel
 from megatron_normformer.parallel.state import SingleProcessState
 from megatron_normformer.testing import spawn
-from megatron_normformer.training.config import BatchRamp
+from megatron_normformer.config import BatchRamp
 from megatron_normformer.training.schedule import LRSchedule
 from train_utils import assert_close, flags, make_null_dataset
 

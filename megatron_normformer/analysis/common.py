@@ -14,7 +14,9 @@ from typing import Dict, Iterator, Optional
 import numpy as np
 import torch
 
+from megatron_normformer.arguments import add_model_args, model_config_from_args
 from megatron_normformer.config import ConfigError, ModelConfig
+from megatron_normformer.data.indexed_dataset import IndexedDataset, dataset_exists
 
 NORMFORMER_FLAGS = ("scale_attn", "scale_fc", "scale_heads", "scale_resids")
 
@@ -31,8 +33,6 @@ class TokenSource:
     def __init__(self, data_path: Optional[str], vocab_size: Optional[int], max_tokens: int = 5_000_000):
         self.tokens = None
         if data_path:
-            from megatron_normformer.data.indexed_dataset import IndexedDataset, dataset_exists
-
             if not dataset_exists(data_path):
                 raise ConfigError(f"--data-path {data_path}: expected {data_path}.bin and .idx")
             ds = IndexedDataset(data_path)
@@ -65,8 +65,6 @@ class TokenSource:
 
 def add_analysis_args(parser: argparse.ArgumentParser, seq_length=64, batch=8) -> None:
     """Model shape flags (as in training), data source, batch and output flags."""
-    from megatron_normformer.arguments import add_model_args
-
     add_model_args(parser)
     g = parser.add_argument_group("analysis run")
     g.add_argument("--data-path", default=None,
@@ -79,8 +77,6 @@ def add_analysis_args(parser: argparse.ArgumentParser, seq_length=64, batch=8) -
 
 def config_from_args(args, vocab_size: int) -> ModelConfig:
     """A ModelConfig from the model flags with small-model defaults and dropout off."""
-    from megatron_normformer.arguments import model_config_from_args
-
     defaults = dict(num_layers=4, hidden_size=64, num_attention_heads=4, hidden_dropout=0.0,
                     attention_dropout=0.0)
     for name, value in defaults.items():

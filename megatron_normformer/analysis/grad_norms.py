@@ -10,6 +10,7 @@ from typing import Dict, Iterator, List
 
 import torch
 
+from megatron_normformer.analysis.common import pyplot
 from megatron_normformer.config import ModelConfig
 from megatron_normformer.model.gpt import GPTModel
 from megatron_normformer.parallel.state import SingleProcessState
@@ -51,8 +52,6 @@ def default_layers(num_layers: int) -> List[int]:
 
 
 def plot_grad_norms(result: dict, layers: List[int], path: str) -> str:
-    from megatron_normformer.analysis.common import pyplot
-
     plt = pyplot()
     runs = result["runs"]
     fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), sharey=True)

@@ -22,6 +22,7 @@ from typing import Iterator, List, Optional
 
 import torch
 
+from megatron_normformer.analysis.common import pyplot
 from megatron_normformer.config import ModelConfig
 from megatron_normformer.model.gpt import GPTModel
 from megatron_normformer.parallel.state import SingleProcessState
@@ -155,8 +156,6 @@ def run_stability_test(cfg: ModelConfig, batches: Iterator[torch.Tensor], lr_ste
 
 
 def plot_stability(result: dict, path: str) -> str:
-    from megatron_normformer.analysis.common import pyplot
-
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     titles = {"preln": "Pre-LN", "normformer": "NormFormer"}

@@ -9,6 +9,7 @@ from typing import Dict, List
 
 import torch
 
+from megatron_normformer.analysis.common import pyplot
 from megatron_normformer.config import ModelConfig
 
 SCALE_KINDS = {
@@ -47,8 +48,6 @@ def scale_report(full: Dict[str, torch.Tensor], cfg: ModelConfig) -> dict:
 
 
 def plot_scales(full: Dict[str, torch.Tensor], cfg: ModelConfig, path: str) -> str:
-    from megatron_normformer.analysis.common import pyplot
-
     plt = pyplot()
     scales = collect_scales(full, cfg)
     fig, axes = plt.subplots(1, len(scales), figsize=(4.5 * len(scales), 4), squeeze=False)

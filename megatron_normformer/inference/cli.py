@@ -9,7 +9,13 @@ import torch
 
 from megatron_normformer.checkpoint.inference import build_inference_model
 from megatron_normformer.config import ConfigError, ModelConfig
+from megatron_normformer.data.tokenizers import TokenizerError, build_tokenizer
 from megatron_normformer.data.tokenizers import add_tokenizer_args  # noqa: F401 - the tools take it from here
+from megatron_normformer.parallel.state import (
+    ParallelState,
+    SingleProcessState,
+    initialize_distributed,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -26,8 +32,6 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
 
 
 def tokenizer_from_args(args):
-    from megatron_normformer.data.tokenizers import TokenizerError, build_tokenizer
-
     try:
         return build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file,
                                args.merge_file, args.vocab_size)
@@ -37,8 +41,6 @@ def tokenizer_from_args(args):
 
 def parallel_state_from_env():
     """One process: no torch.distributed. Under torchrun: one TP group over all processes."""
-    from megatron_normformer.parallel.state import ParallelState, SingleProcessState, initialize_distributed
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return SingleProcessState()
     launch = initialize_distributed()

@@ -23,6 +23,8 @@ from typing import Any, Callable, List, Sequence, Tuple
 
 import torch.nn as nn
 
+from megatron_normformer.parallel.state import init_deepspeed_comm
+
 TIED_KEY = "embedding"  # DeepSpeed's key for the tied word embedding: the piece's name
 
 
@@ -132,7 +134,6 @@ def build_pipeline(pieces: Sequence[Piece], pstate, loss_fn: Callable,
     from deepspeed.pipe import PipelineModule, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    from megatron_normformer.parallel.state import init_deepspeed_comm
 
     # PipelineModule talks through deepspeed.comm, which wraps the already-initialised torch group.
     init_deepspeed_comm()

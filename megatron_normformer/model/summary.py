@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 
 from megatron_normformer.config import ModelConfig, normformer_extra_parameters
+from megatron_normformer.model.bert import BertModel
+from megatron_normformer.model.gpt import GPTModel
 from megatron_normformer.parallel.state import SingleProcessState
 
 
@@ -21,9 +23,6 @@ class _ShapeOnlyState(SingleProcessState):
 
 def summarize(cfg: ModelConfig, tensor_parallel_size: int = 1) -> dict:
     """Counts for the real vocabulary (padding rows excluded); per-rank counts at the given TP."""
-    from megatron_normformer.model.bert import BertModel
-    from megatron_normformer.model.gpt import GPTModel
-
     model_cls = BertModel if cfg.bidirectional else GPTModel
     with torch.device("meta"):
         model = model_cls(cfg, SingleProcessState(), device="meta")

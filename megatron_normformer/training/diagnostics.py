@@ -12,8 +12,9 @@ from typing import Dict
 import torch
 import torch.distributed as dist
 
-from megatron_normformer.model.pipeline import is_tied_copy
 from megatron_normformer.checkpoint.shards import full_tensor
+from megatron_normformer.model.layer import NormFormerLayer
+from megatron_normformer.model.pipeline import is_tied_copy
 
 
 def _grad(p: torch.Tensor, zero_stage: int):
@@ -74,7 +75,6 @@ def scale_parameters(model, pstate, zero_stage: int) -> Dict[str, torch.Tensor]:
     lambda of every layer (Fig. 4). Collective over TP (and over DP at ZeRO-3)."""
     import contextlib
 
-    from megatron_normformer.model.layer import NormFormerLayer
 
     wanted = []
     # This pipeline stage's layers (all of them without pipelining), by global layer number.

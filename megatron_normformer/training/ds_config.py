@@ -7,7 +7,7 @@ import os
 from typing import Dict, Optional, Set
 
 from megatron_normformer.config import ConfigError
-from megatron_normformer.training.config import RunConfig
+from megatron_normformer.config import RunConfig
 
 
 def fp32_grad_accumulation(run: RunConfig) -> bool:

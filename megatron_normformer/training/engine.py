@@ -6,10 +6,11 @@ from typing import Dict, List
 
 import torch
 
-from megatron_normformer.config import ConfigError
+from megatron_normformer.config import ConfigError, RunConfig
+from megatron_normformer.model.attention import ParallelAttention
+from megatron_normformer.model.layer import LayerRecompute
 from megatron_normformer.parallel import random as tp_random
 from megatron_normformer.parallel.state import init_deepspeed_comm
-from megatron_normformer.training.config import RunConfig
 from megatron_normformer.training.schedule import LRSchedule
 from megatron_normformer.training.tasks import get_task
 
@@ -86,9 +87,6 @@ def check_precision(run: RunConfig) -> None:
 def apply_recompute(model: torch.nn.Module, recompute, checkpoint, pipeline: bool) -> None:
     """Full recomputation: the model's layer stack (``model/layer.py``; the pipeline does its own);
     selective: the core attention of every layer."""
-    from megatron_normformer.model.attention import ParallelAttention
-    from megatron_normformer.model.layer import LayerRecompute
-
     if recompute is None:
         return
     if recompute.granularity == "selective":

@@ -16,16 +16,18 @@ import torch
 import torch.distributed as dist
 
 from megatron_normformer.checkpoint import training as checkpointing
+from megatron_normformer.config import RunConfig
+from megatron_normformer.data import MegatronPretrainingSampler
+from megatron_normformer.parallel.random import get_all_rng_states, set_all_rng_states
 from megatron_normformer.training import diagnostics, interrupts
-from megatron_normformer.training.config import RunConfig
 from megatron_normformer.training.engine import Engine, build_engine
-from megatron_normformer.training.tasks import get_task
 from megatron_normformer.training.metrics import (
     MetricsSink,
     format_log_line,
     peak_tflops_per_device,
     safe_ppl,
 )
+from megatron_normformer.training.tasks import get_task
 
 
 class TrainingError(RuntimeError):
@@ -56,8 +58,6 @@ def build_datasets(run: RunConfig, train_samples: int, eval_samples: int, vocab_
 def micro_batches(dataset, consumed: int, total: int, run: RunConfig, pstate, task=None):
     """This rank's micro-batches from sample ``consumed`` to ``total``, collated by the task (the
     GPT end-of-document fields are computed in the workers)."""
-    from megatron_normformer.data import MegatronPretrainingSampler
-
     sampler = MegatronPretrainingSampler(total, consumed, run.train.micro_batch_size,
                                          pstate.dp_rank, pstate.dp_size)
     workers = run.data.num_workers
@@ -210,8 +210,6 @@ def warmup_step(e: Engine, run: RunConfig, gas: int, pstate, task=None) -> None:
     """One optimizer step on a batch of zeros (the caller zeroes the learning rate): it makes
     DeepSpeed create its optimizer state, about to be overwritten by a checkpoint's. The RNG
     streams are left as they were."""
-    from megatron_normformer.parallel.random import get_all_rng_states, set_all_rng_states
-
     task = get_task(task)
     rng = get_all_rng_states()
     batch = task.dummy_batch(run)

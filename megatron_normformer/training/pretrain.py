@@ -9,7 +9,15 @@ from typing import Dict, List, NoReturn, Optional, Set
 
 from megatron_normformer.arguments import build_pretrain_parser, run_config_from_args
 from megatron_normformer.config import ConfigError
+from megatron_normformer.data import TokenizerError, build_tokenizer
+from megatron_normformer.parallel.state import (
+    ParallelState,
+    initialize_distributed,
+    read_launch_env,
+)
+from megatron_normformer.training import ds_config as dsc
 from megatron_normformer.training import interrupts
+from megatron_normformer.training.loop import TrainingError, train
 from megatron_normformer.training.tasks import get_task
 
 
@@ -25,8 +33,6 @@ def explicit_dests(parser, argv: List[str]) -> Set[str]:
 
 
 def _tokenizer_vocab(args) -> Optional[int]:
-    from megatron_normformer.data import TokenizerError, build_tokenizer
-
     kind = args.tokenizer_type
     if kind is None:
         if args.mock_data or args.vocab_size is not None:
@@ -42,8 +48,6 @@ def _tokenizer_vocab(args) -> Optional[int]:
 
 def resolve(parser, argv: List[str], task=None):
     """(args, run config, user DeepSpeed config or None); ConfigError on a bad combination."""
-    from megatron_normformer.training import ds_config as dsc
-
     task = get_task(task)
     args = parser.parse_args(argv)
     if args.tokenizer_type is None and args.vocab_file and args.merge_file:
@@ -59,8 +63,6 @@ def resolve(parser, argv: List[str], task=None):
 
 def layout(run, user, explicit, world_size: int):
     """Reconcile with the user's DeepSpeed config and return (ds config dict, dp, gas)."""
-    from megatron_normformer.training import ds_config as dsc
-
     dp = run.parallel.data_parallel_size(world_size)
     if user is not None:
         dsc.reconcile(run, user, {"--" + d.replace("_", "-") for d in explicit}, dp)
@@ -72,8 +74,6 @@ def train_resolved(run, user=None, explicit=(), task=None):
     """Train on the already-initialised world; return the loop's summary."""
     import torch.distributed as dist
 
-    from megatron_normformer.parallel.state import ParallelState
-    from megatron_normformer.training.loop import train
 
     ds, _, _ = layout(run, user, explicit, dist.get_world_size())
     pstate = ParallelState(run.parallel.tensor_model_parallel_size,
@@ -97,8 +97,6 @@ def main(argv: Optional[List[str]] = None, task=None) -> Dict:
         interrupts.phase("reading the flags and the tokenizer")
         args, run, user, explicit = resolve(parser, argv, task)
         if args.dry_run:
-            from megatron_normformer.parallel.state import read_launch_env
-
             world = read_launch_env().world_size
             ds, dp, gas = layout(run, user, explicit, world)
             print(json.dumps(dict(run.to_dict(), task=task.name, world_size=world, data_parallel_size=dp,
@@ -111,8 +109,6 @@ def main(argv: Optional[List[str]] = None, task=None) -> Dict:
 
     import torch.distributed as dist
 
-    from megatron_normformer.parallel.state import ParallelState, initialize_distributed
-    from megatron_normformer.training.loop import TrainingError
 
     try:
         initialize_distributed(timeout_minutes=run.train.distributed_timeout_minutes)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 
+from megatron_normformer.config import ConfigError
+
 SCHEDULE_SETTINGS = ("max_lr", "min_lr", "warmup_samples", "decay_samples", "style")
 
 
@@ -84,8 +86,6 @@ class LRSchedule:
 
     def load_state_dict(self, state: dict) -> None:
         """The position (steps, sequences) resumes; the settings as :attr:`resume_settings` says."""
-        from megatron_normformer.config import ConfigError
-
         saved = {k: state[k] for k in SCHEDULE_SETTINGS if k in state}
         if self.resume_settings == "checkpoint":
             for key, value in saved.items():

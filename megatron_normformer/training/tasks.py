@@ -20,10 +20,19 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from megatron_normformer.config import ConfigError, ModelConfig
-from megatron_normformer.model.bert import MaskedLMModel, build_bert_pipeline
+from megatron_normformer.data import (
+    SpecialTokens,
+    build_masked_lm_datasets,
+    build_tokenizer,
+    build_train_valid_test_datasets,
+    collate_samples,
+)
+from megatron_normformer.data.document_masks import DocumentMasking
 from megatron_normformer.model.attention import document_causal_mask
+from megatron_normformer.model.bert import MaskedLMModel, build_bert_pipeline
 from megatron_normformer.model.gpt import GPTModel, build_gpt_pipeline
 from megatron_normformer.parallel.cross_entropy import masked_mean
+from megatron_normformer.training.metrics import flops_per_iteration
 
 Batch = Dict[str, torch.Tensor]
 
@@ -60,8 +69,6 @@ class GPTTask:
         return params
 
     def build_datasets(self, run, num_samples: List[int], vocab_size: int):
-        from megatron_normformer.data import build_train_valid_test_datasets
-
         d = run.data
         try:
             return build_train_valid_test_datasets(
@@ -75,16 +82,12 @@ class GPTTask:
     def document_masking(run):
         """Megatron's end-of-document flags with the tokenizer's end-of-document id, or None when
         none is given (``data/document_masks.py``)."""
-        from megatron_normformer.data.document_masks import DocumentMasking
-
         t, d = run.train, run.data
         if not (t.eod_mask_loss or t.reset_position_ids or t.reset_attention_mask):
             return None
         if d.tokenizer_type in (None, "NullTokenizer"):
             eod = run.model.vocab_size - 1  # the NullTokenizer's (Megatron's convention)
         else:
-            from megatron_normformer.data import build_tokenizer
-
             eod = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file,
                                   run.model.vocab_size).eod
             if eod is None:
@@ -94,8 +97,6 @@ class GPTTask:
 
     def collate(self, run):
         """The DataLoader's collate function: the end-of-document fields join the batch there."""
-        from megatron_normformer.data import collate_samples
-
         masking = self.document_masking(run)
         return collate_samples if masking is None else masking.collate
 
@@ -146,8 +147,6 @@ class GPTTask:
 
     def flops(self, cfg: ModelConfig, global_batch: int, seq: int, padded_vocab: int,
               recompute: bool) -> float:
-        from megatron_normformer.training.metrics import flops_per_iteration
-
         return flops_per_iteration(cfg, global_batch, seq, padded_vocab, recompute)
 
 
@@ -170,8 +169,6 @@ class MaskedLMTask:
                                   "by document already")
 
     def collate(self, run):
-        from megatron_normformer.data import collate_samples
-
         return collate_samples
 
     def build_model(self, cfg: ModelConfig, pstate, seed: int, device) -> torch.nn.Module:
@@ -181,8 +178,6 @@ class MaskedLMTask:
         return [model.embedding.word_embeddings.weight]  # tied into the LM head's projection
 
     def build_datasets(self, run, num_samples: List[int], vocab_size: int):
-        from megatron_normformer.data import SpecialTokens, build_masked_lm_datasets, build_tokenizer
-
         d = run.data
         special = None
         try:
@@ -239,8 +234,6 @@ class MaskedLMTask:
 
     def flops(self, cfg: ModelConfig, global_batch: int, seq: int, padded_vocab: int,
               recompute: bool) -> float:
-        from megatron_normformer.training.metrics import flops_per_iteration
-
         # The head (dense h x h and the vocabulary projection) runs on the masked positions only.
         return flops_per_iteration(cfg, global_batch, seq, padded_vocab, recompute,
                                    head_fraction=self.masking_prob, head_dense=True)

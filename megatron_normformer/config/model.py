@@ -1,24 +1,17 @@
-"""Typed configuration: one object per concern, threaded explicitly through the code.
-
-Field docstrings are the reference documentation of the corresponding command-line flags
-(see ``megatron_normformer/arguments.py``). No module reads global arguments; every builder takes
-the config it needs.
-"""
+"""The model's architecture: ``ModelConfig``, the size presets, NormFormer's parameter count."""
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
+
+from megatron_normformer.config.base import ConfigError
 
 ACTIVATIONS = ("gelu", "relu", "relu_squared")
 POSITION_EMBEDDING_TYPES = ("sinusoidal", "learned")
 HEAD_SCALE_POSITIONS = ("pre-proj", "post-proj")
 INIT_SCHEMES = ("fairseq", "megatron")
-
-
-class ConfigError(ValueError):
-    """A configuration a user asked for that cannot work; the message names the flag."""
 
 
 @dataclass
@@ -184,30 +177,6 @@ MODEL_SIZE_PRESETS = {
 }
 
 
-@dataclass
-class ParallelConfig:
-    """How the world is split: world = TP x PP x DP (TP fastest, then DP, then PP)."""
-
-    tensor_model_parallel_size: int = 1
-    """Tensor-parallel degree (``--tensor-model-parallel-size``)."""
-    pipeline_model_parallel_size: int = 1
-    """Pipeline-parallel degree (``--pipeline-model-parallel-size``)."""
-    sequence_parallel: bool = False
-    """Split the activations outside the tensor-parallel regions (LayerNorms, ResScale, dropout,
-    residuals) along the sequence across the TP group: all-gather before the column-parallel
-    inputs, reduce-scatter after the row-parallel outputs. Same losses; less activation memory.
-    No effect at TP=1 (``--sequence-parallel``)."""
-
-    def data_parallel_size(self, world_size: int) -> int:
-        model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
-        if world_size % model_parallel:
-            raise ConfigError(
-                f"world size {world_size} is not divisible by --tensor-model-parallel-size "
-                f"({self.tensor_model_parallel_size}) x --pipeline-model-parallel-size "
-                f"({self.pipeline_model_parallel_size})")
-        return world_size // model_parallel
-
-
 def normformer_extra_parameters(cfg: ModelConfig) -> int:
     """Parameters the four NormFormer operations add per model (the paper's +0.1M at 125M)."""
     per_layer = 0
@@ -220,29 +189,3 @@ def normformer_extra_parameters(cfg: ModelConfig) -> int:
     if cfg.scale_resids:
         per_layer += cfg.hidden_size
     return per_layer * cfg.num_layers
-
-
-def field_help(cls, name: str) -> str:
-    """The docstring under a dataclass field, used as argparse help."""
-    if cls not in _FIELD_DOCS:  # configs defined elsewhere (e.g. training/config.py)
-        _FIELD_DOCS[cls] = _collect_field_docs(cls)
-    return _FIELD_DOCS[cls].get(name, "")
-
-
-def _collect_field_docs(cls) -> dict:
-    import ast
-    import inspect
-    import textwrap
-
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)
-                and isinstance(nxt.value.value, str)):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-_FIELD_DOCS = {cls: _collect_field_docs(cls) for cls in (ModelConfig, ParallelConfig)}
