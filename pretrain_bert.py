@@ -4,8 +4,8 @@
     deepspeed --num_gpus 8 pretrain_bert.py --model-size bert-base --scale-attn --scale-fc ...
     torchrun --nproc-per-node 8 pretrain_bert.py ...
 
-Same flags, launchers, ZeRO stages, tensor parallelism and checkpoints as pretrain_gpt.py; no
-pipeline parallelism. See docs/training.md and examples/pretrain_bert_base.sh.
+Same flags, launchers, ZeRO stages, tensor, pipeline and sequence parallelism and checkpoints as
+pretrain_gpt.py. See docs/bert.md, docs/training.md and examples/pretrain_bert_base.sh.
 """
 if __name__ == "__main__":
     # First, before torch and DeepSpeed load: a signal during start-up then ends the process

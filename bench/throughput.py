@@ -45,6 +45,7 @@ if ROOT not in sys.path:
 from bench.reference_gpt import ReferenceGPT  # noqa: E402
 from megatron_normformer.config import MODEL_SIZE_PRESETS, ModelConfig  # noqa: E402
 from megatron_normformer.training.metrics import flops_per_iteration, peak_tflops_per_device  # noqa: E402
+from megatron_normformer.training.step import DeepSpeedBackend, PlainBackend, train_step  # noqa: E402
 
 NORMFORMER_OPS = ("scale_attn", "scale_fc", "scale_heads", "scale_resids")
 
@@ -149,14 +150,15 @@ def adamw(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(param_groups(model, 0.01, False), lr=lr, betas=(0.9, 0.98), eps=1e-8)
 
 
+def _loss(model, batch):
+    tokens, labels = batch
+    return model(tokens, labels).mean(), {}
+
+
 def plain_step(model, optimizer, tokens, labels, autocast) -> Callable[[], None]:
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            loss = model(tokens, labels).mean()
-        loss.backward()
-        optimizer.step()
-    return step
+    """The training step (``training/step.py``) on a plain model and torch optimizer."""
+    backend = PlainBackend(model, optimizer, _loss, autocast)
+    return lambda: train_step(backend, [(tokens, labels)], 1)
 
 
 def random_batch(cfg: ModelConfig, args, device):
@@ -217,11 +219,9 @@ def build_deepspeed(cfg: ModelConfig, args):
 
 
 def deepspeed_step(engine, tokens, labels) -> Callable[[], None]:
-    def step():
-        loss = engine(tokens, labels).mean()
-        engine.backward(loss)
-        engine.step()
-    return step
+    """The trainer's training step (``training/step.py``) on pretrain_gpt.py's engine."""
+    backend = DeepSpeedBackend(engine, _loss)
+    return lambda: train_step(backend, [(tokens, labels)], 1)
 
 
 # -- timing ------------------------------------------------------------------------------------

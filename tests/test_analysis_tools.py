@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from megatron_normformer.analysis.grad_norms import record_fc2_grad_l1
+from megatron_normformer.analysis.grad_norms import record_fc2_grad_mean_abs
 from megatron_normformer.analysis.common import TokenSource, architecture_pair
 from megatron_normformer.checkpoint.release import load_consolidated
 from test_generate_loading import make_checkpoint, run_tool, tiny_config
@@ -31,11 +31,11 @@ def test_grad_norms_json_matches_a_direct_run(tmp_path):
     cfg = tiny_config(64, max_positions=16, num_layers=3, make_vocab_size_divisible_by=128)
     for name, arch in architecture_pair(cfg).items():
         run = result["runs"][name]
-        assert set(run["fc2_grad_l1"]) == {"0", "1", "2"}
-        assert all(len(s) == 6 and all(v > 0 for v in s) for s in run["fc2_grad_l1"].values())
-        direct = record_fc2_grad_l1(arch, TokenSource(None, 64).batches(4, 16, 1234), 6, 3e-3, 3)
-        for layer, series in direct["fc2_grad_l1"].items():
-            assert run["fc2_grad_l1"][layer] == pytest.approx(series, rel=1e-5)
+        assert set(run["fc2_grad_mean_abs"]) == {"0", "1", "2"}
+        assert all(len(s) == 6 and all(v > 0 for v in s) for s in run["fc2_grad_mean_abs"].values())
+        direct = record_fc2_grad_mean_abs(arch, TokenSource(None, 64).batches(4, 16, 1234), 6, 3e-3, 3)
+        for layer, series in direct["fc2_grad_mean_abs"].items():
+            assert run["fc2_grad_mean_abs"][layer] == pytest.approx(series, rel=1e-5)
         assert run["loss"] == pytest.approx(direct["loss"], rel=1e-6)
 
 

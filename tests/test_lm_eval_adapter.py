@@ -126,7 +126,7 @@ def api_results(setup):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    import megatron_normformer.lm_eval_adapter  # noqa: F401 - registers the model type
+    import megatron_normformer.inference.lm_eval  # noqa: F401 - registers the model type
 
     return lm_eval.simple_evaluate(
         model="megatron_normformer", model_args=setup["model_args"],
@@ -176,7 +176,7 @@ def test_lm_eval_cli_reports_the_same_accuracy(setup, api_results):
     out = setup["tmp"] / "cli_out"
     env = dict(os.environ, **OFFLINE, HF_DATASETS_CACHE=str(setup["tmp"] / "hf_cache_cli"))
     done = subprocess.run(
-        [sys.executable, "-m", "megatron_normformer.lm_eval_adapter", "--model", "megatron_normformer",
+        [sys.executable, "-m", "megatron_normformer.inference.lm_eval", "--model", "megatron_normformer",
          "--model_args", setup["model_args"], "--tasks", "nf_tiny_mc", "--include_path",
          str(setup["tasks"]), "--batch_size", "4", "--device", "cpu", "--output_path", str(out)],
         capture_output=True, text=True, env=env, timeout=300)

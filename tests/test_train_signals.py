@@ -71,8 +71,8 @@ def test_tensorboard_diagnostics(tmp_path):
     acc = EventAccumulator(runs[3]["tb"], size_guidance={"histograms": 0, "scalars": 0}).Reload()
     scalars, hists = set(acc.Tags()["scalars"]), set(acc.Tags()["histograms"])
     for tag in ("train/lm_loss", "train/ppl", "train/lr", "train/grad_norm", "train/loss_scale",
-                "train/tokens_per_sec", "normformer/fc2_grad_l1/layer_0",
-                "normformer/fc2_grad_l1/layer_1"):
+                "train/tokens_per_sec", "normformer/fc2_grad_mean_abs/layer_0",
+                "normformer/fc2_grad_mean_abs/layer_1"):
         assert tag in scalars, tag
     for layer in (0, 1):
         for name in ("head_scale", "ffn_ln_weight", "post_attn_ln_weight", "resid_scale"):

@@ -21,7 +21,7 @@ from megatron_normformer.config import ConfigError  # noqa: E402
 
 def main(argv=None) -> int:
     from megatron_normformer.analysis import common
-    from megatron_normformer.analysis.grad_norms import default_layers, plot_grad_norms, record_fc2_grad_l1
+    from megatron_normformer.analysis.grad_norms import default_layers, plot_grad_norms, record_fc2_grad_mean_abs
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_analysis_args(parser)
@@ -43,9 +43,9 @@ def main(argv=None) -> int:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     runs = {}
     for name, arch in common.architecture_pair(cfg).items():
-        runs[name] = record_fc2_grad_l1(arch, source.batches(args.micro_batch_size, args.seq_length, args.seed),
+        runs[name] = record_fc2_grad_mean_abs(arch, source.batches(args.micro_batch_size, args.seq_length, args.seed),
                                         args.train_iters, args.lr, args.lr_warmup_iters, args.seed)
-        last = {l: runs[name]["fc2_grad_l1"][str(l)][-1] for l in layers}
+        last = {l: runs[name]["fc2_grad_mean_abs"][str(l)][-1] for l in layers}
         print(f"{name}: final loss {runs[name]['loss'][-1]:.4f}; fc2 mean|grad| at the last step "
               + ", ".join(f"L{l} {v:.3e}" for l, v in last.items()))
     result = {"metric": "mean absolute value of fc2.weight gradient", "steps": args.train_iters,

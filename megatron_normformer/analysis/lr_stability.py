@@ -16,6 +16,7 @@ LayerNorms in fp32, as in mixed-precision training; both work on CPU in recent t
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Iterator, List, Optional
@@ -26,6 +27,7 @@ from megatron_normformer.analysis.common import pyplot
 from megatron_normformer.config import ModelConfig
 from megatron_normformer.model.gpt import GPTModel
 from megatron_normformer.parallel.state import SingleProcessState
+from megatron_normformer.training.step import PlainBackend, next_token_loss, train_step
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WATCHED = {  # module name suffix -> operation name reported
@@ -107,38 +109,42 @@ def run_stability_test(cfg: ModelConfig, batches: Iterator[torch.Tensor], lr_ste
     watch = NonFiniteWatch(model).bind(model)
     opt = torch.optim.AdamW(model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-8,
                             weight_decay=weight_decay)
-    autocast = DTYPES[dtype] != torch.float32
-    device_type = torch.device(device).type
+    autocast = None
+    if DTYPES[dtype] != torch.float32:
+        autocast = functools.partial(torch.autocast, torch.device(device).type, dtype=DTYPES[dtype])
+    backend = PlainBackend(model, opt, next_token_loss, autocast)
     lrs: List[float] = []
     losses: List[float] = []
-    failure = None
+    failure: Optional[dict] = None
+
+    def check(backend, result) -> Optional[bool]:
+        """The step's first failure, in the order it happened; False skips the update."""
+        loss = result.losses[0].item()
+        if not math.isfinite(loss) or watch.first is not None:
+            failed.update(watch.first or {"op": "loss", "module": "head", "layer": None})
+        else:
+            bad = next((n for n, p in model.named_parameters()
+                        if p.grad is not None and not torch.isfinite(p.grad).all()), None)
+            if bad is None:
+                return None
+            # The update would poison the weights: the backward pass broke.
+            match = re.match(r"layers\.(\d+)\.", bad)
+            failed.update(op="gradient", module=bad, layer=int(match.group(1)) if match else None)
+        return False
+
     for step in range(1, max_steps + 1):
         lr = step * lr_step
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = next(batches).to(device)
         watch.reset()
-        with torch.autocast(device_type, dtype=DTYPES[dtype], enabled=autocast):
-            loss = model(batch[:, :-1], batch[:, 1:]).float().mean()
-        value = loss.item()
-        if not math.isfinite(value) or watch.first is not None:
-            failure = dict(step=step, lr=lr, loss=value, **(watch.first or
-                           {"op": "loss", "module": "head", "layer": None}))
+        failed: dict = {}
+        result = train_step(backend, [next(batches).to(device)], 1, check)
+        loss = result.losses[0].item()
+        if not result.updated:
+            failure = dict(step=step, lr=lr, loss=loss, **failed)
             break
         lrs.append(lr)
-        losses.append(value)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        bad = next((n for n, p in model.named_parameters()
-                    if p.grad is not None and not torch.isfinite(p.grad).all()), None)
-        if bad is not None:  # the update would poison the weights: the backward pass broke
-            lrs.pop()
-            losses.pop()
-            match = re.match(r"layers\.(\d+)\.", bad)
-            failure = dict(step=step, lr=lr, loss=value, op="gradient", module=bad,
-                           layer=int(match.group(1)) if match else None)
-            break
-        opt.step()
+        losses.append(loss)
     watch.remove()
     last_step = len(losses)
     return {

@@ -1,6 +1,6 @@
 """GPT (left-to-right LM) samples cut from an indexed dataset, Megatron-LM's way.
 
-Three index arrays define the dataset (DESIGN.md §5):
+Three index arrays define the dataset, as in Megatron-LM's GPT dataset (``docs/data.md``):
 
 - the *document index*: the split's document ids tiled over E epochs (E = the fewest with
   ``E * T >= num_samples * seq_length + 1`` tokens) and shuffled with ``RandomState(seed)``; when

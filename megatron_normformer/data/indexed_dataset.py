@@ -1,6 +1,6 @@
 """Memory-mapped token datasets in the MMIDIDX ``.bin``/``.idx`` format.
 
-The format is byte-compatible with Megatron-LM (see ``docs/data.md`` and DESIGN.md §5):
+The format is byte-compatible with Megatron-LM (``docs/data.md`` has the byte layout):
 
 ``PREFIX.idx`` (little-endian, no padding)::
 

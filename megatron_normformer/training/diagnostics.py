@@ -57,17 +57,22 @@ def params_norm(model, pstate, zero_stage: int, pipeline: bool) -> float:
     return total.sqrt().item()
 
 
-def fc2_grad_l1(model, pstate, zero_stage: int) -> Dict[str, float]:
-    """Per-layer L1 norm of the fc2 weight gradient (Fig. 3), summed over the TP shards."""
-    norms = []
+def fc2_grad_mean_abs(model, pstate, zero_stage: int) -> Dict[str, float]:
+    """Per layer, the mean absolute value of the fc2 weight's gradient over the whole (TP-gathered)
+    matrix: the paper's "average L1 norm" (Fig. 3). One definition for the trainer's logs and
+    ``tools/analyze_grad_norms.py``. Collective over TP (and DP at ZeRO-3)."""
+    sums, sizes = [], []
     for layer in model.layers:
-        g = _grad(layer.mlp.fc2.weight, zero_stage)
-        norms.append(torch.zeros((), dtype=torch.float64) if g is None
-                     else g.detach().double().abs().sum().cpu())
-    stacked = torch.stack(norms)
+        weight = layer.mlp.fc2.weight
+        g = _grad(weight, zero_stage)
+        sums.append(torch.zeros((), dtype=torch.float64) if g is None
+                    else g.detach().double().abs().sum().cpu())
+        sizes.append(getattr(weight, "ds_numel", weight.numel()) * pstate.tp_size)
+    stacked = torch.stack(sums)
     if pstate.tp_size > 1:
         dist.all_reduce(stacked, group=pstate.tp_group)
-    return {f"normformer/fc2_grad_l1/layer_{i}": v.item() for i, v in enumerate(stacked)}
+    return {f"normformer/fc2_grad_mean_abs/layer_{i}": (v / n).item()
+            for i, (v, n) in enumerate(zip(stacked, sizes))}
 
 
 def scale_parameters(model, pstate, zero_stage: int) -> Dict[str, torch.Tensor]:

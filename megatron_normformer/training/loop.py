@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from megatron_normformer.checkpoint import training as checkpointing
 from megatron_normformer.config import RunConfig
-from megatron_normformer.data import MegatronPretrainingSampler
+from megatron_normformer.data import loader
 from megatron_normformer.parallel.random import get_all_rng_states, set_all_rng_states
 from megatron_normformer.training import diagnostics, interrupts
 from megatron_normformer.training.engine import Engine, build_engine
@@ -27,6 +27,8 @@ from megatron_normformer.training.metrics import (
     peak_tflops_per_device,
     safe_ppl,
 )
+from megatron_normformer.training.step import DeepSpeedBackend
+from megatron_normformer.training.step import train_step as train_step_of
 from megatron_normformer.training.tasks import get_task
 
 
@@ -34,12 +36,6 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the message names the iteration."""
 
     every_rank_knows = True  # rank 0 reports it
-
-
-class DataError(TrainingError):
-    """A batch the model cannot take; only the rank that read it knows, so that rank reports it."""
-
-    every_rank_knows = False
 
 
 def print_rank(msg: str, rank: Optional[int] = 0) -> None:
@@ -56,38 +52,10 @@ def build_datasets(run: RunConfig, train_samples: int, eval_samples: int, vocab_
 
 
 def micro_batches(dataset, consumed: int, total: int, run: RunConfig, pstate, task=None):
-    """This rank's micro-batches from sample ``consumed`` to ``total``, collated by the task (the
-    GPT end-of-document fields are computed in the workers)."""
-    sampler = MegatronPretrainingSampler(total, consumed, run.train.micro_batch_size,
-                                         pstate.dp_rank, pstate.dp_size)
-    workers = run.data.num_workers
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
-                                         collate_fn=get_task(task).collate(run),
-                                         num_workers=workers, pin_memory=torch.cuda.is_available(),
-                                         persistent_workers=False,
-                                         # its own generator: creating the iterator must not draw
-                                         # from the global RNG, or a resumed run's dropout shifts
-                                         generator=torch.Generator().manual_seed(run.train.seed),
-                                         # SIGTERM to the process group must not kill the workers:
-                                         # the trainer stops them after its last step
-                                         worker_init_fn=interrupts.quiet_worker_init if workers else None)
-    return _within_vocabulary(interrupts.quiet_workers_iter(loader), run.model.vocab_size,
-                              run.data.describe_paths())
-
-
-def _within_vocabulary(batches, vocab_size: int, data_flags: str):
-    """Pass the batches through, stopping with a message at a token id the model has no row for
-    (data tokenized with another tokenizer than the run's), which would otherwise fail deep in the
-    embedding (a device-side assert on GPU)."""
-    for batch in batches:
-        top = int(batch["text"].max())
-        if top >= vocab_size:
-            raise DataError(
-                f"token id {top} in a batch is outside the model's vocabulary of "
-                f"{vocab_size} tokens (the tokenizer's, or --vocab-size): {data_flags} "
-                "was tokenized with another tokenizer; preprocess it "
-                "with this run's tokenizer, or give the tokenizer it was made with")
-        yield batch
+    """This rank's micro-batches from sample ``consumed`` to ``total`` (``data/loader.py``)."""
+    return loader.micro_batches(dataset, consumed, total, run.train.micro_batch_size, pstate,
+                                get_task(task).collate(run), run.data.num_workers, run.train.seed,
+                                run.model.vocab_size, run.data.describe_paths())
 
 
 # -- signals ----------------------------------------------------------------------------------
@@ -136,20 +104,6 @@ def _dp_mean(x: torch.Tensor, pstate) -> float:
     return x.item()
 
 
-def _pipeline_micro_batches(batches, gas: int, task):
-    """What DeepSpeed's pipeline engine reads: (inputs, labels) per micro-batch. Only the first and
-    last stages draw from it; every rank builds it so the sampler stays in step everywhere."""
-    return iter([task.pipeline_batch(next(batches)) for _ in range(gas)])
-
-
-def pipeline_train_step(e: Engine, batches, gas: int, pstate, task) -> Dict:
-    # 1F1B over ``gas`` micro-batches; the mean loss comes back averaged over DP on every rank.
-    loss = e.engine.train_batch(data_iter=_pipeline_micro_batches(batches, gas, task))
-    norm = e.engine.get_global_grad_norm()
-    return {"lm_loss": float(loss), "grad_norm": None if norm is None else float(norm),
-            "extra": _pipeline_extra(e, pstate, task)}
-
-
 def _pipeline_extra(e: Engine, pstate, task) -> Dict[str, float]:
     return {k: _dp_mean(v, pstate) for k, v in task.pipeline_extra(e.model, pstate).items()}
 
@@ -159,33 +113,34 @@ def _mean_over_micro_batches(values: List[Dict[str, torch.Tensor]], pstate) -> D
             for k in (values[0] if values else {})}
 
 
+def backend_of(e: Engine, task) -> DeepSpeedBackend:
+    return DeepSpeedBackend(e.engine, task.loss, e.pipeline, task.pipeline_batch)
+
+
 def train_step(e: Engine, batches, gas: int, pstate, want_diagnostics: bool, task=None) -> Dict:
     """One optimizer step over ``gas`` micro-batches: {lm_loss, grad_norm, extra, diagnostics}."""
     task = get_task(task)
-    if e.pipeline:
-        return pipeline_train_step(e, batches, gas, pstate, task)
-    engine, model = e.engine, e.model
-    losses, extras, diag = [], [], {}
-    for i in range(gas):
-        loss, extra = task.loss(engine, next(batches))
-        extras.append(extra)
-        # Said explicitly: DeepSpeed's own count assumes one accumulation length for the whole
-        # run, which a batch-size ramp changes.
-        engine.set_gradient_accumulation_boundary(i == gas - 1)
-        engine.backward(loss)
-        if engine.is_gradient_accumulation_boundary():
-            if e.zero_stage == 0:
-                # p.grad holds the loss-scaled gradient under fp16: report the true norm.
-                diag["grad_norm"] = diagnostics.grad_norm(model, pstate, 0) / loss_scale(engine)
-            if want_diagnostics:
-                diag.update(diagnostics.fc2_grad_l1(model, pstate, e.zero_stage))
-        engine.step()
-        losses.append(loss.detach())
-    if e.zero_stage != 0:
-        norm = engine.get_global_grad_norm()
+
+    def on_gradients(backend, result):
+        diag = {}
+        if e.zero_stage == 0 and not e.pipeline:
+            # p.grad holds the loss-scaled gradient under fp16: report the true norm.
+            diag["grad_norm"] = diagnostics.grad_norm(e.model, pstate, 0) / loss_scale(e.engine)
+        if want_diagnostics:
+            diag.update(diagnostics.fc2_grad_mean_abs(e.model, pstate, e.zero_stage))
+        return diag
+
+    step = train_step_of(backend_of(e, task), batches, gas, on_gradients)
+    diag = dict(step.diagnostics)
+    if e.zero_stage != 0 or e.pipeline:
+        norm = e.engine.get_global_grad_norm()
         diag["grad_norm"] = None if norm is None else float(norm)
-    diag["lm_loss"] = _dp_mean(torch.stack(losses).mean(), pstate)
-    diag["extra"] = _mean_over_micro_batches(extras, pstate)
+    if e.pipeline:  # the mean loss comes back averaged over DP on every rank
+        diag["lm_loss"] = float(step.loss)
+        diag["extra"] = _pipeline_extra(e, pstate, task)
+    else:
+        diag["lm_loss"] = _dp_mean(step.loss, pstate)
+        diag["extra"] = _mean_over_micro_batches(step.extras, pstate)
     return diag
 
 
@@ -213,14 +168,9 @@ def warmup_step(e: Engine, run: RunConfig, gas: int, pstate, task=None) -> None:
     task = get_task(task)
     rng = get_all_rng_states()
     batch = task.dummy_batch(run)
+    train_step_of(backend_of(e, task), iter([batch] * gas), gas)
     if e.pipeline:
-        e.engine.train_batch(data_iter=iter([task.pipeline_batch(batch)] * gas))
         task.pipeline_extra(e.model, pstate)  # forget the dummy batch's metrics
-    else:
-        for i in range(gas):
-            e.engine.set_gradient_accumulation_boundary(i == gas - 1)
-            e.engine.backward(task.loss(e.engine, batch)[0])
-            e.engine.step()
     set_all_rng_states(rng)
 
 
@@ -235,7 +185,8 @@ def evaluate(e: Engine, dataset, eval_iters: int, global_batch: int, run: RunCon
     batches = micro_batches(dataset, 0, total, run, pstate, task)
     if e.pipeline:
         gas = global_batch // (run.train.micro_batch_size * pstate.dp_size)
-        losses = [e.engine.eval_batch(_pipeline_micro_batches(batches, gas, task), num_micro_batches=gas)
+        losses = [e.engine.eval_batch(iter([task.pipeline_batch(next(batches)) for _ in range(gas)]),
+                                      num_micro_batches=gas)
                   for _ in range(eval_iters)]
         return {"loss": float(torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in losses]).mean()),
                 **_pipeline_extra(e, pstate, task)}
@@ -295,7 +246,7 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
     flops = task.flops(run.model, global_batch, seq, run.model.padded_vocab_size(pstate.tp_size),
                        (run.recompute() or (None,))[0] == "full")
     peak = peak_tflops_per_device(run.log.peak_flops_per_device, run.train.bf16 or run.train.fp16)
-    summary = dict(losses={}, grad_norms={}, lrs={}, val={}, test={}, fc2_grad_l1={}, extra={},
+    summary = dict(losses={}, grad_norms={}, lrs={}, val={}, test={}, fc2_grad_mean_abs={}, extra={},
                    val_extra={}, test_extra={}, stopped_by=None, task=task.name, global_batches={},
                    params_norms={}, skipped_iters={}, ds_config=ds_config,
                    zero3=zero3_partitioning(e.model) if e.zero_stage == 3 else None,
@@ -405,7 +356,7 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
                               **{f"train/{k}": v for k, v in step["extra"].items()}}, it)
                 fc2 = {k: v for k, v in step.items() if k.startswith("normformer/")}
                 if fc2:
-                    summary["fc2_grad_l1"][it] = fc2
+                    summary["fc2_grad_mean_abs"][it] = fc2
                     sink.scalars(fc2, it)
                 if sink_wants_diag(run):
                     sink.histograms(diagnostics.scale_parameters(e.model, pstate, e.zero_stage), it)

@@ -10,6 +10,7 @@ from typing import Dict, List, NoReturn, Optional, Set
 from megatron_normformer.arguments import build_pretrain_parser, run_config_from_args
 from megatron_normformer.config import ConfigError
 from megatron_normformer.data import TokenizerError, build_tokenizer
+from megatron_normformer.data.loader import DataError
 from megatron_normformer.parallel.state import (
     ParallelState,
     initialize_distributed,
@@ -113,7 +114,7 @@ def main(argv: Optional[List[str]] = None, task=None) -> Dict:
     try:
         initialize_distributed(timeout_minutes=run.train.distributed_timeout_minutes)
         summary = train_resolved(run, user, explicit, task)
-    except (ConfigError, TrainingError) as e:
+    except (ConfigError, TrainingError, DataError) as e:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         elif not getattr(e, "every_rank_knows", True):

@@ -1,6 +1,6 @@
 """lm-evaluation-harness model type ``megatron_normformer``: zero-shot evaluation of our checkpoints.
 
-    python -m megatron_normformer.lm_eval_adapter --model megatron_normformer \\
+    python -m megatron_normformer.inference.lm_eval --model megatron_normformer \\
         --model_args checkpoint=ckpt/release,tokenizer_type=SentencePieceTokenizer,tokenizer_model=sp.model \\
         --tasks hellaswag,piqa --batch_size 8
 
@@ -9,7 +9,7 @@ registry, filled by ``lm_eval.models`` (a fixed table of its modules) and by ``@
 modules that something has imported. Its CLI reads no entry-point group and has no flag that imports
 a user module, so an installed package cannot add a model type to ``lm_eval`` without a ``.pth``
 start-up hook. This module registers the model and then runs lm-eval's own CLI, so every lm-eval
-flag works unchanged. From Python, ``import megatron_normformer.lm_eval_adapter`` before
+flag works unchanged. From Python, ``import megatron_normformer.inference.lm_eval`` before
 ``lm_eval.simple_evaluate(model="megatron_normformer", ...)`` (or pass a ``MegatronLM`` instance).
 
 Model arguments (``--model_args key=value,...``): ``checkpoint`` (consolidated ``.safetensors`` or
