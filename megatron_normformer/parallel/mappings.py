@@ -24,45 +24,37 @@ def _world(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
+def _identity(x: torch.Tensor, group) -> torch.Tensor:
+    return x
+
+
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    if _world(group) == 1:
-        return x
-    x = x.contiguous()
+    x = x.clone(memory_format=torch.contiguous_format)  # never in place on one autograd keeps
     dist.all_reduce(x, group=group)
     return x
 
 
-def _gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
+def gather_along_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along ``dim`` (no autograd): rebuilds a full sharded tensor."""
     world = _world(group)
     if world == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
+    return torch.cat(parts, dim=dim)
 
 
-def _split_last_dim(x: torch.Tensor, group) -> torch.Tensor:
+def split_along_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """This rank's slice of ``x`` along ``dim`` (no autograd)."""
     world = _world(group)
     if world == 1:
         return x
-    return x.chunk(world, dim=-1)[dist.get_rank(group)].contiguous()
+    return x.chunk(world, dim=dim)[dist.get_rank(group)].contiguous()
 
 
 def gather_sequence_no_grad(x: torch.Tensor, group) -> torch.Tensor:
     """Concatenate every rank's slice along the sequence (dimension 1), outside autograd."""
-    world = _world(group)
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=1)
-
-
-def _split_seq(x: torch.Tensor, group) -> torch.Tensor:
-    world = _world(group)
-    if world == 1:
-        return x
-    return x.chunk(world, dim=1)[dist.get_rank(group)].contiguous()
+    return gather_along_dim(x, 1, group)
 
 
 def reduce_scatter_sequence_no_grad(x: torch.Tensor, group) -> torch.Tensor:
@@ -77,117 +69,48 @@ def reduce_scatter_sequence_no_grad(x: torch.Tensor, group) -> torch.Tensor:
     return out.transpose(0, 1).contiguous()
 
 
-class _ScatterToSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_seq(x, group)
+def _conjugate(name: str, forward, backward):
+    """An autograd map that runs ``forward(x, group)`` and sends ``backward(grad, group)`` back:
+    the identity where the group has one rank."""
 
-    @staticmethod
-    def backward(ctx, grad):
-        return gather_sequence_no_grad(grad, ctx.group), None
+    class Map(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, group):
+            ctx.group = group
+            return forward(x, group)
 
+        @staticmethod
+        def backward(ctx, grad):
+            return backward(grad, ctx.group), None
 
-class _ReduceScatterToSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return reduce_scatter_sequence_no_grad(x, group)
+    Map.__name__ = Map.__qualname__ = name
 
-    @staticmethod
-    def backward(ctx, grad):
-        return gather_sequence_no_grad(grad, ctx.group), None
-
-
-class _GatherSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return gather_sequence_no_grad(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split_seq(grad, ctx.group), None
+    def apply(x: torch.Tensor, group) -> torch.Tensor:
+        return x if _world(group) == 1 else Map.apply(x, group)
+    return apply
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad.clone(), ctx.group), None
+def _last(op):
+    return lambda x, group: op(x, -1, group)
 
 
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x.clone(), group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+def _seq(op):
+    return lambda x, group: op(x, 1, group)
 
 
-class _GatherFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather_last_dim(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split_last_dim(grad, ctx.group), None
-
-
-class _ScatterToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_last_dim(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_last_dim(grad, ctx.group), None
-
-
-def copy_to_tensor_parallel(x: torch.Tensor, group) -> torch.Tensor:
-    """Identity forward; all-reduce of the gradient backward (input of a column-parallel op)."""
-    return x if _world(group) == 1 else _CopyToTP.apply(x, group)
-
-
-def reduce_from_tensor_parallel(x: torch.Tensor, group) -> torch.Tensor:
-    """All-reduce forward; identity backward (output of a row-parallel op)."""
-    return x if _world(group) == 1 else _ReduceFromTP.apply(x, group)
-
-
-def gather_from_tensor_parallel(x: torch.Tensor, group) -> torch.Tensor:
-    """Concatenate the last dimension across ranks; backward keeps this rank's slice."""
-    return x if _world(group) == 1 else _GatherFromTP.apply(x, group)
-
-
-def scatter_to_tensor_parallel(x: torch.Tensor, group) -> torch.Tensor:
-    """Keep this rank's slice of the last dimension; backward gathers."""
-    return x if _world(group) == 1 else _ScatterToTP.apply(x, group)
-
-
-def scatter_to_sequence_parallel(x: torch.Tensor, group) -> torch.Tensor:
-    """Keep this rank's slice of the sequence; backward gathers the gradient's slices."""
-    return x if _world(group) == 1 else _ScatterToSP.apply(x, group)
-
-
-def reduce_scatter_to_sequence_parallel(x: torch.Tensor, group) -> torch.Tensor:
-    """Sum the ranks' partial outputs and keep this rank's slice of the sequence (the output of a
-    row-parallel op); backward gathers."""
-    return x if _world(group) == 1 else _ReduceScatterToSP.apply(x, group)
-
-
-def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
-    """The whole sequence from every rank's slice, for work every rank repeats (the output head):
-    the gradient arriving is the same on every rank, so backward keeps this rank's slice of it."""
-    return x if _world(group) == 1 else _GatherSequence.apply(x, group)
+# Tensor parallelism: the input of a column-parallel op is copied to every rank (its gradient
+# summed), the output of a row-parallel op summed (its gradient passed through).
+copy_to_tensor_parallel = _conjugate("CopyToTP", _identity, _all_reduce)
+reduce_from_tensor_parallel = _conjugate("ReduceFromTP", _all_reduce, _identity)
+gather_from_tensor_parallel = _conjugate("GatherFromTP", _last(gather_along_dim), _last(split_along_dim))
+scatter_to_tensor_parallel = _conjugate("ScatterToTP", _last(split_along_dim), _last(gather_along_dim))
+# Sequence parallelism (dimension 1 of [batch, seq, hidden]).
+scatter_to_sequence_parallel = _conjugate("ScatterToSP", _seq(split_along_dim), gather_sequence_no_grad)
+reduce_scatter_to_sequence_parallel = _conjugate("ReduceScatterToSP", reduce_scatter_sequence_no_grad,
+                                                 gather_sequence_no_grad)
+# The whole sequence for work every rank repeats (the output head): the gradient arriving is the
+# same on every rank, so backward keeps this rank's slice of it.
+gather_sequence = _conjugate("GatherSequence", gather_sequence_no_grad, _seq(split_along_dim))
 
 
 def all_reduce_no_grad(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -195,13 +118,3 @@ def all_reduce_no_grad(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Te
     if _world(group) > 1:
         dist.all_reduce(x, op=op, group=group)
     return x
-
-
-def gather_along_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    """Concatenate every rank's ``x`` along ``dim`` (no autograd): rebuilds a full sharded tensor."""
-    world = _world(group)
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)

@@ -1,30 +1,22 @@
 """One training step for every caller: the trainer, the analysis tools and the benchmark.
 
-A step runs the micro-batches of one global batch forward and backward, lets the caller look at
-the finished gradients (the diagnostics, a finiteness check), and updates the weights:
-
-    for each micro-batch:  loss, extra = backend.forward(batch)
-                           backend.backward(loss, last)      gradients averaged over micro-batches
-    on_gradients(backend, result) -> diagnostics, or False: skip the update
+    for each micro-batch:  loss, extra = backend.forward(batch); backend.backward(loss, last)
+    on_gradients(backend, result)  -> the diagnostics to report, or False: skip the update
     backend.update()
 
-Two backends run it. ``DeepSpeedBackend`` is the engine ``pretrain_gpt.py`` builds, at any ZeRO
-stage and precision; under pipeline parallelism DeepSpeed's 1F1B schedule runs the whole step
-(``train_batch``) and ``on_gradients`` is not called. ``PlainBackend`` is a model and a torch
-optimizer in one process (the paper's analyses, the benchmark's reference), optionally under
-autocast. Both report the same fields, so the trainer, ``tools/analyze_grad_norms.py``,
-``tools/lr_stability_test.py`` and ``bench/throughput.py`` measure one thing the same way.
+``DeepSpeedBackend`` is the engine ``pretrain_gpt.py`` builds, at any ZeRO stage and precision;
+under pipeline parallelism DeepSpeed's 1F1B schedule runs the whole step (``train_batch``).
+``PlainBackend`` is a model and a torch optimizer in one process (the paper's analyses, the
+benchmark's reference), optionally under autocast. ``tools/analyze_grad_norms.py``,
+``tools/lr_stability_test.py`` and ``bench/throughput.py`` thus measure what the trainer runs.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
-
-Batch = object
-LossFn = Callable[[torch.nn.Module, Batch], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
 
 
 def next_token_loss(model: torch.nn.Module, tokens: torch.Tensor):
@@ -34,8 +26,8 @@ def next_token_loss(model: torch.nn.Module, tokens: torch.Tensor):
 
 @dataclass
 class StepResult:
-    losses: list = field(default_factory=list)  # per micro-batch, detached
-    extras: list = field(default_factory=list)  # per micro-batch: {name: scalar tensor}
+    losses: List[torch.Tensor] = field(default_factory=list)  # per micro-batch, detached
+    extras: List[Dict[str, torch.Tensor]] = field(default_factory=list)
     diagnostics: Dict = field(default_factory=dict)
     updated: bool = True
 
@@ -46,12 +38,11 @@ class StepResult:
 
 
 class PlainBackend:
-    """A model and a torch optimizer in one process."""
+    """A model and a torch optimizer in one process; gradients averaged over the micro-batches."""
 
     pipeline = False
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
-                 autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None):
+    def __init__(self, model: torch.nn.Module, optimizer, loss_fn: Callable, autocast=None):
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.autocast = autocast or contextlib.nullcontext
         self.micro_batches = 1
@@ -63,23 +54,20 @@ class PlainBackend:
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         (loss / self.micro_batches).backward()
 
-    def update(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def skip_update(self) -> None:
+    def update(self, apply: bool = True) -> None:
+        if apply:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
 
 class DeepSpeedBackend:
-    """DeepSpeed's engine (``training/engine.py``): it scales the accumulated gradients itself and
-    updates at the accumulation boundary, which we state explicitly (a batch-size ramp changes the
-    accumulation length during a run, which DeepSpeed's own count cannot follow)."""
+    """DeepSpeed's engine, which scales accumulated gradients itself. The accumulation boundary is
+    said explicitly: a batch-size ramp changes its length during a run, which DeepSpeed's own
+    count cannot follow."""
 
-    def __init__(self, engine, loss_fn: LossFn, pipeline: bool = False, pipeline_batch=None):
+    def __init__(self, engine, loss_fn: Callable, pipeline: bool = False, pipeline_batch=None):
         self.engine, self.loss_fn, self.pipeline = engine, loss_fn, pipeline
-        self.pipeline_batch = pipeline_batch
-        self.model = engine.module
+        self.pipeline_batch, self.model = pipeline_batch, engine.module
 
     def forward(self, batch):
         return self.loss_fn(self.engine, batch)
@@ -90,30 +78,21 @@ class DeepSpeedBackend:
         if not last:
             self.engine.step()  # DeepSpeed's bookkeeping between micro-batches; no update
 
-    def update(self) -> None:
+    def update(self, apply: bool = True) -> None:
+        assert apply, "DeepSpeed's engine always updates at the boundary"
         self.engine.step()
-
-    def skip_update(self) -> None:  # never asked for by the trainer
-        raise NotImplementedError("DeepSpeed's engine always steps at the boundary")
-
-    def train_batch(self, batches: Iterable, num_micro_batches: int) -> torch.Tensor:
-        """The pipeline's 1F1B step over ``num_micro_batches``; the mean loss, averaged over DP."""
-        data = iter([self.pipeline_batch(next(batches)) for _ in range(num_micro_batches)])
-        return self.engine.train_batch(data_iter=data)
 
 
 def train_step(backend, batches: Iterable, num_micro_batches: int,
-               on_gradients: Optional[Callable[[object, StepResult], Optional[Dict]]] = None
-               ) -> StepResult:
+               on_gradients: Optional[Callable] = None) -> StepResult:
     """One optimizer step over ``num_micro_batches`` micro-batches drawn from ``batches``.
 
     ``on_gradients(backend, result)`` runs between the last backward and the update (``result``
-    holds the micro-batches' losses so far) and returns the diagnostics to report, or False to
-    skip the update (e.g. non-finite gradients)."""
-    result = StepResult()
-    batches = iter(batches)
-    if backend.pipeline:
-        result.losses.append(torch.as_tensor(float(backend.train_batch(batches, num_micro_batches))))
+    holds the losses) and returns the diagnostics, or False to skip the update."""
+    result, batches = StepResult(), iter(batches)
+    if backend.pipeline:  # 1F1B: the mean loss comes back averaged over data parallelism
+        data = iter([backend.pipeline_batch(next(batches)) for _ in range(num_micro_batches)])
+        result.losses.append(torch.as_tensor(float(backend.engine.train_batch(data_iter=data))))
         return result
     backend.micro_batches = num_micro_batches
     for i in range(num_micro_batches):
@@ -121,11 +100,8 @@ def train_step(backend, batches: Iterable, num_micro_batches: int,
         backend.backward(loss, last=i == num_micro_batches - 1)
         result.losses.append(loss.detach())
         result.extras.append(extra)
-    diagnostics = on_gradients(backend, result) if on_gradients is not None else {}
-    if diagnostics is False:
-        result.updated = False
-        backend.skip_update()
-    else:
-        result.diagnostics = diagnostics or {}
-        backend.update()
+    diagnostics = on_gradients(backend, result) if on_gradients is not None else None
+    result.updated = diagnostics is not False
+    result.diagnostics = diagnostics or {}
+    backend.update(result.updated)
     return result
