@@ -146,3 +146,16 @@ def test_quality_plain_loop_matches_the_framework_from_the_same_init(tmp_path):
     assert abs(loss["reference"] - loss["preln"]) > 1e-3  # a different model, really trained
     saved = json.loads((tmp_path / "q" / "quality.json").read_text())
     assert saved["minus_reference"]["preln"] == pytest.approx(loss["preln"] - loss["reference"])
+
+
+def test_full_width_script_compares_layouts(tmp_path, capsys):
+    """bench/full_width.py's machinery at reduced width (the full 2.7B width runs in the bench):
+    two layouts, their losses equal, the table and the JSON written."""
+    from bench.full_width import run as full_width
+
+    out = full_width(["--hidden-size", "64", "--num-attention-heads", "4", "--iters", "2",
+                      "--layouts", "tp1", "tp2_sp", "--output", str(tmp_path / "fw.json")])
+    assert set(out["results"]) == {"tp1", "tp2_sp"} and out["max_rel_diff"] <= 1e-4
+    assert sorted(out["results"]["tp2_sp"]["losses"]) == [1, 2]
+    assert json.loads((tmp_path / "fw.json").read_text())["max_rel_diff"] == out["max_rel_diff"]
+    assert "within 1e-4" in capsys.readouterr().out
