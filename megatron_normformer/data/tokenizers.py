@@ -55,35 +55,14 @@ class Tokenizer(ABC):
     def vocab_size(self) -> int:
         """Number of ids, special tokens included."""
 
-    @property
-    def eod(self) -> Optional[int]:
-        """End-of-document id, appended by ``--append-eod``."""
-        return None
-
-    @property
-    def pad(self) -> Optional[int]:
-        """Padding id."""
-        return None
-
-    @property
-    def mask(self) -> Optional[int]:
-        """Mask id for masked-LM training."""
-        return None
-
-    @property
-    def cls(self) -> Optional[int]:
-        """Start-of-sample id for masked-LM training."""
-        return None
-
-    @property
-    def sep(self) -> Optional[int]:
-        """Separator id (end of sample, document boundary) for masked-LM training."""
-        return None
-
-    def special_ids(self) -> List[int]:
-        """The distinct special ids this tokenizer defines."""
-        ids = {self.eod, self.pad, self.mask, self.cls, self.sep}
-        return sorted(i for i in ids if i is not None)
+    # The special ids, None where the vocabulary has no such token: ``eod`` ends a document
+    # (``--append-eod``); ``pad`` pads; masked-LM training's ``mask``, ``cls`` (start of sample)
+    # and ``sep`` (separator: end of sample, document boundary).
+    eod: Optional[int] = None
+    pad: Optional[int] = None
+    mask: Optional[int] = None
+    cls: Optional[int] = None
+    sep: Optional[int] = None
 
 
 def _first(*ids: Optional[int]) -> Optional[int]:
@@ -120,11 +99,11 @@ class SentencePieceTokenizer(Tokenizer):
         eos = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
         bos = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
         pad = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
-        self._eod = _first(self._piece("<eod>", "<EOD>"), eos)
-        self._sep = _first(self._piece("<sep>", "<SEP>"), eos)
-        self._cls = _first(self._piece("<cls>", "<CLS>"), bos)
-        self._mask = self._piece("<mask>", "<MASK>")
-        self._pad = _first(pad, self._piece("<pad>", "<PAD>"))
+        self.eod = _first(self._piece("<eod>", "<EOD>"), eos)
+        self.sep = _first(self._piece("<sep>", "<SEP>"), eos)
+        self.cls = _first(self._piece("<cls>", "<CLS>"), bos)
+        self.mask = self._piece("<mask>", "<MASK>")
+        self.pad = _first(pad, self._piece("<pad>", "<PAD>"))
 
     def _piece(self, *pieces: str) -> Optional[int]:
         unk = self._sp.unk_id()
@@ -143,12 +122,6 @@ class SentencePieceTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self._sp.GetPieceSize()
-
-    eod = property(lambda self: self._eod)
-    pad = property(lambda self: self._pad)
-    mask = property(lambda self: self._mask)
-    cls = property(lambda self: self._cls)
-    sep = property(lambda self: self._sep)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +184,9 @@ class GPT2BPETokenizer(Tokenizer):
                 next_id += 1
         self.decoder = {i: t for t, i in self.encoder.items()}
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
-        self._eod = self.encoder.get("<|endoftext|>", self.encoder["</s>"])
+        self.eod = self.encoder.get("<|endoftext|>", self.encoder["</s>"])
+        self.pad, self.mask = self.encoder["<pad>"], self.encoder["<mask>"]
+        self.cls, self.sep = self.encoder["<s>"], self.encoder["</s>"]
 
     def encode(self, text: str) -> List[int]:
         ids: List[int] = []
@@ -242,12 +217,6 @@ class GPT2BPETokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return len(self.encoder)
-
-    eod = property(lambda self: self._eod)
-    pad = property(lambda self: self.encoder["<pad>"])
-    mask = property(lambda self: self.encoder["<mask>"])
-    cls = property(lambda self: self.encoder["<s>"])
-    sep = property(lambda self: self.encoder["</s>"])
 
 
 def _read_merges(merge_file: str, vocab: Dict[str, int]) -> List[Tuple[str, str]]:
@@ -308,11 +277,11 @@ class HFTokenizer(Tokenizer):
                 f"--tokenizer-model {tokenizer_file}: not a tokenizer.json ({error})"
             ) from None
         find = self._first_id
-        self._eod = find("<|endoftext|>", "</s>", "<eos>", "[SEP]")
-        self._pad = find("<pad>", "[PAD]", "<|pad|>")
-        self._mask = find("<mask>", "[MASK]")
-        self._cls = find("<s>", "[CLS]", "<cls>")
-        self._sep = find("</s>", "[SEP]", "<sep>")
+        self.eod = find("<|endoftext|>", "</s>", "<eos>", "[SEP]")
+        self.pad = find("<pad>", "[PAD]", "<|pad|>")
+        self.mask = find("<mask>", "[MASK]")
+        self.cls = find("<s>", "[CLS]", "<cls>")
+        self.sep = find("</s>", "[SEP]", "<sep>")
 
     def _first_id(self, *tokens: str) -> Optional[int]:
         for token in tokens:
@@ -331,12 +300,6 @@ class HFTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    eod = property(lambda self: self._eod)
-    pad = property(lambda self: self._pad)
-    mask = property(lambda self: self._mask)
-    cls = property(lambda self: self._cls)
-    sep = property(lambda self: self._sep)
-
 
 # ---------------------------------------------------------------------------------------------
 # Null tokenizer
@@ -349,6 +312,7 @@ class NullTokenizer(Tokenizer):
         if vocab_size is None or int(vocab_size) < 2:
             raise TokenizerError(f"NullTokenizer needs --vocab-size >= 2, got {vocab_size}")
         self._vocab_size = int(vocab_size)
+        self.eod = self._vocab_size - 1
 
     def encode(self, text: str) -> List[int]:
         try:
@@ -367,10 +331,6 @@ class NullTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self._vocab_size
 
-    @property
-    def eod(self) -> int:
-        return self._vocab_size - 1
-
 
 def build_tokenizer(
     tokenizer_type: str,
@@ -381,11 +341,11 @@ def build_tokenizer(
 ) -> Tokenizer:
     """Build a tokenizer from Megatron-style ``--tokenizer-type`` and file flags."""
     if tokenizer_type == "SentencePieceTokenizer":
-        return SentencePieceTokenizer(_require_file(tokenizer_model, "--tokenizer-model", tokenizer_type))
+        return SentencePieceTokenizer(tokenizer_model)
     if tokenizer_type == "GPT2BPETokenizer":
         return GPT2BPETokenizer(vocab_file, merge_file)
     if tokenizer_type == "HFTokenizer":
-        return HFTokenizer(_require_file(tokenizer_model, "--tokenizer-model", tokenizer_type))
+        return HFTokenizer(tokenizer_model)
     if tokenizer_type == "NullTokenizer":
         if vocab_size is None:
             raise TokenizerError("NullTokenizer needs --vocab-size")
