@@ -15,7 +15,7 @@ own prefixes (each list blended as above), every prefix used whole; ``--split`` 
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from .blended_dataset import BlendedDataset, blend_cache_dir, parse_data_path
 from .gpt_dataset import GPTDataset, MockGPTDataset, default_cache_dir, split_ranges
 from .index_cache import Barrier
 from .indexed_dataset import IndexedDataset, dataset_exists
+from .masked_lm_dataset import MaskedLMDataset, MockMaskedLMDataset
 
 SPLIT_NAMES = ("train", "valid", "test")
 PER_SPLIT_FLAGS = ("--train-data-path", "--valid-data-path", "--test-data-path")
@@ -42,24 +43,16 @@ def _open(prefix: str, flag: str) -> IndexedDataset:
     return IndexedDataset(prefix)
 
 
-class SplitFactory:
+class SplitFactory(NamedTuple):
     """How one task cuts a prefix: ``count`` the units ``--split`` divides, ``make`` one split.
 
     ``make(indexed, begin, end, split name, samples or None, cache dir)`` builds the dataset over
-    units ``[begin, end)``.
+    units ``[begin, end)``; ``mock(samples, seq_length, vocab_size, seed)`` is ``--mock-data``'s.
     """
 
-    def __init__(self, count: Callable[[IndexedDataset], int],
-                 make: Callable[..., torch.utils.data.Dataset]) -> None:
-        self.count = count
-        self.make = make
-
-
-def _gpt_splits(seq_length: int, seed: int, barrier: Optional[Barrier]) -> SplitFactory:
-    def make(indexed, first, end, name, num_samples, cache_dir):
-        sequences = np.arange(first, end, dtype=np.int32)
-        return GPTDataset(indexed, sequences, num_samples, seq_length, seed, name, cache_dir, barrier)
-    return SplitFactory(len, make)
+    count: Callable[[IndexedDataset], int]
+    make: Callable[..., torch.utils.data.Dataset]
+    mock: Callable[..., torch.utils.data.Dataset]
 
 
 # Every prefix of a per-split path is used whole, for its own split only.
@@ -88,25 +81,6 @@ def _split_datasets(prefix: str, split, num_samples: Sequence[Optional[int]],
     return out
 
 
-def _mock_or_check(mock_cls, data_path, mock: bool, train_valid_test_num_samples, seq_length: int,
-                   vocab_size, seed: int, per_split_paths):
-    """The three mock datasets when ``mock``; otherwise check the request and return None."""
-    if len(train_valid_test_num_samples) != 3:
-        raise ValueError("train_valid_test_num_samples needs three entries")
-    if mock:
-        return tuple(None if not n else mock_cls(n, seq_length, vocab_size, seed + i)
-                     for i, n in enumerate(train_valid_test_num_samples))
-    per_split = per_split_paths is not None and any(p is not None for p in per_split_paths)
-    if per_split and data_path:
-        raise ValueError("--data-path and --train-data-path/--valid-data-path/--test-data-path "
-                         "are mutually exclusive")
-    if per_split and len(per_split_paths) != 3:
-        raise ValueError("per_split_paths needs three entries (train, valid, test)")
-    if not data_path and not per_split:
-        raise ValueError("--data-path (or --train-data-path) is required unless --mock-data is given")
-    return None
-
-
 def build_train_valid_test_datasets(
     data_path: PathList,
     split: str,
@@ -128,17 +102,62 @@ def build_train_valid_test_datasets(
     train, valid and test path lists (``--train-data-path`` ...; None for a split without one)
     instead of ``data_path`` and ``split``.
     """
-    mocks = _mock_or_check(MockGPTDataset, data_path, mock, train_valid_test_num_samples,
-                           seq_length, vocab_size, seed, per_split_paths)
-    if mocks is not None:
-        return mocks
-    return _build(data_path, split, train_valid_test_num_samples, cache_path, barrier,
-                  _gpt_splits(seq_length, seed, barrier), per_split_paths)
+    def make(indexed, first, end, name, num_samples, cache_dir):
+        sequences = np.arange(first, end, dtype=np.int32)
+        return GPTDataset(indexed, sequences, num_samples, seq_length, seed, name, cache_dir, barrier)
+
+    return _build(SplitFactory(len, make, MockGPTDataset), data_path, split, seq_length, seed,
+                  train_valid_test_num_samples, cache_path, mock, vocab_size, barrier,
+                  per_split_paths)
 
 
-def _build(data_path, split: str, num_samples: Sequence[Optional[int]], cache_path: Optional[str],
-           barrier: Optional[Barrier], factory: SplitFactory, per_split_paths=None) -> Datasets:
-    """``data_path`` cut by ``split``, or each split from its own paths (module docstring)."""
+def build_masked_lm_datasets(
+    data_path: Optional[Sequence[str]],
+    split: str,
+    seq_length: int,
+    seed: int,
+    train_valid_test_num_samples: Sequence[Optional[int]],
+    special=None,
+    cache_path: Optional[str] = None,
+    mock: bool = False,
+    vocab_size: Optional[int] = None,
+    barrier: Optional[Barrier] = None,
+    per_split_paths: Optional[Sequence[PathList]] = None,
+) -> Datasets:
+    """Train/valid/test masked-LM datasets (None where a split is empty or asked for 0 samples).
+
+    Blending and ``per_split_paths`` are those of ``build_train_valid_test_datasets``, but
+    ``split`` divides documents; each split of each prefix is a ``MaskedLMDataset``
+    (``special``: the tokenizer's ``SpecialTokens``).
+    ``mock`` returns ``MockMaskedLMDataset``s of ``vocab_size``.
+    """
+    def make(indexed, first, end, name, num_samples, cache_dir):
+        return MaskedLMDataset(indexed, first, end, seq_length, special, seed, num_samples,
+                               split_name=name, cache_dir=cache_dir, barrier=barrier)
+
+    return _build(SplitFactory(lambda indexed: indexed.num_documents, make, MockMaskedLMDataset),
+                  data_path, split, seq_length, seed, train_valid_test_num_samples, cache_path,
+                  mock, vocab_size, barrier, per_split_paths)
+
+
+def _build(factory: SplitFactory, data_path, split: str, seq_length: int, seed: int,
+           num_samples: Sequence[Optional[int]], cache_path: Optional[str], mock: bool,
+           vocab_size: Optional[int], barrier: Optional[Barrier], per_split_paths) -> Datasets:
+    """The mock datasets, ``data_path`` cut by ``split``, or each split from its own paths
+    (module docstring)."""
+    if len(num_samples) != 3:
+        raise ValueError("train_valid_test_num_samples needs three entries")
+    if mock:
+        return tuple(None if not n else factory.mock(n, seq_length, vocab_size, seed + i)
+                     for i, n in enumerate(num_samples))
+    per_split = per_split_paths is not None and any(p is not None for p in per_split_paths)
+    if per_split and data_path:
+        raise ValueError("--data-path and --train-data-path/--valid-data-path/--test-data-path "
+                         "are mutually exclusive")
+    if per_split and len(per_split_paths) != 3:
+        raise ValueError("per_split_paths needs three entries (train, valid, test)")
+    if not data_path and not per_split:
+        raise ValueError("--data-path (or --train-data-path) is required unless --mock-data is given")
     if data_path:
         return _build_blend(data_path, split, num_samples, cache_path, barrier, factory)
     out = []
@@ -163,20 +182,7 @@ def _build_blend(data_path, split, num_samples: Sequence[Optional[int]], cache_p
         raise ValueError(str(error).replace("--data-path", flag)) from None
     if len(prefixes) == 1:
         return tuple(_split_datasets(prefixes[0], split, num_samples, cache_path, factory, flag))
-    return _blend(weights, prefixes, split, num_samples, cache_path or blend_cache_dir(prefixes),
-                  barrier, factory, flag)
-
-
-def _blend(
-    weights: Optional[List[float]],
-    prefixes: List[str],
-    split,
-    num_samples: Sequence[Optional[int]],
-    cache_dir: str,
-    barrier: Optional[Barrier],
-    factory: SplitFactory,
-    flag: str,
-) -> Datasets:
+    cache_dir = cache_path or blend_cache_dir(prefixes)
     if weights is None:
         per_dataset = [[None if n != 0 else 0 for n in num_samples] for _ in prefixes]
     else:
@@ -206,38 +212,3 @@ def _blend(
         descriptions = [d.description for d in datasets]
         result.append(BlendedDataset(datasets, w, size, name, cache_dir, barrier, descriptions))
     return tuple(result)
-
-
-def build_masked_lm_datasets(
-    data_path: Optional[Sequence[str]],
-    split: str,
-    seq_length: int,
-    seed: int,
-    train_valid_test_num_samples: Sequence[Optional[int]],
-    special=None,
-    cache_path: Optional[str] = None,
-    mock: bool = False,
-    vocab_size: Optional[int] = None,
-    barrier: Optional[Barrier] = None,
-    per_split_paths: Optional[Sequence[PathList]] = None,
-) -> Datasets:
-    """Train/valid/test masked-LM datasets (None where a split is empty or asked for 0 samples).
-
-    Blending and ``per_split_paths`` are those of ``build_train_valid_test_datasets``, but
-    ``split`` divides documents; each split of each prefix is a ``MaskedLMDataset``
-    (``special``: the tokenizer's ``SpecialTokens``).
-    ``mock`` returns ``MockMaskedLMDataset``s of ``vocab_size``.
-    """
-    from .masked_lm_dataset import MaskedLMDataset, MockMaskedLMDataset
-
-    mocks = _mock_or_check(MockMaskedLMDataset, data_path, mock, train_valid_test_num_samples,
-                           seq_length, vocab_size, seed, per_split_paths)
-    if mocks is not None:
-        return mocks
-
-    def make(indexed, first, end, name, num_samples, cache_dir):
-        return MaskedLMDataset(indexed, first, end, seq_length, special, seed, num_samples,
-                               split_name=name, cache_dir=cache_dir, barrier=barrier)
-
-    return _build(data_path, split, train_valid_test_num_samples, cache_path, barrier,
-                  SplitFactory(lambda indexed: indexed.num_documents, make), per_split_paths)
