@@ -83,10 +83,6 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    @property
-    def any_normformer(self) -> bool:
-        return self.scale_attn or self.scale_fc or self.scale_heads or self.scale_resids
-
     def padded_vocab_size(self, tensor_parallel_size: int) -> int:
         multiple = self.make_vocab_size_divisible_by * tensor_parallel_size
         return int(math.ceil(self.vocab_size / multiple) * multiple)

@@ -72,11 +72,3 @@ class KVCache:
         allowed = allowed.unsqueeze(0) & valid.unsqueeze(1)  # [batch, new, total]
         allowed = allowed | (key_pos == query_pos).unsqueeze(0)
         return allowed.unsqueeze(1)
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep only the batch rows ``index`` (e.g. drop finished sequences)."""
-        for i, (k, v) in enumerate(zip(self.keys, self.values)):
-            if k is not None:
-                self.keys[i], self.values[i] = k[index], v[index]
-        if self.valid is not None:
-            self.valid = self.valid[index]

@@ -91,13 +91,6 @@ def random_shard(seed: int, name: str, full_shape: Sequence[int], scale: float,
     return shard.movedim(0, partition_dim).contiguous()
 
 
-def normal_shard(seed: int, name: str, full_shape: Sequence[int], std: float,
-                 partition_dim: Optional[int] = None, rank: int = 0, world: int = 1,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """This rank's shard of N(0, std^2) tensor ``name`` (see :func:`random_shard`)."""
-    return random_shard(seed, name, full_shape, std, partition_dim, rank, world, dtype)
-
-
 @dataclass
 class InitSpec:
     """How to draw a weight: from the stream named ``name``, N(0, scale^2) (``normal``) or
