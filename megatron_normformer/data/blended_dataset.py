@@ -6,7 +6,6 @@ weights to within one sample per dataset.
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -37,10 +36,8 @@ def parse_data_path(data_path: Sequence[str]) -> Tuple[Optional[List[float]], Li
         return None, items
     pairs_ok = len(items) % 2 == 0 and all(numeric[0::2]) and not any(numeric[1::2])
     if not pairs_ok:
-        raise ValueError(
-            f"--data-path {' '.join(items)}: give either prefixes only (A B) or weight/prefix "
-            "pairs (0.3 A 0.7 B)"
-        )
+        raise ValueError(f"--data-path {' '.join(items)}: give either prefixes only (A B) or "
+                         "weight/prefix pairs (0.3 A 0.7 B)")
     weights = [float(x) for x in items[0::2]]
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"--data-path weights {weights} must be non-negative with a positive sum")
@@ -106,16 +103,10 @@ class BlendedDataset(torch.utils.data.Dataset):
     ``blend[i]`` is the underlying sample with ``"dataset_id"`` added.
     """
 
-    def __init__(
-        self,
-        datasets: Sequence[torch.utils.data.Dataset],
-        weights: Sequence[float],
-        size: int,
-        split_name: str = "train",
-        cache_dir: Optional[str] = None,
-        barrier: Optional[Barrier] = None,
-        descriptions: Optional[Sequence[dict]] = None,
-    ) -> None:
+    def __init__(self, datasets: Sequence[torch.utils.data.Dataset], weights: Sequence[float],
+                 size: int, split_name: str = "train", cache_dir: Optional[str] = None,
+                 barrier: Optional[Barrier] = None,
+                 descriptions: Optional[Sequence[dict]] = None) -> None:
         if len(datasets) != len(weights) or not datasets:
             raise ValueError("BlendedDataset needs one weight per dataset")
         if len(datasets) > np.iinfo(np.int16).max:
@@ -123,36 +114,22 @@ class BlendedDataset(torch.utils.data.Dataset):
         self.datasets = list(datasets)
         self.weights = [float(w) / float(sum(weights)) for w in weights]
         self.size = int(size)
-        description = {
-            "class": "BlendedDataset",
-            "datasets": list(descriptions) if descriptions else [len(d) for d in datasets],
-            "weights": self.weights,
-            "size": self.size,
-            "split": split_name,
-        }
+        description = {"class": "BlendedDataset",
+                       "datasets": list(descriptions) if descriptions else [len(d) for d in datasets],
+                       "weights": self.weights, "size": self.size, "split": split_name}
+        names = ("dataset_index", "dataset_sample_index")
         arrays = cached_arrays(
-            cache_dir,
-            f"BlendedDataset-{split_name}",
-            description,
-            ("dataset_index", "dataset_sample_index"),
-            lambda: dict(zip(("dataset_index", "dataset_sample_index"),
-                             build_blending_indices(self.weights, self.size))),
-            barrier,
-        )
+            cache_dir, f"BlendedDataset-{split_name}", description, names,
+            lambda: dict(zip(names, build_blending_indices(self.weights, self.size))), barrier)
         self.dataset_index = arrays["dataset_index"]
         self.dataset_sample_index = arrays["dataset_sample_index"]
-        self._check_sizes()
-
-    def _check_sizes(self) -> None:
         for j, dataset in enumerate(self.datasets):
             where = self.dataset_index == j
             if not where.any():
                 continue
             needed = int(self.dataset_sample_index[where].max()) + 1
             if needed > len(dataset):
-                raise ValueError(
-                    f"blend asks dataset {j} for {needed} samples but it holds {len(dataset)}"
-                )
+                raise ValueError(f"blend asks dataset {j} for {needed} samples but it holds {len(dataset)}")
 
     def __len__(self) -> int:
         return self.size
@@ -164,8 +141,3 @@ class BlendedDataset(torch.utils.data.Dataset):
         sample = dict(self.datasets[j][int(self.dataset_sample_index[idx])])
         sample["dataset_id"] = np.int64(j)
         return sample
-
-
-def blend_cache_dir(prefixes: Sequence[str]) -> str:
-    """Default cache dir of a blend: the first prefix's ``cache/``."""
-    return os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "cache")

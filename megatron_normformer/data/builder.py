@@ -20,7 +20,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .blended_dataset import BlendedDataset, blend_cache_dir, parse_data_path
+from .blended_dataset import BlendedDataset, parse_data_path
 from .gpt_dataset import GPTDataset, MockGPTDataset, default_cache_dir, split_ranges
 from .index_cache import Barrier
 from .indexed_dataset import IndexedDataset, dataset_exists
@@ -36,10 +36,8 @@ PathList = Optional[Sequence[str]]
 
 def _open(prefix: str, flag: str) -> IndexedDataset:
     if not dataset_exists(prefix):
-        raise FileNotFoundError(
-            f"{flag} {prefix}: expected {prefix}.bin and {prefix}.idx "
-            "(give the prefix, without extension)"
-        )
+        raise FileNotFoundError(f"{flag} {prefix}: expected {prefix}.bin and {prefix}.idx "
+                                "(give the prefix, without extension)")
     return IndexedDataset(prefix)
 
 
@@ -182,7 +180,7 @@ def _build_blend(data_path, split, num_samples: Sequence[Optional[int]], cache_p
         raise ValueError(str(error).replace("--data-path", flag)) from None
     if len(prefixes) == 1:
         return tuple(_split_datasets(prefixes[0], split, num_samples, cache_path, factory, flag))
-    cache_dir = cache_path or blend_cache_dir(prefixes)
+    cache_dir = cache_path or default_cache_dir(prefixes[0])
     if weights is None:
         per_dataset = [[None if n != 0 else 0 for n in num_samples] for _ in prefixes]
     else:

@@ -39,12 +39,8 @@ def num_epochs_needed(tokens_per_epoch: int, num_samples: Optional[int], seq_len
     return max(1, -(-requested // tokens_per_epoch))
 
 
-def build_document_index(
-    documents: np.ndarray,
-    num_epochs: int,
-    rng: np.random.RandomState,
-    separate_last_epoch: bool,
-) -> np.ndarray:
+def build_document_index(documents: np.ndarray, num_epochs: int, rng: np.random.RandomState,
+                         separate_last_epoch: bool) -> np.ndarray:
     """``documents`` tiled ``num_epochs`` times and shuffled (the last epoch apart if asked)."""
     if not separate_last_epoch or num_epochs == 1:
         index = np.tile(np.asarray(documents, dtype=np.int32), num_epochs)
@@ -55,24 +51,16 @@ def build_document_index(
     return np.concatenate((first, last))
 
 
-def build_sample_index(
-    sizes: np.ndarray,
-    document_index: np.ndarray,
-    seq_length: int,
-    num_epochs: int,
-    tokens_per_epoch: int,
-    drop_last_partial_sequence: bool = True,
-) -> np.ndarray:
+def build_sample_index(sizes: np.ndarray, document_index: np.ndarray, seq_length: int,
+                       num_epochs: int, tokens_per_epoch: int,
+                       drop_last_partial_sequence: bool = True) -> np.ndarray:
     """``[num_samples + 1, 2]`` array of (document-index position, offset) sample starts.
 
     Sample k starts at token ``k * seq_length`` of the concatenation of the documents in
     ``document_index`` order; the row after it marks where it ends (its last token included).
     """
     total = num_epochs * tokens_per_epoch - 1
-    if drop_last_partial_sequence:
-        num_samples = total // seq_length
-    else:
-        num_samples = -(-total // seq_length)
+    num_samples = total // seq_length if drop_last_partial_sequence else -(-total // seq_length)
     lengths = np.asarray(sizes, dtype=np.int64)[document_index]
     ends = np.cumsum(lengths)
     positions = np.arange(num_samples + 1, dtype=np.int64) * seq_length
@@ -97,14 +85,9 @@ def build_shuffle_index(num_samples: int, total_size: int, rng: np.random.Random
     return np.concatenate((first, last))
 
 
-def build_gpt_indices(
-    sizes: np.ndarray,
-    documents: np.ndarray,
-    num_samples: Optional[int],
-    seq_length: int,
-    seed: int,
-    drop_last_partial_sequence: bool = True,
-) -> Dict[str, np.ndarray]:
+def build_gpt_indices(sizes: np.ndarray, documents: np.ndarray, num_samples: Optional[int],
+                      seq_length: int, seed: int,
+                      drop_last_partial_sequence: bool = True) -> Dict[str, np.ndarray]:
     """The document, sample and shuffle indices for one split (see the module docstring)."""
     if seq_length < 1:
         raise ValueError(f"seq_length must be positive, got {seq_length}")
@@ -117,22 +100,15 @@ def build_gpt_indices(
         samples_before_last = ((num_epochs - 1) * tokens_per_epoch - 1) // seq_length
         samples_from_last = num_samples - samples_before_last
         samples_per_epoch = (tokens_per_epoch - 1) // seq_length
-        separate_last_epoch = samples_from_last < int(
-            SEPARATE_LAST_EPOCH_THRESHOLD * samples_per_epoch
-        )
+        separate_last_epoch = samples_from_last < int(SEPARATE_LAST_EPOCH_THRESHOLD * samples_per_epoch)
     rng = np.random.RandomState(seed)
     document_index = build_document_index(documents, num_epochs, rng, separate_last_epoch)
-    sample_index = build_sample_index(
-        sizes, document_index, seq_length, num_epochs, tokens_per_epoch, drop_last_partial_sequence
-    )
+    sample_index = build_sample_index(sizes, document_index, seq_length, num_epochs,
+                                      tokens_per_epoch, drop_last_partial_sequence)
     total = sample_index.shape[0] - 1
     first = samples_before_last if separate_last_epoch else total
-    shuffle_index = build_shuffle_index(first, total, rng)
-    return {
-        "document_index": document_index,
-        "sample_index": sample_index,
-        "shuffle_index": shuffle_index,
-    }
+    return {"document_index": document_index, "sample_index": sample_index,
+            "shuffle_index": build_shuffle_index(first, total, rng)}
 
 
 def default_cache_dir(prefix: str) -> str:
@@ -152,43 +128,25 @@ class GPTDataset(torch.utils.data.Dataset):
     ``num_samples``; one epoch when ``num_samples`` is None).
     """
 
-    def __init__(
-        self,
-        indexed: IndexedDataset,
-        documents: np.ndarray,
-        num_samples: Optional[int],
-        seq_length: int,
-        seed: int,
-        split_name: str = "train",
-        cache_dir: Optional[str] = None,
-        barrier: Optional[Barrier] = None,
-    ) -> None:
+    def __init__(self, indexed: IndexedDataset, documents: np.ndarray, num_samples: Optional[int],
+                 seq_length: int, seed: int, split_name: str = "train",
+                 cache_dir: Optional[str] = None, barrier: Optional[Barrier] = None) -> None:
         self.indexed = indexed
         self.seq_length = seq_length
         documents = np.asarray(documents, dtype=np.int32)
         if len(documents) == 0:
             raise ValueError(f"{indexed.prefix}: the {split_name} split has no sequences")
-        description = {
-            "class": "GPTDataset",
-            "prefix": os.path.abspath(indexed.prefix),
-            "num_sequences": len(indexed),
-            "split": split_name,
+        self.description = {
+            "class": "GPTDataset", "prefix": os.path.abspath(indexed.prefix),
+            "num_sequences": len(indexed), "split": split_name,
             "sequences": [int(documents[0]), int(documents[-1]) + 1, len(documents)],
-            "num_samples": num_samples,
-            "seq_length": seq_length,
-            "seed": seed,
+            "num_samples": num_samples, "seq_length": seq_length, "seed": seed,
         }
-        self.description = description
         arrays = cached_arrays(
-            cache_dir,
-            f"GPTDataset-{split_name}",
-            description,
+            cache_dir, f"GPTDataset-{split_name}", self.description,
             ("document_index", "sample_index", "shuffle_index"),
-            lambda: build_gpt_indices(
-                indexed.sequence_lengths, documents, num_samples, seq_length, seed
-            ),
-            barrier,
-        )
+            lambda: build_gpt_indices(indexed.sequence_lengths, documents, num_samples, seq_length, seed),
+            barrier)
         self.document_index = arrays["document_index"]
         self.sample_index = arrays["sample_index"]
         self.shuffle_index = arrays["shuffle_index"]
@@ -253,13 +211,8 @@ def split_ranges(split: str, count: int) -> Tuple[Optional[Tuple[int, int]], ...
     bounds = [0.0]
     for w in weights:
         bounds.append(bounds[-1] + w / total)
-    ranges = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        if hi <= lo:
-            ranges.append(None)
-            continue
-        ranges.append((int(round(lo * count)), int(round(hi * count))))
-    return tuple(ranges)
+    return tuple(None if hi <= lo else (int(round(lo * count)), int(round(hi * count)))
+                 for lo, hi in zip(bounds[:-1], bounds[1:]))
 
 
 def _parse_split(split: str) -> list:
@@ -269,7 +222,6 @@ def _parse_split(split: str) -> list:
     except ValueError:
         raise ValueError(f"--split {split!r}: expected comma-separated numbers like 969,30,1") from None
     if not 1 <= len(weights) <= 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(
-            f"--split {split!r}: expected one to three non-negative numbers with a positive sum"
-        )
+        raise ValueError(f"--split {split!r}: expected one to three non-negative numbers with a "
+                         "positive sum")
     return weights + [0.0] * (3 - len(weights))

@@ -55,14 +55,9 @@ def _save_atomic(path: str, array: np.ndarray) -> None:
         raise
 
 
-def cached_arrays(
-    cache_dir: Optional[str],
-    name: str,
-    description: dict,
-    keys: Sequence[str],
-    build: Callable[[], Dict[str, np.ndarray]],
-    barrier: Optional[Barrier] = None,
-) -> Dict[str, np.ndarray]:
+def cached_arrays(cache_dir: Optional[str], name: str, description: dict, keys: Sequence[str],
+                  build: Callable[[], Dict[str, np.ndarray]],
+                  barrier: Optional[Barrier] = None) -> Dict[str, np.ndarray]:
     """Return ``build()``'s arrays, from ``cache_dir`` when a previous build left them there.
 
     ``name`` (e.g. ``GPTDataset-train``) and the hash of ``description`` name the files. Without a
@@ -96,6 +91,5 @@ def cached_arrays(
     if missing:
         raise FileNotFoundError(
             f"index cache file {missing[0]} is missing after rank 0 built it: is --data-cache-path "
-            f"{cache_dir} on a file system every rank can read?"
-        )
+            f"{cache_dir} on a file system every rank can read?")
     return {key: np.load(path, mmap_mode="r", allow_pickle=False) for key, path in paths.items()}

@@ -109,33 +109,28 @@ class _Index:
         size = os.path.getsize(path)
         if size < HEADER_SIZE:
             raise IndexedDatasetError(
-                f"{path}: truncated index: {size} bytes, the header alone is {HEADER_SIZE}"
-            )
+                f"{path}: truncated index: {size} bytes, the header alone is {HEADER_SIZE}")
         with open(path, "rb") as f:
             header = f.read(HEADER_SIZE)
         magic = header[: len(MAGIC)]
         if magic != MAGIC:
             raise IndexedDatasetError(
-                f"{path}: bad magic {magic!r}, expected {MAGIC!r}: not an MMIDIDX index"
-            )
+                f"{path}: bad magic {magic!r}, expected {MAGIC!r}: not an MMIDIDX index")
         version, code, n, d = struct.unpack("<QBQQ", header[len(MAGIC):])
         if version != VERSION:
             raise IndexedDatasetError(f"{path}: unsupported index version {version}, expected 1")
         if code not in DTYPE_CODES:
             raise IndexedDatasetError(
-                f"{path}: unknown dtype code {code}, expected one of {sorted(DTYPE_CODES)}"
-            )
+                f"{path}: unknown dtype code {code}, expected one of {sorted(DTYPE_CODES)}")
         expected = HEADER_SIZE + 12 * n + 8 * d
         if size < expected:
             raise IndexedDatasetError(
                 f"{path}: truncated index: {size} bytes, the header announces {n} sequences "
-                f"and {d - 1} documents, which need {expected} bytes"
-            )
+                f"and {d - 1} documents, which need {expected} bytes")
         if size > expected:
             raise IndexedDatasetError(
                 f"{path}: {size - expected} unexpected trailing bytes after the document index "
-                "(multimodal indices are not supported)"
-            )
+                "(multimodal indices are not supported)")
         self.dtype = np.dtype(DTYPE_CODES[code])
         self.sequence_count = int(n)
         buf = np.memmap(path, dtype=np.uint8, mode="r")
@@ -145,8 +140,7 @@ class _Index:
         self.document_indices = buf[HEADER_SIZE + 12 * n : expected].view("<i8")
         if d < 1 or self.document_indices[0] != 0 or self.document_indices[-1] > n:
             raise IndexedDatasetError(
-                f"{path}: corrupt document index: it must start at 0 and end at most at N = {n}"
-            )
+                f"{path}: corrupt document index: it must start at 0 and end at most at N = {n}")
 
 
 class IndexedDataset:
@@ -171,14 +165,12 @@ class IndexedDataset:
         if size < need:
             raise IndexedDatasetError(
                 f"{path}: token file is {size} bytes, shorter than the {need} bytes "
-                f"its index {idx_path(self.prefix)} describes"
-            )
+                f"its index {idx_path(self.prefix)} describes")
         itemsize = self._index.dtype.itemsize
         if size % itemsize:
             raise IndexedDatasetError(
                 f"{path}: token file is {size} bytes, not a multiple of the {itemsize}-byte "
-                f"{self._index.dtype} tokens its index {idx_path(self.prefix)} announces"
-            )
+                f"{self._index.dtype} tokens its index {idx_path(self.prefix)} announces")
         if size == 0:
             self._bin = np.zeros(0, dtype=self._index.dtype)
         else:
@@ -207,8 +199,7 @@ class IndexedDataset:
             return self._sequences(idx)
         if not isinstance(idx, (int, np.integer)):
             raise TypeError(
-                f"IndexedDataset indices must be integers or slices, got {type(idx).__name__}"
-            )
+                f"IndexedDataset indices must be integers or slices, got {type(idx).__name__}")
         return self.get(int(idx))
 
     def _sequences(self, window: slice) -> List[np.ndarray]:
@@ -236,10 +227,8 @@ class IndexedDataset:
         if length is None:
             length = seq_len - offset
         if offset < 0 or length < 0 or offset + length > seq_len:
-            raise IndexError(
-                f"slice offset={offset} length={length} out of range for sequence {idx} "
-                f"of length {seq_len} in {self.prefix}"
-            )
+            raise IndexError(f"slice offset={offset} length={length} out of range for sequence {idx} "
+                             f"of length {seq_len} in {self.prefix}")
         start = int(self._index.sequence_pointers[idx]) // self._index.dtype.itemsize + offset
         return self._bin[start : start + length]
 
@@ -311,8 +300,7 @@ class IndexedDatasetBuilder:
         other = _Index(idx_path(other_prefix))
         if other.dtype != self.dtype:
             raise IndexedDatasetError(
-                f"{idx_path(other_prefix)}: dtype {other.dtype} differs from the output's {self.dtype}"
-            )
+                f"{idx_path(other_prefix)}: dtype {other.dtype} differs from the output's {self.dtype}")
         offset = len(self._lengths)
         self._lengths.extend(other.sequence_lengths.tolist())
         self._documents.extend((other.document_indices[1:] + offset).tolist())

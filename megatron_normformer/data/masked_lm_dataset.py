@@ -55,13 +55,16 @@ class SpecialTokens:
         return cls(vocab_size=tokenizer.vocab_size, **ids)
 
 
-def pack_full_sentences(
-    sequence_lengths: np.ndarray,
-    document_indices: np.ndarray,
-    first_doc: int,
-    end_doc: int,
-    seq_length: int,
-) -> np.ndarray:
+def _document_starts(document_indices: np.ndarray, num_sequences: int) -> np.ndarray:
+    """True at every sequence that starts a document."""
+    docs = np.asarray(document_indices[:-1], dtype=np.int64)
+    starts = np.zeros(num_sequences, dtype=bool)
+    starts[docs[docs < num_sequences]] = True
+    return starts
+
+
+def pack_full_sentences(sequence_lengths: np.ndarray, document_indices: np.ndarray, first_doc: int,
+                        end_doc: int, seq_length: int) -> np.ndarray:
     """``[num_samples, 2]`` (first sequence, end sequence) of each packed sample.
 
     Greedy packing of documents ``[first_doc, end_doc)``: a sample holds whole sequences plus one
@@ -73,8 +76,7 @@ def pack_full_sentences(
     if capacity < 1:
         raise ValueError(f"seq_length {seq_length} leaves no room between <cls> and <sep>")
     # A sequence that starts a document (other than the sample's first) costs one extra <sep>.
-    starts_doc = np.zeros(len(lengths), dtype=bool)
-    starts_doc[docs[:-1][docs[:-1] < len(lengths)]] = True
+    starts_doc = _document_starts(docs, len(lengths))
     seq_beg, seq_end = int(docs[first_doc]), int(docs[end_doc])
     samples = []
     begin, used = seq_beg, 0
@@ -100,55 +102,36 @@ class MaskedLMDataset(torch.utils.data.Dataset):
     permutation per epoch seeded by ``(seed, e)``).
     """
 
-    def __init__(
-        self,
-        indexed: IndexedDataset,
-        first_doc: int,
-        end_doc: int,
-        seq_length: int,
-        special: SpecialTokens,
-        seed: int = 1234,
-        num_samples: Optional[int] = None,
-        masking_prob: float = 0.15,
-        split_name: str = "train",
-        cache_dir: Optional[str] = None,
-        barrier: Optional[Barrier] = None,
-    ) -> None:
+    def __init__(self, indexed: IndexedDataset, first_doc: int, end_doc: int, seq_length: int,
+                 special: SpecialTokens, seed: int = 1234, num_samples: Optional[int] = None,
+                 masking_prob: float = 0.15, split_name: str = "train",
+                 cache_dir: Optional[str] = None, barrier: Optional[Barrier] = None) -> None:
         self.indexed = indexed
         self.seq_length = seq_length
-        self.special = special
         self.seed = seed
         self.masking_prob = masking_prob
-        description = {
-            "class": "MaskedLMDataset",
-            "prefix": os.path.abspath(indexed.prefix),
-            "num_sequences": len(indexed),
-            "documents": [first_doc, end_doc],
-            "seq_length": seq_length,
-            "split": split_name,
-        }
+        self._use_special(special)
+        description = {"class": "MaskedLMDataset", "prefix": os.path.abspath(indexed.prefix),
+                       "num_sequences": len(indexed), "documents": [first_doc, end_doc],
+                       "seq_length": seq_length, "split": split_name}
         self.samples = cached_arrays(
-            cache_dir,
-            f"MaskedLMDataset-{split_name}",
-            description,
-            ("samples",),
-            lambda: {"samples": pack_full_sentences(indexed.sequence_lengths,
-                                                    indexed.document_indices,
+            cache_dir, f"MaskedLMDataset-{split_name}", description, ("samples",),
+            lambda: {"samples": pack_full_sentences(indexed.sequence_lengths, indexed.document_indices,
                                                     first_doc, end_doc, seq_length)},
-            barrier,
-        )["samples"]
+            barrier)["samples"]
         self.samples_per_epoch = len(self.samples)
         if self.samples_per_epoch == 0:
             raise ValueError(f"{indexed.prefix}: the {split_name} split has no tokens")
         self.num_samples = self.samples_per_epoch if num_samples is None else int(num_samples)
         self.description = dict(description, num_samples=self.num_samples, seed=seed)  # blends' cache key
+        self._permutations: Dict[int, np.ndarray] = {}
+        self._starts_doc = _document_starts(indexed.document_indices, len(indexed))
+
+    def _use_special(self, special: SpecialTokens) -> None:
+        self.special = special
         specials = {special.cls, special.sep, special.pad, special.mask}
         self._specials = np.array(sorted(specials), dtype=np.int64)
         self._random_ids = np.setdiff1d(np.arange(special.vocab_size, dtype=np.int64), self._specials)
-        self._permutations: Dict[int, np.ndarray] = {}
-        docs = np.asarray(indexed.document_indices[:-1])
-        self._starts_doc = np.zeros(len(indexed), dtype=bool)
-        self._starts_doc[docs[docs < len(indexed)]] = True
 
     def __len__(self) -> int:
         return self.num_samples
@@ -226,9 +209,7 @@ class MockMaskedLMDataset(MaskedLMDataset):
         self.seq_length = seq_length
         self.seed = seed
         self.masking_prob = masking_prob
-        self.special = SpecialTokens(cls=0, pad=1, sep=2, mask=vocab_size - 1, vocab_size=vocab_size)
-        self._specials = np.array(sorted({0, 1, 2, vocab_size - 1}), dtype=np.int64)
-        self._random_ids = np.setdiff1d(np.arange(vocab_size, dtype=np.int64), self._specials)
+        self._use_special(SpecialTokens(cls=0, pad=1, sep=2, mask=vocab_size - 1, vocab_size=vocab_size))
 
     def __getitem__(self, idx: int) -> Dict[str, np.ndarray]:
         if not 0 <= idx < self.num_samples:

@@ -81,13 +81,8 @@ _WORKER: Dict[str, object] = {}
 
 
 def _tokenizer_of(config: PreprocessConfig) -> Tokenizer:
-    return build_tokenizer(
-        config.tokenizer_type,
-        tokenizer_model=config.tokenizer_model,
-        vocab_file=config.vocab_file,
-        merge_file=config.merge_file,
-        vocab_size=config.vocab_size,
-    )
+    return build_tokenizer(config.tokenizer_type, config.tokenizer_model, config.vocab_file,
+                           config.merge_file, config.vocab_size)
 
 
 def _init_worker(config: PreprocessConfig) -> None:
@@ -196,12 +191,8 @@ class _Outputs:
 
 def _log_progress(summary: PreprocessSummary, start: float) -> None:
     elapsed = max(time.time() - start, 1e-9)
-    print(
-        f"processed {summary.lines} lines ({summary.lines / elapsed:.0f} docs/s, "
-        f"{summary.bytes / elapsed / 2**20:.2f} MB/s)",
-        file=sys.stderr,
-        flush=True,
-    )
+    print(f"processed {summary.lines} lines ({summary.lines / elapsed:.0f} docs/s, "
+          f"{summary.bytes / elapsed / 2**20:.2f} MB/s)", file=sys.stderr, flush=True)
 
 
 def preprocess(config: PreprocessConfig) -> PreprocessSummary:
@@ -213,19 +204,16 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     tokenizer = _tokenizer_of(config)  # fail early on a bad tokenizer flag
     if config.append_eod and tokenizer.eod is None:
         raise PreprocessError(f"--append-eod: {config.tokenizer_type} has no end-of-document token")
-    summary = PreprocessSummary(
-        documents={k: 0 for k in config.json_keys},
-        tokens={k: 0 for k in config.json_keys},
-        empty={k: 0 for k in config.json_keys},
-    )
+    summary = PreprocessSummary(documents={k: 0 for k in config.json_keys},
+                                tokens={k: 0 for k in config.json_keys},
+                                empty={k: 0 for k in config.json_keys})
     outputs = _Outputs(config, optimal_dtype(tokenizer.vocab_size))
     pool = None
     start = time.time()
     try:
         if config.workers > 1:
             pool = multiprocessing.get_context("fork").Pool(
-                config.workers, initializer=_init_worker, initargs=(config,)
-            )
+                config.workers, initializer=_init_worker, initargs=(config,))
         for status, lineno, nbytes, payload in _encoded_stream(config, pool):
             summary.lines += 1
             summary.bytes += nbytes
@@ -273,6 +261,5 @@ def format_summary(summary: PreprocessSummary) -> str:
     for key, prefix in zip(summary.documents, summary.outputs):
         lines.append(
             f"  {prefix}.bin/.idx: {summary.documents[key]} documents, {summary.tokens[key]} tokens, "
-            f"{summary.empty[key]} empty documents skipped"
-        )
+            f"{summary.empty[key]} empty documents skipped")
     return "\n".join(lines)

@@ -15,27 +15,17 @@ import torch
 class MegatronPretrainingSampler:
     """Yields this rank's micro-batches of sample ids from ``consumed_samples`` to ``total_samples``."""
 
-    def __init__(
-        self,
-        total_samples: int,
-        consumed_samples: int,
-        micro_batch_size: int,
-        data_parallel_rank: int,
-        data_parallel_size: int,
-        drop_last: bool = True,
-    ) -> None:
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                 data_parallel_rank: int, data_parallel_size: int, drop_last: bool = True) -> None:
         if total_samples <= 0:
             raise ValueError(f"no samples to consume: total_samples={total_samples}")
         if not 0 <= consumed_samples < total_samples:
-            raise ValueError(
-                f"consumed_samples={consumed_samples} outside [0, total_samples={total_samples})"
-            )
+            raise ValueError(f"consumed_samples={consumed_samples} outside "
+                             f"[0, total_samples={total_samples})")
         if micro_batch_size <= 0 or data_parallel_size <= 0:
             raise ValueError("micro_batch_size and data_parallel_size must be positive")
         if not 0 <= data_parallel_rank < data_parallel_size:
-            raise ValueError(
-                f"data_parallel_rank={data_parallel_rank} outside [0, {data_parallel_size})"
-            )
+            raise ValueError(f"data_parallel_rank={data_parallel_rank} outside [0, {data_parallel_size})")
         self.total_samples = total_samples
         self.consumed_samples = consumed_samples
         self.micro_batch_size = micro_batch_size

@@ -13,8 +13,7 @@ from typing import List
 ABBREVIATIONS = frozenset(
     "mr mrs ms dr prof sr jr st vs etc e.g i.e cf al fig figs no nos vol pp ed eds approx "
     "dept est inc ltd co corp sec sect ch eq ref ca jan feb mar apr jun jul aug sep sept oct "
-    "nov dec".split()
-)
+    "nov dec".split())
 
 _BOUNDARY = re.compile(r"""([.!?]+["')\]]*)(\s+)(?=["'(\[]?[A-Z0-9])""")
 _PARAGRAPH = re.compile(r"\n\s*\n")

@@ -136,11 +136,9 @@ WORD_CACHE_SIZE = 500_000  # pre-tokenised words remembered with their ids (clea
 @lru_cache(maxsize=1)
 def bytes_to_unicode() -> Dict[int, str]:
     """GPT-2's reversible map of the 256 byte values to printable unicode characters."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
+    printable = (list(range(ord("!"), ord("~") + 1))
+                 + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
     mapping = {b: chr(b) for b in printable}
     extra = 0
     for b in range(256):
@@ -232,8 +230,7 @@ def _read_merges(merge_file: str, vocab: Dict[str, int]) -> List[Tuple[str, str]
             parts = line.split(" ")
             if len(parts) != 2:
                 raise TokenizerError(
-                    f"--merge-file {merge_file}:{lineno}: expected two symbols, got {line!r}"
-                )
+                    f"--merge-file {merge_file}:{lineno}: expected two symbols, got {line!r}")
             for symbol in (parts[0], parts[1], parts[0] + parts[1]):
                 if symbol not in vocab:
                     raise TokenizerError(f"--merge-file {merge_file}:{lineno}: {symbol!r} is not "
@@ -351,5 +348,4 @@ def build_tokenizer(
             raise TokenizerError("NullTokenizer needs --vocab-size")
         return NullTokenizer(vocab_size)
     raise TokenizerError(
-        f"--tokenizer-type {tokenizer_type!r} is not one of {', '.join(TOKENIZER_TYPES)}"
-    )
+        f"--tokenizer-type {tokenizer_type!r} is not one of {', '.join(TOKENIZER_TYPES)}")
