@@ -224,11 +224,13 @@ def layer_activations(cfg: ModelConfig, lay: Layout, masked: bool = False) -> Di
         # Only the recomputed function's inputs (the QKV output) and W_O's input are kept.
         out["attention"] = qkv + context
     else:
-        # The math path: scaled q and k and a contiguous v, softmax output, dropout mask and the
-        # dropped probabilities (b x heads x s x s each), W_O's input (a contiguous copy).
+        # The math path, which computes in fp32 whatever the dtype: scaled q and k and a
+        # contiguous v, softmax output, dropout mask and the dropped probabilities
+        # (b x heads x s x s each), W_O's input (a contiguous copy in the training dtype).
         scores = b * heads * s * s
-        score_bytes = scores * p + (scores * (mask + p) if cfg.attention_dropout > 0 else 0)
-        out["attention"] = qkv + score_bytes + context
+        score_mask = 1 if lay.device == "cuda" else 4
+        score_bytes = scores * 4 + (scores * (score_mask + 4) if cfg.attention_dropout > 0 else 0)
+        out["attention"] = 3 * tokens * h // t * 4 + score_bytes + context
     if cfg.scale_heads and cfg.head_scale_position == "pre-proj":
         # HeadScale scales the smaller of W_O's input and W_O (parallel/layers.py): the scaled
         # copy is what W_O's matmul keeps, the multiply the per-feature gammas.
@@ -380,9 +382,10 @@ def model_states(cfg: ModelConfig, lay: Layout, params: int) -> Dict[str, int]:
             s["optimizer"], s["grads"] = 0, 0
         return s
     if wrapper == "bf16_optimizer":
-        # bf16 weights; fp32 gradient accumulators for every parameter; fp32 masters and moments
-        # of this rank's partition. The bf16 .grad of a parameter is folded in as it arrives.
-        s["grads"] = params * 4
+        # bf16 weights; fp32 gradient accumulators for every parameter, and the bf16 .grad of
+        # every parameter, folded in after the backward pass (immediate_grad_update is off by
+        # default); fp32 masters and moments of this rank's partition.
+        s["grads"] = params * (4 + p)
         if d > 1:
             s["communication"] = bucket(ALLREDUCE_BUCKET_SIZE, 4)
         return s
@@ -392,16 +395,13 @@ def model_states(cfg: ModelConfig, lay: Layout, params: int) -> Dict[str, int]:
         if wrapper == "fp16_optimizer":
             s["grads_at_step"] = params * 4  # fp32 copies of the gradients for the step
         return s
-    # ZeRO-1/2 (deepspeed/runtime/zero/stage_1_and_2.py): contiguous gradient buckets of
-    # reduce_bucket_size elements (two with overlap_comm); ZeRO-1 keeps every gradient (fp32
-    # accumulators under bf16's default) and reduces at the end, ZeRO-2 only its partition.
+    # ZeRO-1/2 (deepspeed/runtime/zero/stage_1_and_2.py, contiguous_gradients): gradients are
+    # copied into a bucket of reduce_bucket_size elements (two with overlap_comm) as they arrive,
+    # reduced when it is full, and this rank keeps its partition (ZeRO-1 stages fp32
+    # accumulators in the bucket under bf16's default).
     accum = 4 if (lay.fp32_grad_accumulation or lay.mixed == "fp32") else p
-    if z == 1:
-        s["grads"] = params * accum
-        s["communication"] = bucket(lay.reduce_bucket, accum, doubled=True)
-    else:
-        s["grads"] = part * accum
-        s["communication"] = bucket(lay.reduce_bucket, p, doubled=True)
+    s["grads"] = part * accum
+    s["communication"] = bucket(lay.reduce_bucket, accum if z == 1 else p, doubled=True)
     if lay.mixed != "fp32" and accum != 4:
         s["grads_at_step"] = part * 4  # the fp32 gradient partition the step reads
     if lay.cpu_offload:
