@@ -13,6 +13,7 @@ import socket
 import traceback
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_normformer.parallel.state import initialize_distributed
@@ -28,8 +29,6 @@ def _worker(rank, world_size, port, fn, args, queue, env):
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import torch
-
     torch.set_num_threads(1)
     try:
         initialize_distributed(backend="gloo")
@@ -42,8 +41,6 @@ def _worker(rank, world_size, port, fn, args, queue, env):
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
         queue.put((rank, False, traceback.format_exc()))
     finally:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -24,7 +24,6 @@ the same requests.
 from __future__ import annotations
 
 import json
-import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -39,27 +38,14 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from megatron_normformer.checkpoint.inference import build_inference_model
 from megatron_normformer.config import ConfigError
 from megatron_normformer.data.tokenizers import build_tokenizer
-from megatron_normformer.inference.cli import check_tokenizer, resolve_device
+from megatron_normformer.inference.cli import check_tokenizer, parallel_state_from_env, resolve_device
 from megatron_normformer.inference.generation import generate
 from megatron_normformer.inference.sampling import SamplingConfig
 from megatron_normformer.inference.scoring import rolling_loglikelihood, score_continuations
-from megatron_normformer.parallel.state import (
-    ParallelState,
-    SingleProcessState,
-    initialize_distributed,
-)
 
 MODEL_NAME = "megatron_normformer"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def _parallel_state():
-    """Single process, or one TP group spanning every process torchrun started."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return SingleProcessState()
-    launch = initialize_distributed()
-    return ParallelState(tensor_model_parallel_size=launch.world_size)
 
 
 def _int_or_none(value) -> Optional[int]:
@@ -81,7 +67,7 @@ class MegatronLM(LM):
             raise ConfigError("--batch_size auto is not supported by megatron_normformer; give a number")
         if dtype not in DTYPES:
             raise ConfigError(f"model_args dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        self.pstate = _parallel_state()
+        self.pstate = parallel_state_from_env()
         self._device = resolve_device(device)
         self.model, self.cfg = build_inference_model(checkpoint, self.pstate, self._device,
                                                      DTYPES[dtype], tag=tag)

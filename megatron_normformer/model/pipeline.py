@@ -134,7 +134,6 @@ def build_pipeline(pieces: Sequence[Piece], pstate, loss_fn: Callable,
     from deepspeed.pipe import PipelineModule, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-
     # PipelineModule talks through deepspeed.comm, which wraps the already-initialised torch group.
     init_deepspeed_comm()
     pieces = list(pieces)

@@ -11,6 +11,7 @@ handed to ``deepspeed.initialize(mpu=...)``.
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 import socket
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_normformer.config import ConfigError
+from megatron_normformer.config import ConfigError, ParallelConfig
 from megatron_normformer.training import interrupts
 
 
@@ -171,10 +172,6 @@ def initialize_distributed(backend: Optional[str] = None, timeout_minutes: int =
     return launch
 
 
-def _no_shm_op():
-    return None
-
-
 def init_deepspeed_comm() -> None:
     """Let ``deepspeed.comm`` adopt the process group torch.distributed already has, without
     DeepSpeed's shared-memory comm op.
@@ -186,25 +183,19 @@ def init_deepspeed_comm() -> None:
     which training never calls: ZeRO's collectives and ours go to torch.distributed. So no launch
     builds or loads it.
     """
-    import importlib
-
     import deepspeed
 
     # By name: the attribute deepspeed.comm.torch is the torch package (a star import).
     ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
     if hasattr(ds_torch_comm, "build_shm_op"):
-        ds_torch_comm.build_shm_op = _no_shm_op
+        ds_torch_comm.build_shm_op = lambda: None
     interrupts.report_build_lock_waits()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 def rank_grid(world_size: int, tp: int, pp: int):
     """Rank lists of every TP, DP and PP group, in Megatron order (TP fastest, then DP, then PP)."""
-    if world_size % (tp * pp):
-        raise ConfigError(
-            f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
-            f"--pipeline-model-parallel-size ({pp})")
-    dp = world_size // (tp * pp)
+    dp = ParallelConfig(tp, pp).data_parallel_size(world_size)
 
     def rank(p, d, t):
         return p * dp * tp + d * tp + t

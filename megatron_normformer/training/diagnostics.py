@@ -7,6 +7,7 @@ collective over DP at stage 3, so every rank calls these functions together).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict
 
 import torch
@@ -78,9 +79,6 @@ def fc2_grad_mean_abs(model, pstate, zero_stage: int) -> Dict[str, float]:
 def scale_parameters(model, pstate, zero_stage: int) -> Dict[str, torch.Tensor]:
     """Full (TP-gathered) HeadScale gamma, FFN-LN weight, post-attention-LN weight and ResScale
     lambda of every layer (Fig. 4). Collective over TP (and over DP at ZeRO-3)."""
-    import contextlib
-
-
     wanted = []
     # This pipeline stage's layers (all of them without pipelining), by global layer number.
     layers = [(m.layer_number, m) for m in model.modules() if isinstance(m, NormFormerLayer)]

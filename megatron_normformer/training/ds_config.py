@@ -6,8 +6,7 @@ import math
 import os
 from typing import Dict, Optional, Set
 
-from megatron_normformer.config import ConfigError
-from megatron_normformer.config import RunConfig
+from megatron_normformer.config import ConfigError, RunConfig
 
 
 def fp32_grad_accumulation(run: RunConfig) -> bool:

@@ -7,6 +7,8 @@ import os
 import sys
 from typing import Dict, List, NoReturn, Optional, Set
 
+import torch.distributed as dist
+
 from megatron_normformer.arguments import build_pretrain_parser, run_config_from_args
 from megatron_normformer.config import ConfigError
 from megatron_normformer.data import TokenizerError, build_tokenizer
@@ -73,9 +75,6 @@ def layout(run, user, explicit, world_size: int):
 
 def train_resolved(run, user=None, explicit=(), task=None):
     """Train on the already-initialised world; return the loop's summary."""
-    import torch.distributed as dist
-
-
     ds, _, _ = layout(run, user, explicit, dist.get_world_size())
     pstate = ParallelState(run.parallel.tensor_model_parallel_size,
                            run.parallel.pipeline_model_parallel_size, run.parallel.sequence_parallel)
@@ -107,9 +106,6 @@ def main(argv: Optional[List[str]] = None, task=None) -> Dict:
             return {}
     except ConfigError as e:
         parser.error(str(e))
-
-    import torch.distributed as dist
-
 
     try:
         initialize_distributed(timeout_minutes=run.train.distributed_timeout_minutes)

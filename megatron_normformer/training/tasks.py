@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 from megatron_normformer.config import ConfigError, ModelConfig
 from megatron_normformer.data import (
@@ -37,14 +38,12 @@ from megatron_normformer.training.metrics import flops_per_iteration
 Batch = Dict[str, torch.Tensor]
 
 
+def _to_device(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.cuda(non_blocking=True) if torch.cuda.is_available() else tensor
+
+
 def _cuda(batch: Batch) -> Batch:
-    if not torch.cuda.is_available():
-        return batch
-    return {k: v.cuda(non_blocking=True) for k, v in batch.items()}
-
-
-def _data_error(e: Exception) -> ConfigError:
-    return ConfigError(str(e))
+    return {k: _to_device(v) for k, v in batch.items()}
 
 
 class GPTTask:
@@ -76,7 +75,7 @@ class GPTTask:
                 cache_path=d.data_cache_path, mock=d.mock_data, vocab_size=vocab_size,
                 per_split_paths=d.per_split_paths())
         except (FileNotFoundError, ValueError) as e:
-            raise _data_error(e) from None
+            raise ConfigError(str(e)) from None
 
     @staticmethod
     def document_masking(run):
@@ -102,9 +101,7 @@ class GPTTask:
 
     @staticmethod
     def inputs_and_labels(batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
-        tokens = batch["text"]
-        if torch.cuda.is_available():
-            tokens = tokens.cuda(non_blocking=True)
+        tokens = _to_device(batch["text"])
         return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
     def loss(self, model, batch: Batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -129,10 +126,9 @@ class GPTTask:
         inputs (with the position and segment ids when asked for), the last the labels (with the
         loss mask when asked for); ``model/gpt.py`` builds the stages to match."""
         tokens, labels = self.inputs_and_labels(batch)
-        extra = [batch[k] for k in ("position_ids", "segment_ids") if k in batch]
-        inputs = tuple(_cuda({"x": x})["x"] for x in extra)
+        inputs = tuple(_to_device(batch[k]) for k in ("position_ids", "segment_ids") if k in batch)
         if "loss_mask" in batch:
-            labels = (labels, _cuda({"m": batch["loss_mask"]})["m"])
+            labels = (labels, _to_device(batch["loss_mask"]))
         return ((tokens, *inputs) if inputs else tokens), labels
 
     def pipeline_extra(self, module, pstate) -> Dict[str, torch.Tensor]:
@@ -194,7 +190,7 @@ class MaskedLMTask:
                 cache_path=d.data_cache_path, mock=d.mock_data, vocab_size=vocab_size,
                 per_split_paths=d.per_split_paths())
         except (FileNotFoundError, ValueError, OSError) as e:
-            raise _data_error(e) from None
+            raise ConfigError(str(e)) from None
 
     def loss(self, model, batch: Batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         b = _cuda(batch)
@@ -215,8 +211,6 @@ class MaskedLMTask:
 
     def pipeline_extra(self, module, pstate) -> Dict[str, torch.Tensor]:
         """The mean masked-token accuracy the last stage's loss kept, sent to the other stages."""
-        import torch.distributed as dist
-
         accuracy = torch.zeros(1, dtype=torch.float64)
         if pstate.is_last_stage:
             accuracy[0] = torch.stack(module.loss_fn.take_accuracies()).mean().cpu()
