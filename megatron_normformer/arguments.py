@@ -13,25 +13,11 @@ import os
 import sys
 import typing
 
-from megatron_normformer.config import (
-    ACTIVATIONS,
-    CONFIG_CLASSES,
-    HEAD_SCALE_POSITIONS,
-    INIT_SCHEMES,
-    MODEL_SIZE_PRESETS,
-    POSITION_EMBEDDING_TYPES,
-    CheckpointConfig,
-    ConfigError,
-    DataConfig,
-    DeepSpeedConfig,
-    LoggingConfig,
-    ModelConfig,
-    OptimizerConfig,
-    ParallelConfig,
-    RunConfig,
-    TrainingConfig,
-    field_help,
-)
+from megatron_normformer.config import (ACTIVATIONS, CONFIG_CLASSES, HEAD_SCALE_POSITIONS,
+                                        INIT_SCHEMES, MODEL_SIZE_PRESETS, POSITION_EMBEDDING_TYPES,
+                                        CheckpointConfig, ConfigError, DataConfig, DeepSpeedConfig,
+                                        LoggingConfig, ModelConfig, OptimizerConfig, ParallelConfig,
+                                        RunConfig, TrainingConfig, field_help)
 
 
 def _help(name: str) -> str:
@@ -87,14 +73,12 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int | None = No
     when one is built; ``--vocab-size`` wins only where no tokenizer tells it. ``bidirectional``
     builds a masked-LM encoder, with RoBERTa's learned positions unless the flags say otherwise."""
     values = {}
-    if bidirectional:
+    size = getattr(args, "model_size", None)
+    if size:
+        values.update(dataclasses.asdict(MODEL_SIZE_PRESETS[size]))
+    if bidirectional or (size or "").startswith("bert"):
         values.update(bidirectional=True, position_embedding_type="learned",
                       max_position_embeddings=512)
-    if getattr(args, "model_size", None):
-        values.update(dataclasses.asdict(MODEL_SIZE_PRESETS[args.model_size]))
-        if args.model_size.startswith("bert"):
-            values.update(bidirectional=True, position_embedding_type="learned",
-                          max_position_embeddings=512)
     for name in _MODEL_FIELDS:
         given = getattr(args, name, None)
         if given is not None:
@@ -109,11 +93,6 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int | None = No
                   f"initialised by --init-scheme {cfg.init_scheme} (the paper's); add --init-scheme "
                   "megatron (with --position-embedding-type learned) for Megatron's", file=sys.stderr)
     return cfg.validate(getattr(args, "tensor_model_parallel_size", 1))
-
-
-def parallel_config_from_args(args: argparse.Namespace) -> ParallelConfig:
-    return ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                          getattr(args, "sequence_parallel", False))
 
 
 def parse_or_exit(parser: argparse.ArgumentParser, build, argv=None):
@@ -252,7 +231,9 @@ def run_config_from_args(args: argparse.Namespace, vocab_size: int | None = None
         raise ConfigError("--vocab-size is required with --mock-data or --tokenizer-type NullTokenizer "
                           "(other tokenizers give it)")
     model = model_config_from_args(args, vocab_size, bidirectional)
-    run = RunConfig(model=model, parallel=parallel_config_from_args(args),
+    parallel = ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                              args.sequence_parallel)
+    run = RunConfig(model=model, parallel=parallel,
                     optim=parts["OptimizerConfig"], train=parts["TrainingConfig"],
                     data=parts["DataConfig"], ckpt=parts["CheckpointConfig"],
                     log=parts["LoggingConfig"], ds=parts["DeepSpeedConfig"])

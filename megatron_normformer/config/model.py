@@ -114,20 +114,13 @@ class ModelConfig:
             raise ConfigError(
                 f"--ffn-hidden-size ({self.ffn_hidden_size}) must be divisible by "
                 f"--tensor-model-parallel-size ({tensor_parallel_size})")
-        if self.activation_fn not in ACTIVATIONS:
-            raise ConfigError(
-                f"--activation-fn must be one of {', '.join(ACTIVATIONS)}, got {self.activation_fn!r}")
-        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
-            raise ConfigError(
-                f"--position-embedding-type must be one of {', '.join(POSITION_EMBEDDING_TYPES)}, "
-                f"got {self.position_embedding_type!r}")
-        if self.head_scale_position not in HEAD_SCALE_POSITIONS:
-            raise ConfigError(
-                f"--head-scale-position must be one of {', '.join(HEAD_SCALE_POSITIONS)}, "
-                f"got {self.head_scale_position!r}")
-        if self.init_scheme not in INIT_SCHEMES:
-            raise ConfigError(
-                f"--init-scheme must be one of {', '.join(INIT_SCHEMES)}, got {self.init_scheme!r}")
+        for flag, value, choices in (
+                ("--activation-fn", self.activation_fn, ACTIVATIONS),
+                ("--position-embedding-type", self.position_embedding_type, POSITION_EMBEDDING_TYPES),
+                ("--head-scale-position", self.head_scale_position, HEAD_SCALE_POSITIONS),
+                ("--init-scheme", self.init_scheme, INIT_SCHEMES)):
+            if value not in choices:
+                raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
         if self.position_embedding_type == "sinusoidal" and self.hidden_size % 2:
             raise ConfigError(
                 f"--hidden-size ({self.hidden_size}) must be even for sinusoidal positions")

@@ -121,7 +121,11 @@ class RunConfig:
                         ("--train-tokens", t.train_tokens), ("--log-interval", self.log.log_interval),
                         ("--eval-interval", self.log.eval_interval),
                         ("--save-interval", self.ckpt.save_interval),
-                        ("--exit-interval", t.exit_interval)):
+                        ("--exit-interval", t.exit_interval),
+                        ("--distributed-timeout-minutes", t.distributed_timeout_minutes),
+                        ("--exit-duration-in-mins", t.exit_duration_in_mins),
+                        ("--checkpoint-num-layers", t.checkpoint_num_layers),
+                        ("--recompute-num-layers", t.recompute_num_layers)):
             if v is not None and v <= 0:
                 raise ConfigError(f"{flag} must be positive, got {v}")
         tp = self.parallel.tensor_model_parallel_size
@@ -176,12 +180,6 @@ class RunConfig:
                               "are mutually exclusive")
         if self.ckpt.finetune and not self.ckpt.load:
             raise ConfigError("--finetune needs --load (the checkpoint whose weights to start from)")
-        for flag, v in (("--distributed-timeout-minutes", t.distributed_timeout_minutes),
-                        ("--exit-duration-in-mins", t.exit_duration_in_mins),
-                        ("--checkpoint-num-layers", t.checkpoint_num_layers),
-                        ("--recompute-num-layers", t.recompute_num_layers)):
-            if v is not None and v <= 0:
-                raise ConfigError(f"{flag} must be positive, got {v}")
         self.recompute()
         self._check_schedule_flags()
         if (self.ds.contigious_checkpointing or self.ds.checkpoint_in_cpu) and not self.ds.partition_activations:
