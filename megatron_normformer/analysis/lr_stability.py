@@ -50,11 +50,12 @@ class NonFiniteWatch:
 
     def __init__(self, model: GPTModel):
         self.first: Optional[dict] = None
+        self.attentions = {n: m for n, m in model.named_modules() if n.endswith("attention")}
         self.handles = []
         for name, module in model.named_modules():
             suffix = next((s for s in WATCHED if name == s or name.endswith("." + s)), None)
             if suffix is not None:
-                self.handles.append(module.register_forward_hook(self._hook(name, WATCHED[suffix], module)))
+                self.handles.append(module.register_forward_hook(self._hook(name, WATCHED[suffix])))
 
     def reset(self) -> None:
         self.first = None
@@ -64,24 +65,17 @@ class NonFiniteWatch:
             match = re.match(r"layers\.(\d+)\.", name)
             self.first = {"op": op, "module": name, "layer": int(match.group(1)) if match else None}
 
-    def _hook(self, name: str, op: str, module):
+    def _hook(self, name: str, op: str):
         def hook(_module, _inputs, output):
             if self.first is not None:
                 return
             if not torch.isfinite(output).all():
                 self._record(name, op)
             elif op == "qkv projection":
-                attention = self._attention_of(name)
+                attention = self.attentions[name.rsplit(".", 1)[0]]
                 if not torch.isfinite(self._scores(output, attention)).all():
                     self._record(name.rsplit(".", 1)[0], SCORES)
         return hook
-
-    def bind(self, model: GPTModel) -> "NonFiniteWatch":
-        self.attentions = {n: m for n, m in model.named_modules() if n.endswith("attention")}
-        return self
-
-    def _attention_of(self, qkv_name: str):
-        return self.attentions[qkv_name.rsplit(".", 1)[0]]
 
     @staticmethod
     def _scores(qkv: torch.Tensor, attention) -> torch.Tensor:
@@ -106,7 +100,7 @@ def run_stability_test(cfg: ModelConfig, batches: Iterator[torch.Tensor], lr_ste
     torch.manual_seed(seed)
     model = GPTModel(cfg, SingleProcessState(), seed=seed, device=device)
     model.train()
-    watch = NonFiniteWatch(model).bind(model)
+    watch = NonFiniteWatch(model)
     opt = torch.optim.AdamW(model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-8,
                             weight_decay=weight_decay)
     autocast = None

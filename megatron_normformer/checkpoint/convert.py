@@ -75,12 +75,20 @@ def _write_universal(out_tag_dir: str, tensors_by_name: Dict[str, Dict[Optional[
                    "optimizer_step": step, "model_config": cfg.to_dict()}, f, indent=1)
 
 
-def _write_run_json(out_tag_dir: str, run_meta: dict, tp: int, pp: int) -> None:
+def _write_checkpoint(out_tag_dir: str, tensors_by_name, layout: Dict[str, dict], cfg: ModelConfig,
+                      tp: int, pp: int, step: int, run_meta: dict) -> str:
+    """``out_tag_dir`` holding the universal shards for (tp, pp) and a ``run.json``, and ``latest``
+    next to it naming it; returns the tag."""
+    _write_universal(out_tag_dir, tensors_by_name, layout, cfg, tp, pp, step)
     meta = json.loads(json.dumps(run_meta))
     meta["run"]["parallel"] = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}
     meta["universal_only"] = True  # no DeepSpeed files: --load goes through the universal path
     with open(os.path.join(out_tag_dir, "run.json"), "w") as f:
         json.dump(meta, f, indent=1)
+    save_dir, tag = os.path.split(out_tag_dir)
+    with open(os.path.join(save_dir, LATEST), "w") as f:
+        f.write(tag)
+    return tag
 
 
 def reshard(load_dir: str, save_dir: str, target_tp: int, target_pp: int,
@@ -95,12 +103,10 @@ def reshard(load_dir: str, save_dir: str, target_tp: int, target_pp: int,
     if os.path.exists(out):
         shutil.rmtree(out)
     os.makedirs(out)
-    _write_universal(out, tensors, reader.layout, reader.cfg, target_tp, target_pp, reader.step)
     with open(os.path.join(src, "run.json")) as f:
-        _write_run_json(out, json.load(f), target_tp, target_pp)
-    with open(os.path.join(save_dir, LATEST), "w") as f:
-        f.write(tag)
-    return tag
+        run_meta = json.load(f)
+    return _write_checkpoint(out, tensors, reader.layout, reader.cfg, target_tp, target_pp,
+                             reader.step, run_meta)
 
 
 def from_consolidated(path: str, save_dir: str, target_tp: int, target_pp: int) -> str:
@@ -110,13 +116,8 @@ def from_consolidated(path: str, save_dir: str, target_tp: int, target_pp: int) 
         model = (BertModel if cfg.bidirectional else GPTModel)(cfg, SingleProcessState(), device="meta")
     layout = {n: layout_of(p) for n, p in model.named_parameters()}
     tensors = {n: {None: full[n], **{k: torch.zeros_like(full[n]) for k in MOMENTS}} for n in layout}
-    tag = "iter_0000000"
-    out = os.path.join(save_dir, tag)
+    out = os.path.join(save_dir, "iter_0000000")
     os.makedirs(out, exist_ok=True)
-    _write_universal(out, tensors, layout, cfg, target_tp, target_pp, step=0)
     run_meta = {"iteration": 0, "consumed_samples": 0, "consumed_tokens": 0,
                 "run": {"model": cfg.to_dict()}, "world_size": None}
-    _write_run_json(out, run_meta, target_tp, target_pp)
-    with open(os.path.join(save_dir, LATEST), "w") as f:
-        f.write(tag)
-    return tag
+    return _write_checkpoint(out, tensors, layout, cfg, target_tp, target_pp, 0, run_meta)

@@ -89,7 +89,7 @@ class MasterState:
             self.kind = "copies"
             for lp_group, fp32_group in zip(opt.fp16_groups, opt.fp32_groups):
                 for lp, hp in zip(lp_group, fp32_group):
-                    self._masters[id(lp)] = (hp.view(-1), self._moments_of(opt.optimizer, hp))
+                    self._masters[id(lp)] = (hp.view(-1), self._moments(opt.optimizer, hp, 0, hp.numel()))
         elif hasattr(opt, "fp32_groups_flat") and hasattr(opt, "fp16_groups"):
             # The fused fp16 wrapper: one flat fp32 tensor per group, parameters in group order.
             self.kind = "copies"
@@ -98,7 +98,7 @@ class MasterState:
                 for lp in lp_group:
                     n = lp.numel()
                     self._masters[id(lp)] = (flat.narrow(0, offset, n),
-                                             self._flat_moments(opt.optimizer, flat, offset, n))
+                                             self._moments(opt.optimizer, flat, offset, n))
                     offset += n
         elif isinstance(opt, torch.optim.Optimizer) and all(
                 p.dtype == torch.float32 for g in opt.param_groups for p in g["params"]):
@@ -110,15 +110,10 @@ class MasterState:
                 "same layout, or train with another precision / ZeRO stage")
 
     @staticmethod
-    def _moments_of(optimizer, hp: torch.Tensor):
+    def _moments(optimizer, hp: torch.Tensor, offset: int, n: int):
+        """Elements ``[offset, offset + n)`` of fp32 tensor ``hp``'s Adam moment ``key``."""
         def get(key):
-            return _state_view(optimizer.state.get(hp, {}), key, hp).view(-1)
-        return get
-
-    @staticmethod
-    def _flat_moments(optimizer, flat: torch.Tensor, offset: int, n: int):
-        def get(key):
-            return _state_view(optimizer.state.get(flat, {}), key, flat).narrow(0, offset, n)
+            return _state_view(optimizer.state.get(hp, {}), key, hp).view(-1).narrow(0, offset, n)
         return get
 
     def piece(self, param, writer: bool = True

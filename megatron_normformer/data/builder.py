@@ -79,18 +79,12 @@ def _split_datasets(prefix: str, split, num_samples: Sequence[Optional[int]],
     return out
 
 
-def build_train_valid_test_datasets(
-    data_path: PathList,
-    split: str,
-    seq_length: int,
-    seed: int,
-    train_valid_test_num_samples: Sequence[Optional[int]],
-    cache_path: Optional[str] = None,
-    mock: bool = False,
-    vocab_size: Optional[int] = None,
-    barrier: Optional[Barrier] = None,
-    per_split_paths: Optional[Sequence[PathList]] = None,
-) -> Datasets:
+def build_train_valid_test_datasets(data_path: PathList, split: str, seq_length: int, seed: int,
+                                    train_valid_test_num_samples: Sequence[Optional[int]],
+                                    cache_path: Optional[str] = None, mock: bool = False,
+                                    vocab_size: Optional[int] = None,
+                                    barrier: Optional[Barrier] = None,
+                                    per_split_paths: Optional[Sequence[PathList]] = None) -> Datasets:
     """Three datasets (None where a split is empty or asked for 0 samples).
 
     Each sample is ``{"text": int64[seq_length + 1]}`` (blends add ``"dataset_id"``).
@@ -109,19 +103,11 @@ def build_train_valid_test_datasets(
                   per_split_paths)
 
 
-def build_masked_lm_datasets(
-    data_path: Optional[Sequence[str]],
-    split: str,
-    seq_length: int,
-    seed: int,
-    train_valid_test_num_samples: Sequence[Optional[int]],
-    special=None,
-    cache_path: Optional[str] = None,
-    mock: bool = False,
-    vocab_size: Optional[int] = None,
-    barrier: Optional[Barrier] = None,
-    per_split_paths: Optional[Sequence[PathList]] = None,
-) -> Datasets:
+def build_masked_lm_datasets(data_path: PathList, split: str, seq_length: int, seed: int,
+                             train_valid_test_num_samples: Sequence[Optional[int]], special=None,
+                             cache_path: Optional[str] = None, mock: bool = False,
+                             vocab_size: Optional[int] = None, barrier: Optional[Barrier] = None,
+                             per_split_paths: Optional[Sequence[PathList]] = None) -> Datasets:
     """Train/valid/test masked-LM datasets (None where a split is empty or asked for 0 samples).
 
     Blending and ``per_split_paths`` are those of ``build_train_valid_test_datasets``, but

@@ -329,13 +329,9 @@ class NullTokenizer(Tokenizer):
         return self._vocab_size
 
 
-def build_tokenizer(
-    tokenizer_type: str,
-    tokenizer_model: Optional[str] = None,
-    vocab_file: Optional[str] = None,
-    merge_file: Optional[str] = None,
-    vocab_size: Optional[int] = None,
-) -> Tokenizer:
+def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None,
+                    vocab_file: Optional[str] = None, merge_file: Optional[str] = None,
+                    vocab_size: Optional[int] = None) -> Tokenizer:
     """Build a tokenizer from Megatron-style ``--tokenizer-type`` and file flags."""
     if tokenizer_type == "SentencePieceTokenizer":
         return SentencePieceTokenizer(tokenizer_model)
