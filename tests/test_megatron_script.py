@@ -2,8 +2,8 @@
 usual GPT-2 flags: GPT-2 BPE files without --tokenizer-type, --data-impl mmap, --split 949,50,1,
 --distributed-backend nccl, cosine decay with a warm-up fraction, a DeepSpeed config file,
 --checkpoint-activations, the fusion switches, --save and --load on one directory, ...) with the
-NormFormer switches added runs unchanged under the deepspeed launcher, on CPU with bf16 (fp16 is
-refused on CPU). Its second launch resumes from its own checkpoint; the end-of-document flags,
+NormFormer switches added runs unchanged under the deepspeed launcher, on CPU with bf16 (fp16 needs
+fp16 kernels, which not every CPU has). Its second launch resumes from its own checkpoint; the end-of-document flags,
 the batch-size ramp and the samples-based schedule ride along."""
 import json
 import os

@@ -75,7 +75,6 @@ def _cli(*extra):
     (["--train-iters", "2", "--pipeline-model-parallel-size", "2", "--no-pipeline-parallel"],
      "--no-pipeline-parallel contradicts --pipeline-model-parallel-size 2", 2),
     ([], "give exactly one of --train-iters, --train-samples, --train-tokens", 2),
-    (["--train-iters", "2", "--fp16"], "--fp16 is not supported by DeepSpeed's cpu accelerator", 2),
     (["--train-iters", "2", "--global-batch-size", "3", "--micro-batch-size", "2"],
      "--global-batch-size (3) must be a multiple of --micro-batch-size (2)", 2),
     (["--train-iters", "2", "--load", "/nonexistent/ckpt"], "--load /nonexistent/ckpt: no such directory", 2),

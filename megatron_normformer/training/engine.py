@@ -12,6 +12,7 @@ from megatron_normformer.model.layer import LayerRecompute
 from megatron_normformer.parallel import random as tp_random
 from megatron_normformer.parallel.state import init_deepspeed_comm
 from megatron_normformer.training.schedule import LRSchedule
+from megatron_normformer.training.step import Fp16ScaledLoss, engine_skips_fp16_loss_scaling
 from megatron_normformer.training.tasks import get_task
 
 
@@ -97,6 +98,27 @@ def apply_recompute(model: torch.nn.Module, recompute, checkpoint, pipeline: boo
         model.recompute = LayerRecompute(checkpoint, recompute.method, recompute.num_layers)
 
 
+def undo_initial_zero_step(optimizer) -> None:
+    """DeepSpeed's ZeRO-0 fp16/bf16 wrappers (``FP16_Optimizer``, ``FP16_UnfusedOptimizer``) create
+    the inner optimizer's state by stepping it once on zero gradients: Adam's step count starts at
+    1, so the first real update is about 0.74 x Adam's first, and the fp32 masters are weight-decayed
+    once. Undo that step: the masters copied back from the 16-bit weights they were cloned from,
+    the state emptied (AdamW builds it again at the first real step). ZeRO 1-3 do not step."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if isinstance(optimizer, FP16_UnfusedOptimizer):
+        for masters, weights in zip(optimizer.fp32_groups, optimizer.fp16_groups):
+            for master, weight in zip(masters, weights):
+                master.data.copy_(weight.data)
+    elif isinstance(optimizer, FP16_Optimizer):
+        for master, weights in zip(optimizer.fp32_groups_flat, optimizer.fp16_groups_flat):
+            master.data.copy_(weights)
+    else:
+        return
+    optimizer.optimizer.state.clear()
+
+
 def build_engine(run: RunConfig, pstate, ds_config: Dict, task=None) -> Engine:
     """``task`` (``training/tasks.py``, GPT when None) says which model to build."""
     import deepspeed
@@ -158,6 +180,9 @@ def build_engine(run: RunConfig, pstate, ds_config: Dict, task=None) -> Engine:
                                                       lr_scheduler=schedule,
                                                       mpu=None if pipeline else pstate,
                                                       config=ds_config)
+    undo_initial_zero_step(ds_optimizer)
+    if pipeline and engine_skips_fp16_loss_scaling(engine):
+        model.loss_fn = Fp16ScaledLoss(model.loss_fn, engine.optimizer)
     # ZeRO rebuilds the parameter groups inside its own optimizer wrapper: drive those.
     schedule.optimizer = ds_optimizer
     schedule.apply()

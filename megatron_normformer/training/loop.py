@@ -27,7 +27,7 @@ from megatron_normformer.training.metrics import (
     peak_tflops_per_device,
     safe_ppl,
 )
-from megatron_normformer.training.step import DeepSpeedBackend
+from megatron_normformer.training.step import DeepSpeedBackend, engine_grad_norm
 from megatron_normformer.training.step import train_step as train_step_of
 from megatron_normformer.training.tasks import get_task
 
@@ -133,8 +133,7 @@ def train_step(e: Engine, batches, gas: int, pstate, want_diagnostics: bool, tas
     step = train_step_of(backend_of(e, task), batches, gas, on_gradients)
     diag = dict(step.diagnostics)
     if e.zero_stage != 0 or e.pipeline:
-        norm = e.engine.get_global_grad_norm()
-        diag["grad_norm"] = None if norm is None else float(norm)
+        diag["grad_norm"] = engine_grad_norm(e.engine)
     if e.pipeline:  # the mean loss comes back averaged over DP on every rank
         diag["lm_loss"] = float(step.loss)
         diag["extra"] = _pipeline_extra(e, pstate, task)
