@@ -102,7 +102,9 @@ class Fp16ScaledLoss:
     def __call__(self, *args):
         return fp16_scaled(self.loss_fn(*args), self.optimizer)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # only for what the instance itself lacks
+        if name == "loss_fn":
+            raise AttributeError(name)
         return getattr(self.loss_fn, name)
 
 
