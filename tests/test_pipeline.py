@@ -35,6 +35,7 @@ def _pipeline_losses(cfg, tp, pp):
     from megatron_normformer.model.gpt import build_gpt_pipeline
     from megatron_normformer.parallel.random import seed_everything
     from megatron_normformer.parallel.state import ParallelState
+    from megatron_normformer.training.engine import release_last_stage_buffers
 
     pstate = ParallelState(tp, pp)
     seed_everything(1, pstate.tp_rank, pstate.pp_rank)
@@ -43,8 +44,13 @@ def _pipeline_losses(cfg, tp, pp):
         "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": ACCUM,
         "gradient_clipping": 0.0,  # DeepSpeed's default is 1.0
         "steps_per_print": 10 ** 9, "zero_optimization": {"stage": 0}})
-    return [engine.train_batch(iter(_micro_batches(cfg, pstate.dp_size, pstate.dp_rank, step))).item()
-            for step in range(ITERS)]
+    release_last_stage_buffers(engine)  # as the trainer's engine (training/engine.py)
+    losses = [engine.train_batch(iter(_micro_batches(cfg, pstate.dp_size, pstate.dp_rank, step))).item()
+              for step in range(ITERS)]
+    if engine.is_last_stage():  # neither the logits nor the last micro-batch's graph outlive it
+        assert all(out is None for out in engine.pipe_buffers["outputs"])
+        assert engine.loss.grad_fn is None
+    return losses
 
 
 def _single_process_losses(cfg):

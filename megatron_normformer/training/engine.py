@@ -119,6 +119,45 @@ def undo_initial_zero_step(optimizer) -> None:
     optimizer.optimizer.state.clear()
 
 
+def release_last_stage_buffers(engine) -> None:
+    """Free what DeepSpeed's PipelineEngine keeps alive on the last stage after it is last needed.
+
+    The engine keeps each micro-batch's forward output in a pipe buffer (``pipe_buffers
+    ["outputs"]``) for its backward pass and frees it at the end of that backward, except on the
+    last stage, whose backward pass returns before it gets there (``deepspeed/runtime/pipe/
+    engine.py``, ``_exec_backward_pass``). There the output is the logits [micro batch, seq, padded
+    vocab / TP], which nothing reads once the loss has been computed from them (the cross entropy
+    keeps its own softmax, the output projection its inputs, the last stage sends nothing on): each
+    pipe buffer (two at least) kept one micro-batch's logits through the rest of the iteration and
+    into the next, up to two logits tensors above the cross entropy's own (0.8 GiB each at micro
+    batch 4, seq 2048, GPT-2's vocabulary, bf16). The reference is dropped right after each forward
+    pass; ``eval_batch(return_logits=True)`` keeps its own (``engine.outputs``).
+
+    The engine's ``loss`` also keeps its micro-batch's autograd graph after the backward pass,
+    until the next forward replaces it (through the optimizer step, into the next iteration): its
+    nodes hold no saved tensors any more, but the one accumulating into the received activations
+    (a leaf) holds that tensor, and with it its gradient, after both have been sent. The loss is
+    detached once its backward pass has run."""
+    from deepspeed.runtime.pipe import schedule
+
+    if not engine.is_last_stage():
+        return
+    instructions = type(engine)._INSTRUCTION_MAP
+    forward, backward = instructions[schedule.ForwardPass], instructions[schedule.BackwardPass]
+
+    def forward_then_release(self, buffer_id):
+        forward(self, buffer_id)
+        self.pipe_buffers["outputs"][buffer_id] = None
+
+    def backward_then_release(self, buffer_id):
+        backward(self, buffer_id)
+        self.loss = self.loss.detach() if torch.is_tensor(self.loss) else [l.detach() for l in self.loss]
+
+    # _exec_schedule looks each instruction up in this map: the instance's copy shadows the class's.
+    engine._INSTRUCTION_MAP = {**instructions, schedule.ForwardPass: forward_then_release,
+                               schedule.BackwardPass: backward_then_release}
+
+
 def build_engine(run: RunConfig, pstate, ds_config: Dict, task=None) -> Engine:
     """``task`` (``training/tasks.py``, GPT when None) says which model to build."""
     import deepspeed
@@ -181,6 +220,8 @@ def build_engine(run: RunConfig, pstate, ds_config: Dict, task=None) -> Engine:
                                                       mpu=None if pipeline else pstate,
                                                       config=ds_config)
     undo_initial_zero_step(ds_optimizer)
+    if pipeline:
+        release_last_stage_buffers(engine)
     if pipeline and engine_skips_fp16_loss_scaling(engine):
         model.loss_fn = Fp16ScaledLoss(model.loss_fn, engine.optimizer)
     # ZeRO rebuilds the parameter groups inside its own optimizer wrapper: drive those.
