@@ -130,6 +130,7 @@ class Layout:
     persistence_threshold: int
     overlap_comm: bool
     device: str
+    pipe_partitioned: bool = False  # DeepSpeed sends 1/TP of each stage's output, gathered on arrival
 
     @property
     def optimizer_wrapper(self) -> str:
@@ -157,6 +158,11 @@ def resolve_layout(run: RunConfig, world_size: int, device: str = "cuda",
     if user_ds_config:
         zero.update(user_ds_config.get("zero_optimization", {}))
     t = run.train
+    tp = run.parallel.tensor_model_parallel_size
+    # The pipeline engine's pipe_partitioned / grad_partitioned (DeepSpeed's default true, which
+    # our config turns off under sequence parallelism); they only act at TP > 1.
+    pipeline = {**ds.get("pipeline", {}), **(user_ds_config or {}).get("pipeline", {})}
+    pipe_partitioned = tp > 1 and bool(pipeline.get("pipe_partitioned", True))
 
     def setting(name):
         return int(float(zero.get(name, ZERO_DEFAULTS[name])))
@@ -176,7 +182,8 @@ def resolve_layout(run: RunConfig, world_size: int, device: str = "cuda",
         persistence_threshold=(run.ds.zero_param_persistence_threshold
                                if run.ds.zero_param_persistence_threshold is not None
                                else setting("stage3_param_persistence_threshold")),
-        overlap_comm=bool(zero.get("overlap_comm", False)), device=device)
+        overlap_comm=bool(zero.get("overlap_comm", False)), device=device,
+        pipe_partitioned=pipe_partitioned)
 
 
 # -- activations ------------------------------------------------------------------------------
@@ -309,6 +316,27 @@ def logits_bytes(cfg: ModelConfig, lay: Layout) -> int:
     if padded != cfg.vocab_size:
         per_column += 4
     return tokens * local * per_column
+
+
+def pipe_transfer_bytes(cfg: ModelConfig, lay: Layout) -> Dict[str, int]:
+    """What DeepSpeed's PipelineEngine (deepspeed/runtime/pipe/engine.py) holds for the hidden
+    states travelling between stages, [micro batch, seq (/ TP under sequence parallelism), h] in
+    the training dtype (``act``), on a stage that sends them on (``sent``, per micro-batch in
+    flight: its output, kept in the pipe buffer until its gradient comes back), on one that
+    receives them (``received``, per micro-batch in flight: the received tensor, a leaf the stage
+    computes on a clone of, kept until its gradient has been sent), and once per stage
+    (``buffer``: the receive buffer, ``_grad_layer_buf``, one tensor for the activations received
+    from the previous stage and the gradients from the next). With ``pipe_partitioned`` (TP > 1
+    without sequence parallelism) each TP rank sends and keeps 1/TP of the output, the receiver
+    computes on the gathered tensor itself, and the sender's backward pass runs with the gathered
+    gradient (``gathered_grad``). The masks that travel with them (BERT) are not counted."""
+    tokens = lay.micro_batch * lay.seq_length
+    if lay.sequence_parallel:
+        tokens //= lay.tp
+    act = tokens * cfg.hidden_size * lay.dtype_bytes
+    if lay.pipe_partitioned:
+        return dict(sent=act // lay.tp, received=0, buffer=act // lay.tp, gathered_grad=act)
+    return dict(sent=act, received=act, buffer=act, gathered_grad=0)
 
 
 def pipeline_in_flight(lay: Layout) -> List[int]:
@@ -451,7 +479,6 @@ def estimate(run: RunConfig, world_size: int, device: str = "cuda",
     params = stage_parameters(cfg, lay.tp, lay.pp)
     layers = stage_layer_counts(cfg.num_layers, lay.pp)
     in_flight = pipeline_in_flight(lay)
-    tokens = lay.micro_batch * lay.seq_length
     stages = []
     for stage in range(lay.pp):
         first, last = stage == 0, stage == lay.pp - 1
@@ -463,8 +490,11 @@ def estimate(run: RunConfig, world_size: int, device: str = "cuda",
             detail["embedding"] = embedding_activations(cfg, lay)
         if last:
             detail["head"] = head_activations(cfg, lay)
-        if not last:  # the stage's output, kept in DeepSpeed's pipe buffer until its backward
-            detail["pipe_buffers"] = tokens * cfg.hidden_size * lay.dtype_bytes
+        pipe = pipe_transfer_bytes(cfg, lay) if lay.pp > 1 else None
+        if pipe and not last:  # the stage's output, kept in the pipe buffer until its backward
+            detail["pipe_buffers"] = pipe["sent"]
+        if pipe and not first and pipe["received"]:  # the received input, until its grad is sent
+            detail["pipe_received"] = pipe["received"]
         per_micro = sum(detail.values())
         # Earlier micro-batches are kept whole; the newest one is at the peak of its backward.
         activations = per_micro * m
@@ -472,7 +502,11 @@ def estimate(run: RunConfig, world_size: int, device: str = "cuda",
             kept_only = per_micro - detail["layer_stack"] + \
                 math.ceil(layers[stage] / max(lay.recompute.num_layers, 1)) * _checkpointed_input(cfg, lay)
             activations = kept_only * (m - 1) + per_micro
+        if pipe and not last and pipe["gathered_grad"]:
+            activations += pipe["gathered_grad"]
         logits = logits_bytes(cfg, lay) if last else 0
+        # The receive buffer is there from the first transfer on (first and last stage alike).
+        communication = states["communication"] + (pipe["buffer"] if pipe else 0)
         # The backward pass of the first micro-batch: gradients appear as the activations that
         # produced them are freed, so the two overlap at their larger. Every later micro-batch of
         # the iteration (gradient accumulation, the pipeline's) runs with all of the gradients
@@ -482,8 +516,8 @@ def estimate(run: RunConfig, world_size: int, device: str = "cuda",
             backward = activations + logits + states["grads"]
         else:
             backward = max(activations + logits, states["grads"])
-        backward += states["communication"]
-        step = states["grads"] + states["grads_at_step"] + states["communication"]
+        backward += communication
+        step = states["grads"] + states["grads_at_step"] + communication
         total = states["weights"] + states["optimizer"] + max(backward, step)
         if device == "cpu":
             total += states["host"]
@@ -491,7 +525,7 @@ def estimate(run: RunConfig, world_size: int, device: str = "cuda",
         stages.append(StageMemory(stage=stage, parameters=params[stage], weights=states["weights"],
                                   gradients=states["grads"], optimizer=states["optimizer"],
                                   activations=activations, logits=logits,
-                                  communication=states["communication"], host=states["host"],
+                                  communication=communication, host=states["host"],
                                   total=total, in_flight_micro_batches=m, detail=detail))
     limit = None if device_memory_gb is None else int(device_memory_gb * GIB)
     return MemoryEstimate(lay, total_parameters(cfg), stages, limit)

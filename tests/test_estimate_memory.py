@@ -95,6 +95,25 @@ def test_sequence_parallel_and_recompute_reduce_activations():
     assert pp.stages[0].in_flight_micro_batches == 2 and pp.stages[1].in_flight_micro_batches == 1
 
 
+def test_pipeline_transfers_are_counted_where_deepspeed_keeps_them():
+    """A sending stage keeps its output per micro-batch in flight, a receiving one the received
+    input; each has one receive buffer. 1/TP of them with DeepSpeed's pipe partitioning (TP > 1),
+    the local slice under sequence parallelism."""
+    base = "--num-layers 4 --hidden-size 256 --num-attention-heads 8 --seq-length 512 " \
+           "--max-position-embeddings 512 --micro-batch-size 2 --global-batch-size 8 " \
+           "--pipeline-model-parallel-size 2"
+    act = 2 * 512 * 256 * 4
+    first, last = estimate(run_config(base), 2, device="cpu").stages
+    assert (first.detail["pipe_buffers"], last.detail["pipe_received"]) == (act, act)
+    assert "pipe_received" not in first.detail and "pipe_buffers" not in last.detail
+    assert first.communication == last.communication == act  # DP 1: the receive buffer only
+    for extra, sent, received in (("--tensor-model-parallel-size 2", act // 2, None),
+                                  ("--tensor-model-parallel-size 2 --sequence-parallel", act // 2, act // 2)):
+        first, last = estimate(run_config(base, extra), 4, device="cpu").stages
+        assert first.detail["pipe_buffers"] == sent and last.communication == sent
+        assert last.detail.get("pipe_received") == received
+
+
 @pytest.mark.parametrize("activation, scale_fc, dropout, dtype", [
     ("gelu", True, 0.0, torch.float32),
     ("gelu", True, 0.1, torch.float32),
@@ -167,7 +186,7 @@ def test_estimates_match_real_training_runs():
     sys.path.insert(0, ROOT)
     from bench.memory_validation import run
 
-    summary = run(["--num-layers", "2", "--hidden-size", "384", "--seq-length", "128",
+    summary = run(["--num-layers", "2", "--hidden-size", "512", "--seq-length", "256",
                    "--configs", "dp1_fp32", "dp1_bf16", "dp1_full_recompute", "dp1_selective",
                    "dp2_zero1", "dp2_zero3", "tp2", "tp2_sp", "pp2"])
     assert len(summary["results"]) >= 6
