@@ -26,17 +26,19 @@ def _grad(p: torch.Tensor, zero_stage: int):
     return safe_get_full_grad(p)
 
 
-def grad_norm(model, pstate, zero_stage: int) -> float:
-    """Global L2 norm of the gradient, each TP-replicated parameter counted once."""
+def grad_norm(model, pstate, zero_stage: int, pipeline: bool = False) -> float:
+    """Global L2 norm of the gradient, each TP-replicated parameter and a pipeline's tied
+    embedding counted once. Collective over TP (and PP when ``pipeline``)."""
     total = torch.zeros(1, dtype=torch.float64)
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         g = _grad(p, zero_stage)
-        if g is None:
+        if g is None or (pipeline and is_tied_copy(name, pstate)):
             continue
         if getattr(p, "tensor_model_parallel", False) or pstate.tp_rank == 0:
             total += g.detach().double().pow(2).sum().cpu()
-    if pstate.tp_size > 1:
-        dist.all_reduce(total, group=pstate.tp_group)
+    for group, size in ((pstate.tp_group, pstate.tp_size), (pstate.pp_group, pstate.pp_size if pipeline else 1)):
+        if size > 1:
+            dist.all_reduce(total, group=group)
     return total.sqrt().item()
 
 

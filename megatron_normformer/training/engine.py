@@ -11,6 +11,7 @@ from megatron_normformer.model.attention import ParallelAttention
 from megatron_normformer.model.layer import LayerRecompute
 from megatron_normformer.parallel import random as tp_random
 from megatron_normformer.parallel.state import init_deepspeed_comm
+from megatron_normformer.training import diagnostics
 from megatron_normformer.training.schedule import LRSchedule
 from megatron_normformer.training.step import Fp16ScaledLoss, engine_skips_fp16_loss_scaling
 from megatron_normformer.training.tasks import get_task
@@ -119,6 +120,23 @@ def undo_initial_zero_step(optimizer) -> None:
     optimizer.optimizer.state.clear()
 
 
+def clip_by_the_true_norm(optimizer, model, pstate, pipeline: bool) -> None:
+    """``FP16_UnfusedOptimizer`` (16-bit at ZeRO-0 with a torch optimizer) clips by a norm that
+    leaves out every gradient of the TP ranks > 0 (DeepSpeed's ``get_weight_norm`` tells
+    TP-replicated tensors by an attribute that gradients lack) and counts a pipeline's tied
+    embedding on both stages: it clips by the true norm instead, loss-scaled as it expects."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(optimizer, FP16_UnfusedOptimizer) or optimizer.clip_grad <= 0:
+        return
+    unscale_and_clip = optimizer.unscale_and_clip_grads
+
+    def unscale_and_clip_grads(total_norm, apply_scale=True):
+        return unscale_and_clip(diagnostics.grad_norm(model, pstate, 0, pipeline), apply_scale)
+
+    optimizer.unscale_and_clip_grads = unscale_and_clip_grads
+
+
 def release_last_stage_buffers(engine) -> None:
     """Free what DeepSpeed's PipelineEngine keeps alive on the last stage after it is last needed.
 
@@ -220,6 +238,7 @@ def build_engine(run: RunConfig, pstate, ds_config: Dict, task=None) -> Engine:
                                                       mpu=None if pipeline else pstate,
                                                       config=ds_config)
     undo_initial_zero_step(ds_optimizer)
+    clip_by_the_true_norm(ds_optimizer, model, pstate, pipeline)
     if pipeline:
         release_last_stage_buffers(engine)
     if pipeline and engine_skips_fp16_loss_scaling(engine):
