@@ -237,6 +237,7 @@ def build_engine(run: RunConfig, pstate, ds_config: Dict, task=None) -> Engine:
                                                       lr_scheduler=schedule,
                                                       mpu=None if pipeline else pstate,
                                                       config=ds_config)
+    # DeepSpeed 0.19's ZeRO-0 16-bit wrappers and pipeline engine, mended (each function says how).
     undo_initial_zero_step(ds_optimizer)
     clip_by_the_true_norm(ds_optimizer, model, pstate, pipeline)
     if pipeline:
