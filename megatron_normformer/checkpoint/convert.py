@@ -9,7 +9,8 @@ of :mod:`megatron_normformer.checkpoint.universal` under ``DIR/TAG/universal``. 
 - :func:`reshard` writes a checkpoint for another (TP, PP): its universal shards cut for that
   layout, optimizer moments included, plus ``run.json`` and ``latest``, so ``pretrain_gpt.py
   --load`` resumes it directly;
-- :func:`from_consolidated` starts a checkpoint (fresh optimizer) from a consolidated file.
+- :func:`from_full_state` starts a checkpoint (fresh optimizer) from full tensors and a config (a
+  consolidated file through :func:`from_consolidated`, or an imported model).
 """
 from __future__ import annotations
 
@@ -109,9 +110,10 @@ def reshard(load_dir: str, save_dir: str, target_tp: int, target_pp: int,
                              reader.step, run_meta)
 
 
-def from_consolidated(path: str, save_dir: str, target_tp: int, target_pp: int) -> str:
-    """A checkpoint at iteration 0 (fresh optimizer) with the weights of a consolidated file."""
-    full, cfg = load_consolidated(path)
+def from_full_state(full: Dict[str, torch.Tensor], cfg: ModelConfig, save_dir: str, target_tp: int,
+                    target_pp: int) -> str:
+    """A checkpoint at iteration 0 (fresh optimizer) holding the full tensors ``full`` of ``cfg``'s
+    model: what a consolidated file, an imported model or an exported one starts training from."""
     with torch.device("meta"):
         model = (BertModel if cfg.bidirectional else GPTModel)(cfg, SingleProcessState(), device="meta")
     layout = {n: layout_of(p) for n, p in model.named_parameters()}
@@ -121,3 +123,9 @@ def from_consolidated(path: str, save_dir: str, target_tp: int, target_pp: int) 
     run_meta = {"iteration": 0, "consumed_samples": 0, "consumed_tokens": 0,
                 "run": {"model": cfg.to_dict()}, "world_size": None}
     return _write_checkpoint(out, tensors, layout, cfg, target_tp, target_pp, 0, run_meta)
+
+
+def from_consolidated(path: str, save_dir: str, target_tp: int, target_pp: int) -> str:
+    """A checkpoint at iteration 0 (fresh optimizer) with the weights of a consolidated file."""
+    full, cfg = load_consolidated(path)
+    return from_full_state(full, cfg, save_dir, target_tp, target_pp)
