@@ -30,6 +30,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Size preset (layers, hidden, heads; ffn = 4 x hidden). Explicit flags override it.")
     for name, type_ in (("num_layers", int), ("hidden_size", int), ("num_attention_heads", int),
                         ("ffn_hidden_size", int), ("max_position_embeddings", int),
+                        ("position_embedding_offset", int),
                         ("make_vocab_size_divisible_by", int), ("hidden_dropout", float),
                         ("attention_dropout", float), ("layernorm_epsilon", float),
                         ("init_method_std", float)):
@@ -46,6 +47,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         g.add_argument("--" + name.replace("_", "-"), action="store_true", default=None, help=_help(name))
     g.add_argument("--no-scale-embedding", action="store_false", dest="scale_embedding", default=None,
                    help="Do not scale token embeddings by sqrt(hidden) (fairseq's flag).")
+    g.add_argument("--no-decoder-final-norm", action="store_false", dest="final_layernorm",
+                   default=None, help=_help("final_layernorm"))
 
     n = parser.add_argument_group("NormFormer (fairseq flag names)")
     for name in ("scale_attn", "scale_fc", "scale_heads", "scale_resids"):

@@ -59,8 +59,10 @@ def layer_parameters(cfg: ModelConfig, tp: int = 1) -> Dict[str, int]:
 
 
 def embedding_parameters(cfg: ModelConfig, tp: int = 1) -> int:
-    """The word embedding shard (padded vocabulary / TP rows) and learned positions if any."""
-    positions = cfg.max_position_embeddings * cfg.hidden_size if cfg.position_embedding_type == "learned" else 0
+    """The word embedding shard (padded vocabulary / TP rows) and learned positions if any (with
+    their offset rows)."""
+    rows = cfg.max_position_embeddings + cfg.position_embedding_offset
+    positions = rows * cfg.hidden_size if cfg.position_embedding_type == "learned" else 0
     return cfg.padded_vocab_size(tp) // tp * cfg.hidden_size + positions
 
 
@@ -72,7 +74,8 @@ def head_parameters(cfg: ModelConfig, tp: int = 1) -> int:
     vocab_rows = cfg.padded_vocab_size(tp) // tp
     if cfg.bidirectional:
         return 2 * h + (h * h + h) + 2 * h + vocab_rows
-    return 2 * h + (vocab_rows * h if cfg.untie_embeddings_and_output_weights else 0)
+    final_ln = 2 * h if cfg.final_layernorm else 0
+    return final_ln + (vocab_rows * h if cfg.untie_embeddings_and_output_weights else 0)
 
 
 def stage_layer_counts(num_layers: int, num_stages: int) -> List[int]:
@@ -292,11 +295,14 @@ def embedding_activations(cfg: ModelConfig, lay: Layout) -> int:
 
 
 def head_activations(cfg: ModelConfig, lay: Layout) -> int:
-    """The final LN's input (local slice) and output (whole sequence, kept by the projection)."""
+    """The final LN's input (local slice) and output (whole sequence, kept by the projection);
+    without the final LN the projection's input alone."""
     tokens = lay.micro_batch * lay.seq_length
     local = tokens // lay.tp if lay.sequence_parallel else tokens
     h, p = cfg.hidden_size, lay.dtype_bytes
-    n = local * h * p + local * 8 + tokens * h * p
+    n = tokens * h * p
+    if cfg.final_layernorm:
+        n += local * h * p + local * 8
     if cfg.bidirectional:  # RoBERTa's head transform on the scored positions: dense, gelu, LN
         scored = int(tokens * MASKED_LM_FRACTION)
         n += scored * h * p * 3 + scored * 8

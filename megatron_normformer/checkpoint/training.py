@@ -13,6 +13,7 @@ dropout stream differs per TP rank), hence one file per rank. A save that dies h
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Dict, Optional
@@ -21,10 +22,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_normformer.checkpoint.universal import load_universal, save_universal
-from megatron_normformer.config import ConfigError
+from megatron_normformer.config import ConfigError, ModelConfig
 from megatron_normformer.parallel.random import get_all_rng_states, set_all_rng_states
 
 LATEST = "latest"
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
 def tag_for(iteration: int) -> str:
@@ -106,8 +108,10 @@ def layout_differences(meta: Dict, run_dict: Dict, world_size: int, load_dir: st
     # Dropout may change between runs; the init scheme only decided the weights the checkpoint
     # replaces (checkpoints from before --init-scheme existed do not record it).
     free = ("hidden_dropout", "attention_dropout", "init_scheme", "init_method_std")
-    model_diffs = [f"{k}: checkpoint {saved['model'].get(k)!r} vs this run {v!r}"
-                   for k, v in now["model"].items() if k not in free and saved["model"].get(k) != v]
+    # A field the checkpoint does not record was added later: the checkpoint has its default.
+    saved_model = {**_FIELD_DEFAULTS, **saved["model"]}
+    model_diffs = [f"{k}: checkpoint {saved_model.get(k)!r} vs this run {v!r}"
+                   for k, v in now["model"].items() if k not in free and saved_model.get(k) != v]
     if model_diffs:
         hint = ""
         if saved["model"].get("scale_embedding") is False and now["model"].get("scale_embedding"):

@@ -35,6 +35,9 @@ class ModelConfig:
     """Largest sequence length the position embedding covers (``--max-position-embeddings``)."""
     position_embedding_type: str = "sinusoidal"
     """``sinusoidal`` (the paper's runs, no parameters) or ``learned`` (``--position-embedding-type``)."""
+    position_embedding_offset: int = 0
+    """Position p reads row p + offset of the position table (``--position-embedding-offset``); a
+    learned table has that many extra rows. fairseq's positions start at its padding index + 1 (2)."""
     activation_fn: str = "gelu"
     """FFN activation: ``gelu`` (exact erf form), ``relu`` or ``relu_squared`` (``--activation-fn``)."""
     scale_attn: bool = False
@@ -51,6 +54,8 @@ class ModelConfig:
     untie_embeddings_and_output_weights: bool = False
     """Separate output projection instead of the tied input embedding
     (``--untie-embeddings-and-output-weights``)."""
+    final_layernorm: bool = True
+    """LayerNorm after the last layer; off with fairseq's ``--no-decoder-final-norm`` (causal LM only)."""
     hidden_dropout: float = 0.1
     """Dropout on the residual branches and embeddings (``--hidden-dropout``)."""
     attention_dropout: float = 0.1
@@ -121,6 +126,12 @@ class ModelConfig:
                 ("--init-scheme", self.init_scheme, INIT_SCHEMES)):
             if value not in choices:
                 raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+        if self.position_embedding_offset is None or self.position_embedding_offset < 0:
+            raise ConfigError("--position-embedding-offset must be a non-negative integer, got "
+                              f"{self.position_embedding_offset}")
+        if self.bidirectional and not self.final_layernorm:
+            raise ConfigError("--no-decoder-final-norm is for causal models; the masked LM keeps "
+                              "its final LayerNorm")
         if self.position_embedding_type == "sinusoidal" and self.hidden_size % 2:
             raise ConfigError(
                 f"--hidden-size ({self.hidden_size}) must be even for sinusoidal positions")

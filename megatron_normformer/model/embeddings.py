@@ -38,15 +38,18 @@ class Embedding(nn.Module):
             pstate.tp_group, pstate.tp_rank, pstate.tp_size, device=device,
             init=init.embedding("embedding.word_embeddings.weight"))
         self.embed_scale = math.sqrt(cfg.hidden_size) if cfg.scale_embedding else 1.0
+        # Position p reads row p + offset (fairseq's tables start at its padding index + 1).
+        self.position_offset = cfg.position_embedding_offset
+        rows = cfg.max_position_embeddings + self.position_offset
         if cfg.position_embedding_type == "learned":
             self.position_embeddings = mark_parallel(nn.Parameter(
-                torch.empty(cfg.max_position_embeddings, cfg.hidden_size, device=device)), None)
+                torch.empty(rows, cfg.hidden_size, device=device)), None)
             fill_shard(self.position_embeddings, init.embedding("embedding.position_embeddings.weight"),
                        self.position_embeddings.shape)
         else:
             self.register_parameter("position_embeddings", None)
             self.register_buffer(
-                "sinusoid", sinusoidal_positions(cfg.max_position_embeddings, cfg.hidden_size).to(device),
+                "sinusoid", sinusoidal_positions(rows, cfg.hidden_size).to(device),
                 persistent=False)
 
     def forward(self, tokens: torch.Tensor, position_ids=None) -> torch.Tensor:
@@ -58,6 +61,7 @@ class Embedding(nn.Module):
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
         table = self.position_embeddings if self.position_embeddings is not None else self.sinusoid
+        table = table[self.position_offset:]
         positions = table[:seq].unsqueeze(0) if position_ids is None else table[position_ids]
         x = x + positions.to(x.dtype)
         x = F.dropout(x, self.cfg.hidden_dropout, self.training)

@@ -30,7 +30,8 @@ from megatron_normformer.parallel.mappings import gather_from_tensor_parallel, g
 
 
 class LMHead(nn.Module):
-    """Final LayerNorm, then the logits over this rank's vocabulary slice.
+    """Final LayerNorm (unless ``--no-decoder-final-norm``), then the logits over this rank's
+    vocabulary slice.
 
     With tied embeddings the projection weight is the word-embedding shard, passed at call time.
     """
@@ -39,7 +40,8 @@ class LMHead(nn.Module):
         super().__init__()
         self.tp_group, self.sp_group = pstate.tp_group, pstate.sp_group
         padded = cfg.padded_vocab_size(pstate.tp_size)
-        self.final_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, device, self.sp_group)
+        self.final_layernorm = (LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, device, self.sp_group)
+                                if cfg.final_layernorm else None)
         if cfg.untie_embeddings_and_output_weights:
             self.weight = mark_vocab(nn.Parameter(
                 torch.empty(padded // pstate.tp_size, cfg.hidden_size, device=device)))
@@ -50,7 +52,9 @@ class LMHead(nn.Module):
 
     def norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The final LayerNorm, over the whole sequence (gathered under sequence parallelism)."""
-        return gather_sequence(self.final_layernorm(hidden), self.sp_group)
+        if self.final_layernorm is not None:
+            hidden = self.final_layernorm(hidden)
+        return gather_sequence(hidden, self.sp_group)
 
     def logits(self, hidden: torch.Tensor, tied_weight: Optional[torch.Tensor]) -> torch.Tensor:
         """This rank's slice of the logits [batch, seq, padded_vocab / TP]."""
