@@ -4,7 +4,10 @@
 1. GPT sample-index build (document, sample and shuffle index) for a synthetic corpus of
    ``--index-docs`` documents of ~``--doc-tokens`` tokens (default 20M x 500 = 10B tokens).
 2. Blending-index build for ``--blend-samples`` samples over 2 and 3 datasets.
-3. ``tools/preprocess_data.py`` throughput (docs/s, MB/s) on the stdlib demo corpus (repeated
+3. Opening an ``.idx`` of ``--index-docs`` one-sequence documents (the same 10B-token corpus): the
+   full validation of its entries against each other and the ``.bin`` size (a sparse file of the
+   right length), against an open that skips it.
+4. ``tools/preprocess_data.py`` throughput (docs/s, MB/s) on the stdlib demo corpus (repeated
    ``--corpus-repeats`` times) for 1 and 2 workers, with a SentencePiece model and with a GPT-2
    byte-level BPE vocabulary (``GPT2BPETokenizer``: vocab.json + merges.txt, 8k entries), both
    trained on that corpus. ``--skip-index`` runs this part only.
@@ -29,6 +32,12 @@ sys.path.insert(0, ROOT)
 
 from megatron_normformer.data.blended_dataset import build_blending_indices  # noqa: E402
 from megatron_normformer.data.gpt_dataset import build_gpt_indices  # noqa: E402
+from megatron_normformer.data.indexed_dataset import (  # noqa: E402
+    IndexedDataset,
+    _Index,
+    encode_index,
+    idx_path,
+)
 
 
 def bench_index(num_docs: int, doc_tokens: int, seq_length: int) -> list:
@@ -41,6 +50,41 @@ def bench_index(num_docs: int, doc_tokens: int, seq_length: int) -> list:
     seconds = time.perf_counter() - start
     return [f"GPT sample index: {num_docs / 1e6:.0f}M docs, {tokens / 1e9:.2f}B tokens, "
             f"seq {seq_length}, {len(arrays['shuffle_index']) / 1e6:.2f}M samples", f"{seconds:.1f} s"]
+
+
+def bench_validate(num_docs: int, doc_tokens: int, repeats: int = 3) -> list:
+    """Best of ``repeats`` opens with and without validation, the ``.idx`` in the page cache; then
+    one validated open with it evicted from the cache."""
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(doc_tokens // 2, doc_tokens * 3 // 2 + 1, num_docs).astype(np.int32)
+    dtype = np.dtype(np.uint16)
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = os.path.join(tmp, "corpus")
+        with open(idx_path(prefix), "wb") as f:
+            f.write(encode_index(dtype, sizes, np.arange(num_docs + 1)))
+        with open(prefix + ".bin", "wb") as f:
+            f.truncate(int(sizes.sum(dtype=np.int64)) * dtype.itemsize)  # sparse: no disk used
+        del sizes
+        timings = {}
+        for name, open_ in (("unchecked", lambda: _Index(idx_path(prefix), validate=False)),
+                            ("validated", lambda: IndexedDataset(prefix))):
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                open_()
+                best = min(best, time.perf_counter() - start)
+            timings[name] = best
+        # The .idx out of the page cache (this file's pages only; no privileges needed).
+        with open(idx_path(prefix), "rb") as f:
+            os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        start = time.perf_counter()
+        IndexedDataset(prefix)
+        cold = time.perf_counter() - start
+        mb = os.path.getsize(idx_path(prefix)) / 2**20
+    return [f".idx open + validation: {num_docs / 1e6:.0f}M sequences and documents ({mb:.0f} MB)",
+            f"{timings['validated']:.2f} s in the page cache, {cold:.2f} s read from disk "
+            f"(without validation {timings['unchecked'] * 1000:.1f} ms)"]
 
 
 def bench_blend(num_samples: int, k: int) -> list:
@@ -124,13 +168,20 @@ def main() -> None:
     parser.add_argument("--corpus-repeats", type=int, default=10)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--skip-index", action="store_true",
-                        help="Preprocessing throughput only (skip the index and blending builds).")
+                        help="Preprocessing throughput only (skip the index, blending and .idx "
+                             "validation cases).")
+    parser.add_argument("--only-validation", action="store_true",
+                        help="The .idx validation case only.")
     args = parser.parse_args()
     rows = []
-    if not args.skip_index:
+    if args.only_validation:
+        rows.append(bench_validate(args.index_docs, args.doc_tokens))
+    elif not args.skip_index:
         rows.append(bench_index(args.index_docs, args.doc_tokens, args.seq_length))
         rows += [bench_blend(args.blend_samples, k) for k in (2, 3)]
-    rows += bench_preprocess(args.corpus_repeats, args.workers)
+        rows.append(bench_validate(args.index_docs, args.doc_tokens))
+    if not args.only_validation:
+        rows += bench_preprocess(args.corpus_repeats, args.workers)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
           f"Python {platform.python_version()}, numpy {np.__version__}")
     width = max(len(r[0]) for r in rows)

@@ -113,6 +113,62 @@ def test_damaged_files_raise_clear_errors(tmp_path, ext, mutate, fault):
     assert isinstance(info.value, ValueError)
 
 
+# Offsets into the .idx of DOCS: header 34 bytes, 5 int32 sizes, 5 int64 pointers, 4 int64 doc entries.
+SIZES, POINTERS, DOCUMENTS = 34, 34 + 4 * 5, 34 + 12 * 5
+
+
+@pytest.mark.parametrize(
+    "mutate, fault",
+    [
+        # sizes 3 1 2 1 4, pointers 0 6 8 12 14 (uint16), documents 0 2 3 5
+        (_set(SIZES + 4 * 2, struct.pack("<i", 3)),
+         "sequence 3 has pointer 12, but sequence 2 (pointer 8, size 3 tokens of 2 bytes) ends at 14"),
+        (_set(SIZES + 4 * 4, struct.pack("<i", 3)), "token file is 22 bytes, longer than the 20 bytes"),
+        (_set(SIZES + 4 * 4, struct.pack("<i", 5)), "token file is 22 bytes, shorter than the 24 bytes"),
+        (_set(SIZES + 4 * 1, struct.pack("<i", -1)), "sequence 1 has negative size -1"),
+        (_set(POINTERS + 8 * 3, struct.pack("<q", 10)),
+         "sequence 3 has pointer 10, but sequence 2 (pointer 8, size 2 tokens of 2 bytes) ends at 12"),
+        (_set(POINTERS, struct.pack("<q", 2)), "sequence 0 has pointer 2, expected 0"),
+        (_set(DOCUMENTS, struct.pack("<q", 1)), "document index entry 0 is 1, expected 0"),
+        (_set(DOCUMENTS + 8 * 2, struct.pack("<q", 1)),
+         "document index entry 2 is 1, smaller than entry 1 (2): it must not decrease"),
+        (_set(DOCUMENTS + 8 * 3, struct.pack("<q", 6)), "document index entry 3 is 6, outside the 5 sequences"),
+    ],
+    ids=["size-inside", "last-size-short", "last-size-long", "size-negative", "pointer",
+         "first-pointer", "first-document", "document-decreases", "document-beyond"],
+)
+def test_corrupt_index_entries_are_named_at_open(tmp_path, mutate, fault):
+    prefix = write(str(tmp_path / "d"))
+    _damage(prefix, ".idx", mutate)
+    with pytest.raises(IndexedDatasetError) as info:
+        IndexedDataset(prefix)
+    assert fault in str(info.value)
+    assert (prefix + ".idx" if "token file" not in fault else prefix + ".bin") in str(info.value)
+
+
+def test_entries_are_checked_across_chunks(tmp_path, monkeypatch):
+    import megatron_normformer.data.indexed_dataset as indexed
+
+    monkeypatch.setattr(indexed, "_CHUNK", 2)  # the 5 sequences in 3 chunks, the 4 entries in 2
+    prefix = write(str(tmp_path / "d"))
+    assert len(IndexedDataset(prefix)) == 5
+    for mutate, fault in ((_set(POINTERS + 8 * 2, struct.pack("<q", 9)), "sequence 2 has pointer 9"),
+                          (_set(DOCUMENTS + 8 * 2, struct.pack("<q", 6)), "entry 2 is 6, outside"),
+                          (_set(DOCUMENTS + 8 * 2, struct.pack("<q", 1)), "entry 2 is 1, smaller")):
+        write(prefix)
+        _damage(prefix, ".idx", mutate)
+        with pytest.raises(IndexedDatasetError, match=fault):
+            IndexedDataset(prefix)
+
+
+def test_unfinished_last_document_is_accepted(tmp_path):
+    # Megatron's builder leaves sequences after the last end_document outside every document.
+    prefix = write(str(tmp_path / "d"))
+    _damage(prefix, ".idx", lambda d: d[:-8])
+    _damage(prefix, ".idx", _set(26, struct.pack("<Q", 3)))
+    assert IndexedDataset(prefix).document_indices.tolist() == [0, 2, 3]
+
+
 def test_merge_tool(tmp_path):
     os.makedirs(tmp_path / "shards")
     a = write(str(tmp_path / "shards" / "a"))
