@@ -9,6 +9,7 @@ from typing import List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_DATA = os.path.join(ROOT, "data", "demo_text_document")
+DEMO_SENTENCES = os.path.join(ROOT, "data", "demo_text_sentence")
 DEMO_SPM = os.path.join(ROOT, "data", "demo_spm.model")
 
 
@@ -25,19 +26,24 @@ def add_data_args(parser: argparse.ArgumentParser, mock: bool = False) -> None:
     d.add_argument("--vocab-size", type=int, default=None, help="with --mock-data or the NullTokenizer")
 
 
-def data_flags(args) -> List[str]:
-    """The ``pretrain_gpt.py`` flags of the data (fills in the demo corpus when none is given)."""
+def data_flags(args, sentences: bool = False) -> List[str]:
+    """The ``pretrain_gpt.py`` / ``pretrain_bert.py`` flags of the data (fills in the demo corpus
+    when none is given: its documents, or with ``sentences`` its sentence-split form for the masked
+    LM)."""
     if getattr(args, "mock_data", False):
         if not args.vocab_size:
             raise SystemExit("error: --mock-data needs --vocab-size")
         return ["--mock-data", "--vocab-size", str(args.vocab_size)]
     if args.data_path is None:
-        args.data_path = DEMO_DATA
+        args.data_path = DEMO_SENTENCES if sentences else DEMO_DATA
         args.tokenizer_type = args.tokenizer_type or "SentencePieceTokenizer"
         args.tokenizer_model = args.tokenizer_model or DEMO_SPM
-        if not os.path.exists(DEMO_DATA + ".idx"):
-            raise SystemExit("error: the demo corpus is missing: run `make demo` (or python tools/demo.py) "
-                             "first, or give --data-path and tokenizer flags")
+        if not os.path.exists(args.data_path + ".idx"):
+            how = ("tools/preprocess_data.py --input data/demo.jsonl --split-sentences --tokenizer-type "
+                   "SentencePieceTokenizer --tokenizer-model data/demo_spm.model --output-prefix data/demo"
+                   if sentences else "`make demo` (or python tools/demo.py)")
+            raise SystemExit(f"error: {args.data_path}.idx is missing: run {how} first, or give "
+                             "--data-path and tokenizer flags")
     if not os.path.exists(args.data_path + ".idx"):
         raise SystemExit(f"error: --data-path {args.data_path}: no {args.data_path}.idx")
     if args.tokenizer_type is None:

@@ -9,6 +9,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/ is not installed
 
 from bench.reference_gpt import ReferenceGPT  # noqa: E402
+import bench.reproduce_small as rs  # noqa: E402
 from bench.reproduce_small import green_star  # noqa: E402
 from bench.reproduce_small import run as reproduce_small  # noqa: E402
 from bench.throughput import run as throughput  # noqa: E402
@@ -96,33 +97,104 @@ def test_green_star_is_the_first_point_at_or_below_the_baseline_best():
     assert late["compute"] == 2 and late["savings"] == 0.0 and late["fraction_of_baseline_run"] == pytest.approx(2 / 3)
 
 
-def test_reproduce_small_writes_png_and_json(tmp_path):
+def _run(variant, lr, seed, final, curve=None, state=None, ms=100.0):
+    """A made-up run result, as bench/reproduce_small.py's run_result returns it."""
+    diverged = final is None
+    curve = curve or ([6.0, 8.0] if diverged else [final + 1.0, final + 0.5, final])
+    return dict(variant=variant, lr=lr, seed=seed, state=state or ("diverged" if diverged else "ok"),
+                reason="lm loss is nan" if diverged else "", elapsed_s=1.0, final_loss=final,
+                iterations=[10, 20, 30][:len(curve)], val_loss=curve, median_ms_per_iter=ms)
+
+
+def test_t_quantile_and_paired_interval():
+    # Student-t two-sided 95 % critical values from the standard tables.
+    for df, t in ((1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (30, 2.042)):
+        assert rs.t_quantile(0.975, df) == pytest.approx(t, abs=1e-3)
+    d = rs.paired([5.0, 5.2, 4.9], [5.3, 5.4, 5.3])
+    assert d["per_seed"] == pytest.approx([-0.3, -0.2, -0.4])
+    assert d["mean"] == pytest.approx(-0.3) and d["std"] == pytest.approx(0.1)
+    half = 4.303 * 0.1 / 3 ** 0.5
+    assert d["interval"] == pytest.approx([-0.3 - half, -0.3 + half], abs=1e-4)
+    assert rs.paired([1.0], [2.0])["interval"] is None  # one pair: no interval
+
+
+def test_classify_a_run():
+    ok = [{"iteration": 30, "lm_loss": 4.0}, {"iteration": 30, "val_loss": 4.1}]
+    assert rs.classify(0, "", ok, 30, 256)["state"] == "ok"
+    nan_exit = rs.classify(1, "...\nerror: iteration 7: lm loss is nan; stopping (lower --lr)\n", [], 30, 256)
+    assert nan_exit == {"state": "diverged", "reason": "error: iteration 7: lm loss is nan; stopping (lower --lr)"}
+    assert rs.classify(1, "error: non-finite loss at iteration 3\n", [], 30, 256)["state"] == "diverged"
+    nan_metrics = [{"iteration": 20, "val_loss": float("nan")}, {"iteration": 30, "val_loss": 4.0}]
+    assert rs.classify(0, "", nan_metrics, 30, 256)["state"] == "diverged"
+    blown = [{"iteration": 30, "val_loss": 2000.0}]  # finite but far above ln(256) = 5.5
+    assert rs.classify(0, "", blown, 30, 256)["state"] == "diverged"
+    # Other failures are failures, not divergence: the sweep stops on them.
+    assert rs.classify(2, "error: --data-path x: no x.idx\n", [], 30, 256) == {
+        "state": "failed", "reason": "error: --data-path x: no x.idx"}
+    assert rs.classify(0, "", [{"iteration": 20, "val_loss": 4.0}], 30, 256)["state"] == "failed"
+
+
+def test_summary_best_lr_paired_differences_and_diverged_points():
+    """Each model at its own best LR among its most-seeded LRs; a diverged seed makes an LR rank
+    last; differences pair seed with seed; the green star on the mean curves."""
+    runs = [_run("preln", 1e-3, 1, 5.0), _run("preln", 3e-3, 1, 4.6), _run("preln", 1e-2, 1, 4.7),
+            _run("preln", 4e-2, 1, None),
+            _run("preln", 3e-3, 2, 4.8), _run("preln", 1e-2, 2, 4.5),  # means 4.7 vs 4.6
+            _run("preln", 3e-3, 3, 4.7), _run("preln", 1e-2, 3, 4.6),
+            _run("normformer", 1e-3, 1, 4.9), _run("normformer", 1e-2, 1, 4.3),
+            _run("normformer", 4e-2, 1, 4.4),
+            _run("normformer", 1e-2, 2, 4.4), _run("normformer", 4e-2, 2, None),  # 4e-2: one diverged
+            _run("normformer", 1e-2, 3, 4.2, curve=[5.0, 4.5, 4.2]), _run("normformer", 4e-2, 3, 4.1)]
+    s = rs.summarize(runs, {"preln": 30, "normformer": 30}, {"preln": 100.0, "normformer": 110.0}, 2)
+    assert s["best_lr"] == {"preln": 1e-2, "normformer": 1e-2}
+    assert s["top_lrs"]["normformer"] == [1e-2, 4e-2]
+    assert s["lr_sweep_reaches_past_best"] == {"preln": True, "normformer": True}
+    assert s["preln"]["final_loss"] == [4.7, 4.5, 4.6] and s["preln"]["final_loss_mean"] == pytest.approx(4.6)
+    assert s["normformer"]["final_loss_mean"] == pytest.approx(4.3)
+    assert s["diff_loss"]["per_seed"] == pytest.approx([-0.4, -0.1, -0.4]) and s["paired_seeds"] == [1, 2, 3]
+    half = rs.t_quantile(0.975, 2) * s["diff_loss"]["std"] / 3 ** 0.5  # std 0.173: the interval holds 0
+    assert s["diff_loss"]["interval"] == pytest.approx([-0.3 - half, -0.3 + half]) and half > 0.3
+    sweep = {p["lr"]: p for p in s["lr_sweep"]["normformer"]}
+    assert sweep[4e-2]["final_loss"] == [4.4, None, 4.1] and sweep[4e-2]["mean"] is None
+    assert {p["lr"]: p["mean"] for p in s["lr_sweep"]["preln"]}[4e-2] is None
+    # Mean curves at 1e-2: Pre-LN 5.6, 5.1, 4.6 at 1, 2, 3 s; NormFormer 5.23, 4.73, 4.3 at 1.1, 2.2,
+    # 3.3 s (110 ms steps): its first point at or below Pre-LN's best 4.6 is the last.
+    star = s["green_star"]
+    assert star["compute"] == pytest.approx(3.3) and star["baseline_best_ppl"] == pytest.approx(4.6)
+    assert star["fraction_of_baseline_run"] == pytest.approx(1.1)
+    # With one seed everywhere the best LR is the sweep's best; the optimum at the grid's edge is said.
+    one = rs.summarize([_run(v, lr, 1, f) for v in ("preln", "normformer")
+                        for lr, f in ((1e-3, 5.0), (3e-3, 4.9))], {"preln": 30, "normformer": 30}, None, 2)
+    assert one["best_lr"] == {"preln": 3e-3, "normformer": 3e-3}
+    assert one["lr_sweep_reaches_past_best"] == {"preln": False, "normformer": False}
+    assert one["step_ms"] == {"preln": 100.0, "normformer": 100.0} and one["diff_loss"]["interval"] is None
+
+
+def test_reproduce_small_quick_sweep_with_diverged_runs(tmp_path):
+    """--quick on tiny real runs: LR 1000 ends in a NaN (the trainer exits non-zero), which is a
+    diverged point on the figure, not a crash; the sweep picks the other LR, runs the second seed
+    there, and --resume reruns nothing."""
     out = tmp_path / "out"
-    argv = ["--mock-data", "--vocab-size", "256", "--num-layers", "1", "--hidden-size", "32",
-            "--num-attention-heads", "2", "--seq-length", "16", "--micro-batch-size", "2",
-            "--max-seconds", "0.2", "--step-ms", "10", "11", "--seeds", "1",
-            "--lr-baseline", "1e-3", "3e-2", "--lr-normformer", "3e-3",
-            "--evals", "2", "--eval-iters", "1", "--output-dir", str(out)]
+    argv = ["--quick", "--mock-data", "--vocab-size", "256", "--lrs", "1e-2", "1000",
+            "--output-dir", str(out)]
     result = reproduce_small(argv)
-    png, js = out / "reproduce_small.png", out / "reproduce_small.json"
+    s = result["summary"]
+    saved = json.loads((out / "reproduce_small.json").read_text())
+    png = out / "reproduce_small.png"
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
-    saved = json.loads(js.read_text())
-    assert saved["iterations"] == {"preln": 20, "normformer": 18}  # 200 ms / 10 ms and / 11 ms
-    s = saved["summary"]
+    assert saved["summary"]["best_lr"] == s["best_lr"] == {"preln": 1e-2, "normformer": 1e-2}
+    assert result["runs"] == 6  # 2 LRs x 2 models, then the second seed at each model's best
     for v in ("preln", "normformer"):
-        assert len(s[v]["final_ppl"]) == 1 and s[v]["final_ppl"][0] > 1
-        assert s[v]["compute_s"][-1] == pytest.approx(saved["iterations"][v] * saved["step_ms"][v] / 1000)
-        assert saved["curves"][v][0]["flops"][-1] == saved["iterations"][v] * saved["flops_per_iter"][v]
-    assert s["final_ppl_diff"]["mean"] == pytest.approx(s["normformer"]["final_ppl"][0] - s["preln"]["final_ppl"][0])
-    assert result["summary"] == s
-    assert os.path.exists(out / "runs" / "normformer_lr0.003_seed1234.jsonl")
-    # Pre-LN ran at both LRs; the comparison uses the one with the lower final perplexity.
-    sweep = s["lr_sweep"]["preln"]
-    assert set(sweep) == {"0.001", "0.03"} and s["lr_sweep"]["normformer"].keys() == {"0.003"}
-    best = min(sweep, key=lambda lr: sweep[lr]["final_ppl_mean"])
-    assert saved["lr"]["preln"] == float(best) and s["preln"]["final_ppl_mean"] == sweep[best]["final_ppl_mean"]
-    # --resume reuses finished runs: their metrics files are not rewritten.
-    finished = out / "runs" / "normformer_lr0.003_seed1234.jsonl"
+        sweep = {p["lr"]: p for p in s["lr_sweep"][v]}
+        assert sweep[1000]["states"] == ["diverged"] and sweep[1000]["final_loss"] == [None]
+        assert sweep[1e-2]["seeds"] == [1234, 1235] and all(0 < x < 7 for x in sweep[1e-2]["final_loss"])
+        assert s[v]["final_loss_mean"] == pytest.approx(sum(sweep[1e-2]["final_loss"]) / 2)
+        assert s[v]["compute_s"][-1] == pytest.approx(12 * {"preln": 10, "normformer": 11}[v] / 1000)
+    assert s["diff_loss"]["per_seed"] == pytest.approx(
+        [n - b for n, b in zip(s["normformer"]["final_loss"], s["preln"]["final_loss"])])
+    status = json.loads((out / "runs" / "preln_lr1000_seed1234.status.json").read_text())
+    assert status["exit"] != 0 and "nan" in status["reason"].lower()
+    finished = out / "runs" / "normformer_lr0.01_seed1235.jsonl"
     stamp = finished.stat().st_mtime_ns
     again = reproduce_small(argv + ["--resume"])
     assert finished.stat().st_mtime_ns == stamp and again["summary"] == s
