@@ -11,6 +11,11 @@
     # a consolidated file -> a checkpoint to start training from (fresh optimizer)
     python tools/convert_checkpoint.py --load release/model.safetensors --save runs/init --target-tp 2
 
+    # a fairseq transformer_lm checkpoint -> a checkpoint to train on (fresh optimizer); with
+    # --fairseq-dict its vocabulary rows are reordered to GPT-2 BPE ids (docs/interop.md)
+    python tools/convert_checkpoint.py --load checkpoint_best.pt --fairseq-dict data-bin/dict.txt \
+        --save runs/from_fairseq --target-tp 2 --target-pp 2
+
 ``pretrain_gpt.py --load`` also resumes a training checkpoint in a different layout directly; the
 re-sharded copy saves every rank from reading the full tensors at start-up.
 """
@@ -26,9 +31,15 @@ from megatron_normformer.config import ConfigError  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", required=True,
-                        help="A training checkpoint directory (its 'latest' tag) or a consolidated "
-                             ".safetensors file.")
+                        help="A training checkpoint directory (its 'latest' tag), a consolidated "
+                             ".safetensors file, or a fairseq transformer_lm checkpoint (.pt).")
     parser.add_argument("--tag", default=None, help="Checkpoint tag to read instead of 'latest'.")
+    parser.add_argument("--fairseq-dict", default=None, metavar="DICT_TXT",
+                        help="fairseq's GPT-2 dict.txt of a fairseq --load: reorder the vocabulary "
+                             "rows so that GPT2BPETokenizer ids index them (fairseq's </s> becomes "
+                             "the end-of-document id). Without it fairseq's indices are kept and "
+                             "its dict.txt (found beside the checkpoint or in its task's data "
+                             "directory) is copied beside the output.")
     parser.add_argument("--output-consolidated", default=None, metavar="PATH",
                         help="Write PATH.safetensors (full fp32 tensors) and PATH.json (model config).")
     parser.add_argument("--save", default=None, help="Write a checkpoint for --target-tp/--target-pp here.")
@@ -39,6 +50,36 @@ def build_parser() -> argparse.ArgumentParser:
                         default=1, help="Pipeline-parallel degree of --save (Megatron-LM's name, or "
                                         "--target-pp).")
     return parser
+
+
+def from_fairseq(args) -> None:
+    """--load of a fairseq transformer_lm checkpoint: a consolidated file, or a checkpoint to
+    train on; its dictionary (when fairseq's indices are kept) copied beside either."""
+    import shutil
+
+    from megatron_normformer.checkpoint.convert import from_full_state
+    from megatron_normformer.checkpoint.release import save_consolidated
+    from megatron_normformer.interop.fairseq import continuation_flags, import_fairseq
+
+    imported = import_fairseq(args.load, args.fairseq_dict)
+    for note in imported.notes:
+        print(f"note: {note}")
+    if args.output_consolidated:
+        written = save_consolidated(args.output_consolidated, imported.full, imported.cfg)
+        dictionary = written[: -len(".safetensors")] + ".dict.txt"
+        print(f"wrote {written} and its config JSON")
+    else:
+        tag = from_full_state(imported.full, imported.cfg, args.save, args.target_tp, args.target_pp)
+        dictionary = os.path.join(args.save, "dict.txt")
+        print(f"wrote {args.save}/{tag} for TP={args.target_tp}, PP={args.target_pp} (fresh optimizer)")
+    if imported.dictionary:
+        shutil.copyfile(imported.dictionary, dictionary)
+        print(f"copied fairseq's dictionary {imported.dictionary} to {dictionary}")
+    if args.save:
+        tokenizer = ("--tokenizer-type GPT2BPETokenizer --vocab-file VOCAB.json --merge-file MERGES.txt"
+                     if args.fairseq_dict else f"--vocab-size {imported.cfg.vocab_size}")
+        print(f"train on with: pretrain_gpt.py --load {args.save} {tokenizer} "
+              + " ".join(continuation_flags(imported.cfg)))
 
 
 def main(argv=None):
@@ -52,8 +93,13 @@ def main(argv=None):
     from megatron_normformer.checkpoint import convert as cc
 
     consolidated_input = args.load.endswith(".safetensors") or os.path.isfile(args.load + ".safetensors")
+    fairseq_input = not consolidated_input and os.path.isfile(args.load)
+    if args.fairseq_dict and not fairseq_input:
+        parser.error("--fairseq-dict goes with --load of a fairseq checkpoint file")
     try:
-        if args.output_consolidated:
+        if fairseq_input:
+            from_fairseq(args)
+        elif args.output_consolidated:
             if consolidated_input:
                 parser.error("--load is already a consolidated file")
             path = cc.to_consolidated(args.load, args.output_consolidated, args.tag)
