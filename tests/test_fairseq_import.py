@@ -12,6 +12,7 @@ in float64, independent of the importer's mapping.
 import argparse
 import math
 import os
+import re
 import subprocess
 import sys
 from collections import OrderedDict
@@ -288,10 +289,10 @@ def fairseq_logits(sd, opts, tokens):
     return F.linear(x.transpose(0, 1), sd["decoder.output_projection.weight"])
 
 
-def _tokens(seed=0, bsz=2, seq=MAX_POS):
+def _tokens(seed=0, bsz=2, seq=MAX_POS, high=VOCAB):
     """fairseq indices without <s>, <pad>, <unk> (a language-modelling stream: </s> and symbols)."""
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(4, VOCAB, (bsz, seq), generator=g)
+    tokens = torch.randint(4, high, (bsz, seq), generator=g)
     tokens[:, 5] = EOS
     return tokens
 
@@ -371,3 +372,248 @@ def _pre_fix_logits(sd, opts, tokens):
         return fairseq_logits(sd, opts, tokens)
     finally:
         torch.einsum = original
+
+
+def test_older_state_dict_names(tmp_path):
+    """fairseq before 2019 kept q, k, v in one in_proj matrix and the separate output matrix as
+    decoder.embed_out; both read the same."""
+    opts = fairseq_model_cfg(**NORMFORMER, share_decoder_input_output_embed=False)
+    sd = fairseq_state_dict(opts)
+    old = OrderedDict()
+    for name, value in sd.items():
+        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "q_proj.bias",
+                          "k_proj.bias", "v_proj.bias")):
+            continue
+        old["decoder.embed_out" if name == "decoder.output_projection.weight" else name] = value
+    for i in range(LAYERS):
+        p = f"decoder.layers.{i}.self_attn."
+        for kind in ("weight", "bias"):
+            old[p + f"in_proj_{kind}"] = torch.cat([sd[p + f"{x}_proj.{kind}"] for x in "qkv"])
+    fairseq_checkpoint(tmp_path / "old.pt", opts, "args", sd=old)
+    tokens = _tokens(2)
+    ours, _ = _imported_logits(tmp_path / "old.pt", tokens)
+    torch.testing.assert_close(ours, fairseq_logits(sd, opts, tokens), rtol=1e-5, atol=2e-5)
+
+
+def _write_dict(path, lines=DICT_LINES):
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(f"{symbol} {1000 - i}\n" for i, symbol in enumerate(lines))
+    return str(path)
+
+
+def test_fairseq_dict_reorders_rows_to_gpt2_ids(tmp_path):
+    from megatron_normformer.interop.fairseq import GPT2_EOD, GPT2_VOCAB_SIZE, import_fairseq
+
+    opts = fairseq_model_cfg(**NORMFORMER, share_decoder_input_output_embed=False)
+    sd = fairseq_checkpoint(tmp_path / "c.pt", opts)
+    dictionary = _write_dict(tmp_path / "dict.txt")
+    fairseq_tokens = _tokens(3, high=4 + len(GPT2_SYMBOLS))
+    # fairseq index -> GPT-2 id: symbol "k" is BPE id k, </s> the end-of-document id
+    to_gpt2 = torch.full((VOCAB,), -1, dtype=torch.long)
+    to_gpt2[EOS] = GPT2_EOD
+    for index, symbol in enumerate(DICT_LINES, start=4):
+        if symbol.isdigit():
+            to_gpt2[index] = int(symbol)
+    ours, cfg = _imported_logits(tmp_path / "c.pt", to_gpt2[fairseq_tokens], dictionary)
+    assert cfg.vocab_size == GPT2_VOCAB_SIZE == 50261
+    expected = fairseq_logits(sd, opts, fairseq_tokens)
+    columns = (to_gpt2 >= 0).nonzero().squeeze(1)
+    torch.testing.assert_close(ours[..., to_gpt2[columns]], expected[..., columns], rtol=1e-5, atol=2e-5)
+    # every GPT-2 id the dictionary lacks reads <unk>'s rows, as fairseq reads such a symbol
+    imported = import_fairseq(str(tmp_path / "c.pt"), dictionary)
+    word, out = imported.full["embedding.word_embeddings.weight"], imported.full["head.weight"]
+    absent = torch.ones(GPT2_VOCAB_SIZE, dtype=torch.bool)
+    absent[to_gpt2[columns]] = False
+    absent[GPT2_EOD + 1:GPT2_EOD + 4] = False  # <s> </s> <pad>: fairseq's own rows
+    assert int(absent.sum()) == 50256 - 30 + 1  # + <mask>
+    torch.testing.assert_close(word[absent], sd["decoder.embed_tokens.weight"][UNK].expand(int(absent.sum()), -1))
+    torch.testing.assert_close(out[GPT2_EOD + 2], sd["decoder.output_projection.weight"][EOS])
+    assert any("50226 GPT-2 ids absent" in n and "2 entries without a GPT-2 id dropped" in n
+               for n in imported.notes), imported.notes
+    assert imported.dictionary is None
+
+
+def _tool(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), *args],
+                          capture_output=True, text=True)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (dict(_name="transformer_wmt_en_de"), "architecture 'transformer_wmt_en_de' is not a transformer_lm"),
+    (dict(adaptive_input=True), "--adaptive-input"),
+    (dict(adaptive_softmax_cutoff="20000,60000"), "--adaptive-softmax-cutoff"),
+    (dict(character_embeddings=True), "--character-embeddings"),
+    (dict(layernorm_embedding=True), "--layernorm-embedding"),
+    (dict(quant_noise_pq=0.1), "--quant-noise-pq"),
+    (dict(decoder_normalize_before=False), "post-LN model is not representable"),
+    (dict(decoder_input_dim=16), "--decoder-input-dim 16 differs"),
+    (dict(activation_fn="gelu_accurate"), "--activation-fn gelu_accurate is not supported"),
+])
+def test_unrepresentable_options_are_named(tmp_path, extra, message):
+    from megatron_normformer.interop.fairseq import import_fairseq
+
+    opts = fairseq_model_cfg(**extra)
+    fairseq_checkpoint(tmp_path / "c.pt", opts, sd=fairseq_state_dict(fairseq_model_cfg()))
+    with pytest.raises(ConfigError, match=message):
+        import_fairseq(str(tmp_path / "c.pt"))
+
+
+def test_state_dict_that_disagrees_with_its_cfg_is_named(tmp_path):
+    from megatron_normformer.interop.fairseq import import_fairseq
+
+    sd = fairseq_state_dict(fairseq_model_cfg(scale_heads=True))
+    fairseq_checkpoint(tmp_path / "extra.pt", fairseq_model_cfg(), sd=sd)
+    with pytest.raises(ConfigError, match=r"no counterpart here: \['decoder.layers.0.c_attn'"):
+        import_fairseq(str(tmp_path / "extra.pt"))
+    fairseq_checkpoint(tmp_path / "lacks.pt", fairseq_model_cfg(scale_fc=True), sd=fairseq_state_dict(fairseq_model_cfg()))
+    with pytest.raises(ConfigError, match="lacks.*ffn_layernorm"):
+        import_fairseq(str(tmp_path / "lacks.pt"))
+
+
+def test_bad_inputs_get_one_line(tmp_path):
+    from megatron_normformer.checkpoint.inference import load_full_state
+
+    not_a_checkpoint = tmp_path / "notes.pt"
+    not_a_checkpoint.write_text("hello\n")
+    fairseq_checkpoint(tmp_path / "c.pt", fairseq_model_cfg())
+    fairseq_checkpoint(tmp_path / "mt.pt", fairseq_model_cfg(_name="transformer"))
+    for path, message in [(not_a_checkpoint, "nor a fairseq checkpoint (not a file torch.save wrote"),
+                          (tmp_path / "mt.pt", "'transformer' is not a transformer_lm")]:
+        with pytest.raises(ConfigError, match=re.escape(message)) as error:
+            load_full_state(str(path))
+        assert "\n" not in str(error.value)
+    short = _write_dict(tmp_path / "short.txt", DICT_LINES[:-1])
+    done = _tool("--load", str(tmp_path / "c.pt"), "--fairseq-dict", short, "--save", str(tmp_path / "out"))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"convert_checkpoint.py: error: --fairseq-dict {short}: 35 entries (4 specials + 31 lines), "
+        f"but the checkpoint's embedding has {VOCAB} rows"]
+
+
+def test_pickled_code_never_runs(tmp_path, monkeypatch):
+    """A checkpoint's pickle may name any callable: torch's restricted unpickler refuses modules
+    such as os outright, and any other class becomes an inert stand-in holding its data."""
+    from megatron_normformer.interop.fairseq import StandIn, read_checkpoint
+
+    target = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.makedirs, (str(target),))
+
+    class AverageMeter:  # pickled as fairseq's own class, as if fairseq had written it
+        def __init__(self):
+            self.val, self.sum, self.count = 2.5, 10.0, 4
+
+    meters = type(sys)("fairseq.logging.meters")
+    AverageMeter.__module__, AverageMeter.__qualname__ = meters.__name__, "AverageMeter"
+    meters.AverageMeter = AverageMeter
+    for name in ("fairseq", "fairseq.logging", "fairseq.logging.meters"):
+        monkeypatch.setitem(sys.modules, name, meters)
+    sd = fairseq_state_dict(fairseq_model_cfg())
+    fairseq_checkpoint(tmp_path / "c.pt", fairseq_model_cfg(), sd=sd)
+    state = torch.load(tmp_path / "c.pt", weights_only=False)
+    state["extra_state"]["payload"] = Payload()
+    torch.save(state, tmp_path / "evil.pt")
+    with pytest.raises(ConfigError, match="GLOBAL os.makedirs"):
+        read_checkpoint(str(tmp_path / "evil.pt"))
+    assert not target.exists()
+    state["extra_state"]["payload"] = AverageMeter()
+    torch.save(state, tmp_path / "meters.pt")
+    for name in ("fairseq", "fairseq.logging", "fairseq.logging.meters"):
+        monkeypatch.delitem(sys.modules, name)
+    read = read_checkpoint(str(tmp_path / "meters.pt"))
+    meter = read["extra_state"]["payload"]
+    assert isinstance(meter, StandIn) and meter.state == {"val": 2.5, "sum": 10.0, "count": 4}
+    assert repr(meter) == "<fairseq.logging.meters.AverageMeter, not rebuilt>"
+    assert isinstance(read["extra_state"]["best"], StandIn)  # numpy's scalar: fairseq's data, unused
+    torch.testing.assert_close(read["model"]["decoder.embed_tokens.weight"], sd["decoder.embed_tokens.weight"])
+
+
+def test_continuation_flags_rebuild_the_config():
+    from megatron_normformer.interop.fairseq import continuation_flags
+
+    cfg = ModelConfig(**{**TINY, "vocab_size": 37}, position_embedding_type="learned",
+                      position_embedding_offset=2, final_layernorm=False, scale_embedding=False,
+                      scale_heads=True, head_scale_position="post-proj", activation_fn="relu_squared",
+                      untie_embeddings_and_output_weights=True, scale_fc=True)
+    args = add_model_args(argparse.ArgumentParser()).parse_args(continuation_flags(cfg))
+    rebuilt = model_config_from_args(args, vocab_size=37)
+    assert dataclasses_without_dropout(rebuilt) == dataclasses_without_dropout(cfg)
+
+
+def dataclasses_without_dropout(cfg):
+    return {k: v for k, v in cfg.to_dict().items() if not k.endswith("dropout")}
+
+
+# -- convert, then train on at TP=2 and PP=2 -----------------------------------------------------
+TRAINED = dict(NORMFORMER, decoder_learned_pos=True, no_decoder_final_norm=True)  # tied: no head weights
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fairseq")
+    data = root / "data-bin"
+    data.mkdir()
+    _write_dict(data / "dict.txt")
+    checkpoint = str(root / "checkpoint_last.pt")
+    sd = fairseq_checkpoint(checkpoint, fairseq_model_cfg(**TRAINED), data_dir=str(data))
+    save = str(root / "tp2pp2")
+    done = _tool("--load", checkpoint, "--save", save, "--target-tp", "2", "--target-pp", "2")
+    assert done.returncode == 0, done.stderr
+    return dict(root=root, checkpoint=checkpoint, save=save, sd=sd, stdout=done.stdout,
+                dictionary=str(data / "dict.txt"))
+
+
+def test_convert_writes_the_layout_and_the_dictionary(converted):
+    from megatron_normformer.checkpoint.inference import load_full_state
+    from megatron_normformer.checkpoint.release import load_consolidated
+
+    save = converted["save"]
+    assert sorted(os.listdir(os.path.join(save, "iter_0000000", "universal"))) == [
+        "meta.json", "tp00_pp00.safetensors", "tp00_pp01.safetensors", "tp01_pp00.safetensors",
+        "tp01_pp01.safetensors"]
+    with open(os.path.join(save, "dict.txt")) as a, open(converted["dictionary"]) as b:
+        assert a.read() == b.read()
+    assert f"its dictionary is {converted['dictionary']}" in converted["stdout"]
+    imported, cfg = load_full_state(converted["checkpoint"])
+    resharded, cfg_resharded = load_full_state(save)
+    assert cfg_resharded == cfg
+    for name, tensor in imported.items():
+        torch.testing.assert_close(resharded[name], tensor, rtol=0, atol=0)
+    release = str(converted["root"] / "release" / "model")
+    done = _tool("--load", converted["checkpoint"], "--output-consolidated", release)
+    assert done.returncode == 0, done.stderr
+    assert os.path.isfile(release + ".dict.txt")
+    full, cfg_release = load_consolidated(release)
+    assert cfg_release == cfg and full.keys() == imported.keys()
+
+
+def test_pretrain_continues_the_imported_model_at_tp2_and_pp2(converted):
+    """``pretrain_gpt.py`` with the flags the tool prints loads the checkpoint in two layouts; its
+    first loss is the imported model's loss on the same batch (fairseq's forward checked above)."""
+    from megatron_normformer.checkpoint.inference import load_full_state
+    from megatron_normformer.checkpoint.release import build_model
+    from megatron_normformer.data.gpt_dataset import MockGPTDataset
+    from megatron_normformer.testing import spawn
+    from train_utils import train_many
+
+    hint = next(line for line in converted["stdout"].splitlines() if line.startswith("train on with:"))
+    argv = hint.split()[hint.split().index("pretrain_gpt.py") + 1:]
+    assert "--finetune" in argv and "--position-embedding-offset" in argv
+    argv += ("--mock-data --micro-batch-size 2 --global-batch-size 4 --train-iters 1 --seq-length 16 "
+             "--lr 1e-3 --num-workers 0 --log-interval 1 --eval-iters 0 --seed 7 "
+             "--hidden-dropout 0 --attention-dropout 0").split()
+    runs = [argv + ["--tensor-model-parallel-size", "2"], argv + ["--pipeline-model-parallel-size", "2"]]
+    losses = [r["losses"][1] for r in spawn(train_many, 2, runs)[0]]
+
+    full, cfg = load_full_state(converted["checkpoint"])
+    model = build_model(full, cfg, SingleProcessState()).eval()
+    samples = torch.stack([torch.from_numpy(MockGPTDataset(4, 16, VOCAB, seed=7)[i]["text"]) for i in range(4)])
+    with torch.no_grad():
+        expected = model(samples[:, :-1], samples[:, 1:]).mean().item()
+    for loss in losses:
+        assert abs(loss - expected) <= 1e-5 * expected, (losses, expected)

@@ -78,7 +78,7 @@ def from_fairseq(args) -> None:
     if args.save:
         tokenizer = ("--tokenizer-type GPT2BPETokenizer --vocab-file VOCAB.json --merge-file MERGES.txt"
                      if args.fairseq_dict else f"--vocab-size {imported.cfg.vocab_size}")
-        print(f"train on with: pretrain_gpt.py --load {args.save} {tokenizer} "
+        print(f"train on with: pretrain_gpt.py --load {args.save} --finetune {tokenizer} "
               + " ".join(continuation_flags(imported.cfg)))
 
 

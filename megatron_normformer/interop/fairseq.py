@@ -115,9 +115,11 @@ def read_checkpoint(path: str) -> dict:
         with torch.serialization.safe_globals(allowed):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure means "not a checkpoint we can read"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        # torch's weights-only message opens with generic advice; a line naming a global says why
+        reason = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line),
+                      "not a file torch.save wrote, or a damaged one")
         raise ConfigError(f"--load {path}: neither a consolidated checkpoint (.safetensors), a "
-                          f"training checkpoint directory nor a fairseq checkpoint ({reason[:160]})")
+                          f"training checkpoint directory nor a fairseq checkpoint ({reason[:200]})")
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise ConfigError(f"--load {path}: not a fairseq checkpoint (no 'model' state dict)")
     return state
