@@ -485,6 +485,11 @@ def test_bad_inputs_get_one_line(tmp_path):
         with pytest.raises(ConfigError, match=re.escape(message)) as error:
             load_full_state(str(path))
         assert "\n" not in str(error.value)
+    from megatron_normformer.checkpoint.training import read_latest
+
+    with pytest.raises(ConfigError, match="a file, not a training checkpoint directory; make one with "
+                                          "tools/convert_checkpoint.py"):
+        read_latest(str(tmp_path / "c.pt"))  # pretrain_gpt.py --load checkpoint.pt
     short = _write_dict(tmp_path / "short.txt", DICT_LINES[:-1])
     done = _tool("--load", str(tmp_path / "c.pt"), "--fairseq-dict", short, "--save", str(tmp_path / "out"))
     assert done.returncode == 2, done.stderr

@@ -81,6 +81,9 @@ def has_checkpoint(load_dir: str) -> bool:
 def resolve_tag(load_dir: str, tag: Optional[str] = None) -> str:
     """``tag``, or the newest complete checkpoint's (``latest``), checked to exist in ``load_dir``."""
     if not os.path.isdir(load_dir):
+        if os.path.isfile(load_dir):  # a fairseq checkpoint.pt, a consolidated .safetensors file
+            raise ConfigError(f"--load {load_dir}: a file, not a training checkpoint directory; make "
+                              f"one with tools/convert_checkpoint.py --load {load_dir} --save DIR")
         raise ConfigError(f"--load {load_dir}: no such directory")
     if tag is None:
         path = os.path.join(load_dir, LATEST)
