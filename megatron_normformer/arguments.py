@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import typing
@@ -98,6 +99,28 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int | None = No
     return cfg.validate(getattr(args, "tensor_model_parallel_size", 1))
 
 
+def checkpoint_model_config(args: argparse.Namespace) -> ModelConfig | None:
+    """``--use-checkpoint-args`` (Megatron's): the model configuration saved in the ``--load``
+    checkpoint's run.json, which replaces the model flags; None where ``--load`` holds no
+    checkpoint yet (a run that saves and resumes in one directory), and the flags apply."""
+    # Reading a checkpoint needs torch; parsing flags does not otherwise.
+    from megatron_normformer.checkpoint.training import has_checkpoint, read_latest
+
+    if not args.load:
+        raise ConfigError("--use-checkpoint-args needs --load (the checkpoint to take the model from)")
+    if not has_checkpoint(args.load):
+        return None
+    tag = read_latest(args.load)
+    with open(os.path.join(args.load, tag, "run.json")) as f:
+        saved = ModelConfig.from_dict(json.load(f)["run"]["model"])
+    replaced = [f"--{name.replace('_', '-')}" for name in _MODEL_FIELDS
+                if getattr(args, name, None) is not None and getattr(args, name) != getattr(saved, name)]
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: --use-checkpoint-args: the model configuration of {args.load}/{tag}"
+              + (f" replaces {' '.join(replaced)}" if replaced else ""), file=sys.stderr)
+    return saved
+
+
 def parse_or_exit(parser: argparse.ArgumentParser, build, argv=None):
     """Parse and build configs; a ConfigError becomes one line on stderr and exit status 2."""
     args = parser.parse_args(argv)
@@ -143,7 +166,14 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                                          "--override-opt-param-scheduler"],
         "use_checkpoint_opt_param_scheduler": ["--use-checkpoint-opt_param-scheduler",
                                                "--use-checkpoint-opt-param-scheduler"]})
-    _add_dataclass_group(parser, "logging", LoggingConfig)
+    logging = _add_dataclass_group(parser, "logging", LoggingConfig)
+    logging.add_argument("--no-log-loss-scale-to-tensorboard", action="store_false",
+                         dest="log_loss_scale_to_tensorboard",
+                         help="Leave the loss scale out of TensorBoard (Megatron's flag).")
+    training.add_argument("--no-check-for-nan-in-loss-and-grad", action="store_false",
+                          dest="check_for_nan_in_loss_and_grad",
+                          help="Train on through non-finite losses and gradient norms (Megatron's "
+                               "flag; the check is on by default).")
     ds = _add_dataclass_group(parser, "DeepSpeed", DeepSpeedConfig,
                               {"deepspeed_config": ["--deepspeed_config", "--deepspeed-config"]})
     ds.add_argument("--deepspeed", action="store_true",
@@ -181,7 +211,6 @@ NO_EFFECT_SWITCHES = {
     "--apply-query-key-layer-scaling": "query-key layer scaling: softmax is computed in fp32 anyway",
     "--attention-softmax-in-fp32": "SDPA accumulates the softmax in fp32",
     "--fp16-lm-cross-entropy": "the vocab-parallel cross entropy runs in fp32",
-    "--log-timers-to-tensorboard": "timings are logged with every progress line",
     "--log-batch-size-to-tensorboard": "the global batch size is always logged",
     "--log-validation-ppl-to-tensorboard": "validation perplexity is always logged",
     "--log-memory-to-tensorboard": "memory is not logged",
@@ -230,10 +259,17 @@ def run_config_from_args(args: argparse.Namespace, vocab_size: int | None = None
             args.no_accumulate_allreduce_grads_in_fp32:
         raise ConfigError("--accumulate-allreduce-grads-in-fp32 contradicts "
                           "--no-accumulate-allreduce-grads-in-fp32")
-    if vocab_size is None and args.vocab_size is None:
+    saved = checkpoint_model_config(args) if args.use_checkpoint_args else None
+    if vocab_size is None and args.vocab_size is None and saved is None:
         raise ConfigError("--vocab-size is required with --mock-data or --tokenizer-type NullTokenizer "
                           "(other tokenizers give it)")
-    model = model_config_from_args(args, vocab_size, bidirectional)
+    if saved is not None:
+        if vocab_size is not None and vocab_size != saved.vocab_size:
+            raise ConfigError(f"--use-checkpoint-args: the checkpoint's vocabulary has "
+                              f"{saved.vocab_size} entries, the tokenizer's {vocab_size}")
+        model = saved.validate(args.tensor_model_parallel_size)
+    else:
+        model = model_config_from_args(args, vocab_size, bidirectional)
     parallel = ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                               args.sequence_parallel)
     run = RunConfig(model=model, parallel=parallel,

@@ -18,6 +18,9 @@ class CheckpointConfig:
     """Load weights only: fresh optimizer and LR schedule (``--no-load-optim``)."""
     no_load_rng: bool = False
     """Do not restore the RNG states (``--no-load-rng``)."""
+    use_checkpoint_args: bool = False
+    """Take the model's configuration from the ``--load`` checkpoint's ``run.json`` instead of the
+    model flags (``--use-checkpoint-args``); where there is no checkpoint yet, the flags."""
     finetune: bool = False
     """Start a new run from the ``--load`` checkpoint's weights only: iteration, consumed samples,
     optimizer, learning-rate schedule and RNG start fresh (``--finetune``)."""

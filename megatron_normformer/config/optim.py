@@ -7,12 +7,17 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 LR_DECAY_STYLES = ("linear", "cosine", "constant")
+OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass
 class OptimizerConfig:
-    """AdamW with Megatron parameter groups and the learning-rate schedule."""
+    """AdamW (or SGD) with Megatron parameter groups and the learning-rate schedule."""
 
+    optimizer: str = field(default="adam", metadata={"choices": OPTIMIZERS})
+    """``adam``: AdamW, decoupled weight decay (the recipe's; Megatron's ``adam``, which is AdamW
+    too); ``sgd``: SGD with ``--sgd-momentum``, weight decay added to the gradient as torch and
+    Megatron do (``--optimizer``)."""
     lr: float = 3e-3
     """Peak learning rate (``--lr``); the paper's NormFormer 125M value is the default."""
     min_lr: float = 0.0
@@ -50,3 +55,5 @@ class OptimizerConfig:
     """Adam beta2 (``--adam-beta2``)."""
     adam_eps: float = 1e-8
     """Adam epsilon (``--adam-eps``)."""
+    sgd_momentum: float = 0.9
+    """Momentum of ``--optimizer sgd`` (``--sgd-momentum``)."""

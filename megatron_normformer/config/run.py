@@ -77,6 +77,8 @@ class BatchRamp:
         return consumed
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
 CONFIG_CLASSES = (OptimizerConfig, TrainingConfig, DataConfig, CheckpointConfig, LoggingConfig,
                   DeepSpeedConfig)
 
@@ -125,7 +127,10 @@ class RunConfig:
                         ("--distributed-timeout-minutes", t.distributed_timeout_minutes),
                         ("--exit-duration-in-mins", t.exit_duration_in_mins),
                         ("--checkpoint-num-layers", t.checkpoint_num_layers),
-                        ("--recompute-num-layers", t.recompute_num_layers)):
+                        ("--recompute-num-layers", t.recompute_num_layers),
+                        ("--max-consecutive-skipped-iterations",
+                         t.max_consecutive_skipped_iterations),
+                        ("--tensorboard-log-interval", self.log.tensorboard_log_interval)):
             if v is not None and v <= 0:
                 raise ConfigError(f"{flag} must be positive, got {v}")
         tp = self.parallel.tensor_model_parallel_size
@@ -154,8 +159,7 @@ class RunConfig:
         threshold = self.ds.zero_param_persistence_threshold
         if threshold is not None and threshold < 0:
             raise ConfigError(f"--zero-param-persistence-threshold must be >= 0, got {threshold}")
-        if o.lr < 0 or o.min_lr < 0 or o.min_lr > o.lr:
-            raise ConfigError(f"need 0 <= --min-lr ({o.min_lr}) <= --lr ({o.lr})")
+        self._check_optimizer_numbers()
         if o.lr_warmup_iters < 0:
             raise ConfigError(f"--lr-warmup-iters must be >= 0, got {o.lr_warmup_iters}")
         if o.clip_grad < 0:
@@ -188,6 +192,26 @@ class RunConfig:
         if t.rampup_batch_size is not None:
             BatchRamp.from_run(self)
         return self
+
+    def _check_optimizer_numbers(self) -> None:
+        o = self.optim
+        for flag, v in (("--lr", o.lr), ("--min-lr", o.min_lr)):
+            if not math.isfinite(v):
+                raise ConfigError(f"{flag} must be a finite number, got {v}")
+        if o.lr < 0 or o.min_lr < 0 or o.min_lr > o.lr:
+            raise ConfigError(f"need 0 <= --min-lr ({o.min_lr}) <= --lr ({o.lr})")
+        for flag, v in (("--adam-beta1", o.adam_beta1), ("--adam-beta2", o.adam_beta2)):
+            if not 0 <= v < 1:
+                raise ConfigError(f"{flag} must be in [0, 1), got {v}")
+        if o.sgd_momentum < 0:
+            raise ConfigError(f"--sgd-momentum must be >= 0, got {o.sgd_momentum}")
+        # The optimizer applies the rate in float32: torch refuses a step it cannot represent.
+        if o.optimizer == "adam" and o.lr / (1 - o.adam_beta1) > FLOAT32_MAX:
+            raise ConfigError(f"--lr {o.lr:g} is too large for float32: Adam's first update is "
+                              f"--lr / (1 - --adam-beta1) = {o.lr / (1 - o.adam_beta1):.3g}, beyond "
+                              f"float32's largest value {FLOAT32_MAX:.3g}")
+        if o.lr > FLOAT32_MAX:
+            raise ConfigError(f"--lr {o.lr:g} is beyond float32's largest value {FLOAT32_MAX:.3g}")
 
     def recompute(self) -> Optional["Recompute"]:
         """The activation recomputation asked for, old and new flag spellings resolved."""

@@ -42,6 +42,18 @@ class TrainingConfig:
     (``--loss-scale-window``)."""
     hysteresis: int = 2
     """Overflows tolerated before the dynamic fp16 loss scale halves (``--hysteresis``)."""
+    check_for_nan_in_loss_and_grad: bool = True
+    """Stop at the first iteration whose loss or gradient norm is not finite, on every rank before
+    anything is saved, at every ZeRO stage and precision (Megatron's check, on by default;
+    ``--no-check-for-nan-in-loss-and-grad`` trains on). The overflowing steps of fp16's dynamic
+    loss scaling are exempt: they are skipped, counted and bounded by
+    ``--max-consecutive-skipped-iterations``."""
+    max_consecutive_skipped_iterations: int = 32
+    """fp16 with dynamic loss scaling: stop after this many consecutive iterations skipped for
+    overflowing gradients. Each overflow halves the scale (at ZeRO 1-3 after ``--hysteresis``), so
+    32 in a row take Megatron's initial 2^32 down to 1: a run that still overflows has diverged.
+    At ZeRO 1-3 an overflow at ``--min-loss-scale`` stops the run too (DeepSpeed's scaler gives
+    up there; its ZeRO-0 wrapper would skip on)."""
     no_accumulate_allreduce_grads_in_fp32: bool = False
     """With --bf16: accumulate and all-reduce gradients in bf16 instead of fp32 (the default, as
     Megatron's --accumulate-allreduce-grads-in-fp32; DeepSpeed's data_types.grad_accum_dtype).

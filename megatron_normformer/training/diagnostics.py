@@ -42,6 +42,19 @@ def grad_norm(model, pstate, zero_stage: int, pipeline: bool = False) -> float:
     return total.sqrt().item()
 
 
+def grad_zeros(model, pstate, zero_stage: int) -> int:
+    """Number of zero entries of the gradient (``--log-num-zeros-in-grad``, Megatron's count),
+    each TP-replicated parameter counted once. Collective over TP (and DP at ZeRO 1-3)."""
+    total = torch.zeros(1, dtype=torch.float64)
+    for p in model.parameters():
+        g = _grad(p, zero_stage)
+        if g is not None and (getattr(p, "tensor_model_parallel", False) or pstate.tp_rank == 0):
+            total += (g.detach() == 0).sum().cpu()
+    if pstate.tp_size > 1:
+        dist.all_reduce(total, group=pstate.tp_group)
+    return int(total.item())
+
+
 def params_norm(model, pstate, zero_stage: int, pipeline: bool) -> float:
     """Global L2 norm of the parameters (``--log-params-norm``), each TP-replicated parameter and
     the tied embedding of a pipeline counted once. Collective over TP, PP (and DP at ZeRO-3)."""
@@ -58,6 +71,51 @@ def params_norm(model, pstate, zero_stage: int, pipeline: bool) -> float:
         if size > 1:
             dist.all_reduce(total, group=group)
     return total.sqrt().item()
+
+
+def optimizer_state_norms(engine, model, pstate) -> Dict[str, float]:
+    """``--log-optimizer-states-to-tensorboard`` (Megatron-DeepSpeed's): the L2 norm, L1 norm and
+    largest magnitude of the fp32 master weights (``weight``) and of the optimizer's states: Adam's
+    first moment (``momentum``), second moment (``variance``) and its square root
+    (``variance_sqrt``), SGD's momentum buffer (``momentum``). Over the whole model in any layout:
+    each rank reads the piece it owns (its ZeRO partition, or data-parallel rank 0 the replicated
+    state, as the layout-independent checkpoint does), each TP-replicated parameter and the tied
+    embedding once. Collective over the world."""
+    from megatron_normformer.checkpoint.universal import MasterState
+
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    moments = {"momentum": "momentum_buffer"} if isinstance(base, torch.optim.SGD) else \
+        {"momentum": "exp_avg", "variance": "exp_avg_sq"}
+    if not base.state:  # no step applied yet (fp16 overflows): no state to read
+        moments = {}
+    names = ["weight", *moments, *(["variance_sqrt"] if "variance" in moments else [])]
+    sums = torch.zeros(2, len(names), dtype=torch.float64)  # squares, magnitudes
+    largest = torch.zeros(len(names), dtype=torch.float64)
+    masters = MasterState(engine, pstate)
+    for name, p in model.named_parameters():
+        if is_tied_copy(name, pstate) or not (getattr(p, "tensor_model_parallel", False)
+                                              or pstate.tp_rank == 0):
+            continue
+        piece = masters.piece(p)
+        if piece is None:
+            continue
+        get = piece[2]
+        values = [get(None)] + [get(key) for key in moments.values()]
+        if "variance" in moments:
+            values.append(values[-1].clamp(min=0).sqrt())
+        for i, v in enumerate(values):
+            v = v.detach().double()
+            sums[0, i] += v.pow(2).sum().cpu()
+            sums[1, i] += v.abs().sum().cpu()
+            if v.numel():
+                largest[i] = torch.maximum(largest[i], v.abs().max().cpu())
+    dist.all_reduce(sums)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    out = {}
+    for i, n in enumerate(names):
+        out.update({f"optimizer/{n}_l2": sums[0, i].sqrt().item(),
+                    f"optimizer/{n}_l1": sums[1, i].item(), f"optimizer/{n}_abs_max": largest[i].item()})
+    return out
 
 
 def fc2_grad_mean_abs(model, pstate, zero_stage: int) -> Dict[str, float]:

@@ -7,13 +7,15 @@ from typing import Dict, List
 import torch
 
 from megatron_normformer.config import ConfigError, RunConfig
+from megatron_normformer.deepspeed_repairs import (
+    Fp16ScaledLoss, check_deepspeed_version, clip_by_the_true_norm, fp16_loss_left_unscaled,
+    release_last_stage_buffers, undo_initial_zero_step)
 from megatron_normformer.model.attention import ParallelAttention
 from megatron_normformer.model.layer import LayerRecompute
 from megatron_normformer.parallel import random as tp_random
 from megatron_normformer.parallel.state import init_deepspeed_comm
 from megatron_normformer.training import diagnostics
 from megatron_normformer.training.schedule import LRSchedule
-from megatron_normformer.training.step import Fp16ScaledLoss, engine_skips_fp16_loss_scaling
 from megatron_normformer.training.tasks import get_task
 
 
@@ -51,7 +53,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_all: bool) -
 def optimizer_impl(run: RunConfig, on_gpu: bool) -> str:
     """Which AdamW steps the optimizer states: DeepSpeed's vectorised ``cpu_adam`` where they are
     offloaded to host memory, DeepSpeed's ``fused`` multi-tensor kernel on GPU (as Megatron uses
-    apex's), torch's ``torch`` AdamW otherwise. All three are the same decoupled-weight-decay Adam."""
+    apex's), torch's ``torch`` AdamW otherwise. All three are the same decoupled-weight-decay Adam.
+    ``--optimizer sgd``: torch's ``sgd`` everywhere."""
+    if run.optim.optimizer == "sgd":
+        return "sgd"
     if run.ds.cpu_offload:
         return "torch" if run.ds.cpu_torch_adam else "cpu_adam"
     return "fused" if on_gpu else "torch"
@@ -59,6 +64,8 @@ def optimizer_impl(run: RunConfig, on_gpu: bool) -> str:
 
 def build_optimizer(run: RunConfig, groups: List[Dict], impl: str):
     o = run.optim
+    if impl == "sgd":  # weight decay per parameter group, added to the gradient (Megatron's SGD)
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.sgd_momentum)
     kwargs = dict(lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps)
     if impl == "cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -99,87 +106,11 @@ def apply_recompute(model: torch.nn.Module, recompute, checkpoint, pipeline: boo
         model.recompute = LayerRecompute(checkpoint, recompute.method, recompute.num_layers)
 
 
-def undo_initial_zero_step(optimizer) -> None:
-    """DeepSpeed's ZeRO-0 fp16/bf16 wrappers (``FP16_Optimizer``, ``FP16_UnfusedOptimizer``) create
-    the inner optimizer's state by stepping it once on zero gradients: Adam's step count starts at
-    1, so the first real update is about 0.74 x Adam's first, and the fp32 masters are weight-decayed
-    once. Undo that step: the masters copied back from the 16-bit weights they were cloned from,
-    the state emptied (AdamW builds it again at the first real step). ZeRO 1-3 do not step."""
-    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
-    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-
-    if isinstance(optimizer, FP16_UnfusedOptimizer):
-        for masters, weights in zip(optimizer.fp32_groups, optimizer.fp16_groups):
-            for master, weight in zip(masters, weights):
-                master.data.copy_(weight.data)
-    elif isinstance(optimizer, FP16_Optimizer):
-        for master, weights in zip(optimizer.fp32_groups_flat, optimizer.fp16_groups_flat):
-            master.data.copy_(weights)
-    else:
-        return
-    optimizer.optimizer.state.clear()
-
-
-def clip_by_the_true_norm(optimizer, model, pstate, pipeline: bool) -> None:
-    """``FP16_UnfusedOptimizer`` (16-bit at ZeRO-0 with a torch optimizer) clips by a norm that
-    leaves out every gradient of the TP ranks > 0 (DeepSpeed's ``get_weight_norm`` tells
-    TP-replicated tensors by an attribute that gradients lack) and counts a pipeline's tied
-    embedding on both stages: it clips by the true norm instead, loss-scaled as it expects."""
-    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-
-    if not isinstance(optimizer, FP16_UnfusedOptimizer) or optimizer.clip_grad <= 0:
-        return
-    unscale_and_clip = optimizer.unscale_and_clip_grads
-
-    def unscale_and_clip_grads(total_norm, apply_scale=True):
-        return unscale_and_clip(diagnostics.grad_norm(model, pstate, 0, pipeline), apply_scale)
-
-    optimizer.unscale_and_clip_grads = unscale_and_clip_grads
-
-
-def release_last_stage_buffers(engine) -> None:
-    """Free what DeepSpeed's PipelineEngine keeps alive on the last stage after it is last needed.
-
-    The engine keeps each micro-batch's forward output in a pipe buffer (``pipe_buffers
-    ["outputs"]``) for its backward pass and frees it at the end of that backward, except on the
-    last stage, whose backward pass returns before it gets there (``deepspeed/runtime/pipe/
-    engine.py``, ``_exec_backward_pass``). There the output is the logits [micro batch, seq, padded
-    vocab / TP], which nothing reads once the loss has been computed from them (the cross entropy
-    keeps its own softmax, the output projection its inputs, the last stage sends nothing on): each
-    pipe buffer (two at least) kept one micro-batch's logits through the rest of the iteration and
-    into the next, up to two logits tensors above the cross entropy's own (0.8 GiB each at micro
-    batch 4, seq 2048, GPT-2's vocabulary, bf16). The reference is dropped right after each forward
-    pass; ``eval_batch(return_logits=True)`` keeps its own (``engine.outputs``).
-
-    The engine's ``loss`` also keeps its micro-batch's autograd graph after the backward pass,
-    until the next forward replaces it (through the optimizer step, into the next iteration): its
-    nodes hold no saved tensors any more, but the one accumulating into the received activations
-    (a leaf) holds that tensor, and with it its gradient, after both have been sent. The loss is
-    detached once its backward pass has run."""
-    from deepspeed.runtime.pipe import schedule
-
-    if not engine.is_last_stage():
-        return
-    instructions = type(engine)._INSTRUCTION_MAP
-    forward, backward = instructions[schedule.ForwardPass], instructions[schedule.BackwardPass]
-
-    def forward_then_release(self, buffer_id):
-        forward(self, buffer_id)
-        self.pipe_buffers["outputs"][buffer_id] = None
-
-    def backward_then_release(self, buffer_id):
-        backward(self, buffer_id)
-        self.loss = self.loss.detach() if torch.is_tensor(self.loss) else [l.detach() for l in self.loss]
-
-    # _exec_schedule looks each instruction up in this map: the instance's copy shadows the class's.
-    engine._INSTRUCTION_MAP = {**instructions, schedule.ForwardPass: forward_then_release,
-                               schedule.BackwardPass: backward_then_release}
-
-
 def build_engine(run: RunConfig, pstate, ds_config: Dict, task=None) -> Engine:
     """``task`` (``training/tasks.py``, GPT when None) says which model to build."""
     import deepspeed
 
+    check_deepspeed_version()
     task = get_task(task)
     task.validate(run)
     check_precision(run)
@@ -237,13 +168,13 @@ def build_engine(run: RunConfig, pstate, ds_config: Dict, task=None) -> Engine:
                                                       lr_scheduler=schedule,
                                                       mpu=None if pipeline else pstate,
                                                       config=ds_config)
-    # DeepSpeed 0.19's ZeRO-0 16-bit wrappers and pipeline engine, mended (each function says how).
+    # DeepSpeed 0.19's ZeRO-0 16-bit wrappers and pipeline engine, mended (deepspeed_repairs.py).
     undo_initial_zero_step(ds_optimizer)
-    clip_by_the_true_norm(ds_optimizer, model, pstate, pipeline)
+    clip_by_the_true_norm(ds_optimizer, lambda: diagnostics.grad_norm(model, pstate, 0, pipeline))
     if pipeline:
         release_last_stage_buffers(engine)
-    if pipeline and engine_skips_fp16_loss_scaling(engine):
-        model.loss_fn = Fp16ScaledLoss(model.loss_fn, engine.optimizer)
+    if pipeline and fp16_loss_left_unscaled(engine):
+        model.loss_fn = Fp16ScaledLoss(model.loss_fn, engine)
     # ZeRO rebuilds the parameter groups inside its own optimizer wrapper: drive those.
     schedule.optimizer = ds_optimizer
     schedule.apply()

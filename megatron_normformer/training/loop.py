@@ -23,11 +23,17 @@ from megatron_normformer.training import diagnostics, interrupts
 from megatron_normformer.training.engine import Engine, build_engine
 from megatron_normformer.training.metrics import (
     MetricsSink,
+    Timers,
     format_log_line,
+    format_timers,
     peak_tflops_per_device,
     safe_ppl,
 )
-from megatron_normformer.training.step import DeepSpeedBackend, engine_grad_norm
+from megatron_normformer.training.step import (
+    DeepSpeedBackend,
+    engine_grad_norm,
+    loss_scale_exhausted,
+)
 from megatron_normformer.training.step import train_step as train_step_of
 from megatron_normformer.training.tasks import get_task
 
@@ -94,6 +100,52 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+# -- non-finite losses and gradients ------------------------------------------------------------
+
+class NonFiniteCheck:
+    """``--check-for-nan-in-loss-and-grad`` and the fp16 loss scaler's skips, decided the same on
+    every rank (one all-reduce per iteration), right after the step and before anything is logged
+    or saved.
+
+    A non-finite loss stops the run. A step DeepSpeed skipped, or a non-finite gradient norm, is an
+    overflow of fp16's dynamic loss scaling (the scale goes down and the step is retried on the
+    next batch) or else non-finite gradients, which stop the run. Consecutive fp16 skips are
+    bounded by ``--max-consecutive-skipped-iterations``."""
+
+    def __init__(self, run: RunConfig):
+        t = run.train
+        self.check = t.check_for_nan_in_loss_and_grad
+        self.loss_scaling = t.fp16 and t.loss_scale is None
+        self.max_skips = t.max_consecutive_skipped_iterations
+        self.consecutive = 0
+
+    def __call__(self, it: int, loss: float, grad_norm: Optional[float], skipped: bool,
+                 scale: float) -> Optional[str]:
+        """Why iteration ``it`` stops the run, or None."""
+        flags = torch.tensor([not math.isfinite(loss),
+                              grad_norm is not None and not math.isfinite(grad_norm), skipped],
+                             dtype=torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad_loss, bad_grad, skipped = (bool(f) for f in flags)
+        if self.check and bad_loss:
+            return f"lm loss is {loss}" + (f", gradient norm {grad_norm}" if grad_norm is not None else "")
+        if not (skipped or bad_grad):
+            self.consecutive = 0
+            return None
+        if self.loss_scaling and skipped:
+            self.consecutive += 1
+            if self.consecutive < self.max_skips:
+                return None
+            return (f"{self.consecutive} consecutive iterations skipped because the fp16 gradients "
+                    f"overflow, down to loss scale {scale:g} "
+                    f"(--max-consecutive-skipped-iterations {self.max_skips})")
+        if self.check:
+            if grad_norm is not None and not math.isfinite(grad_norm):
+                return f"gradient norm is {grad_norm}"
+            return "the gradients are not finite (DeepSpeed skipped the step)"
+        return None
+
+
 # -- steps ------------------------------------------------------------------------------------
 
 def _dp_mean(x: torch.Tensor, pstate) -> float:
@@ -117,8 +169,10 @@ def backend_of(e: Engine, task) -> DeepSpeedBackend:
     return DeepSpeedBackend(e.engine, task.loss, e.pipeline, task.pipeline_batch)
 
 
-def train_step(e: Engine, batches, gas: int, pstate, want_diagnostics: bool, task=None) -> Dict:
-    """One optimizer step over ``gas`` micro-batches: {lm_loss, grad_norm, extra, diagnostics}."""
+def train_step(e: Engine, batches, gas: int, pstate, want_diagnostics: bool, task=None,
+               count_zeros: bool = False, timers: Optional[Timers] = None) -> Dict:
+    """One optimizer step over ``gas`` micro-batches: {lm_loss, grad_norm, extra, diagnostics}
+    (``num_zeros_in_grad`` with ``count_zeros``, where the gradients can be read)."""
     task = get_task(task)
 
     def on_gradients(backend, result):
@@ -128,9 +182,11 @@ def train_step(e: Engine, batches, gas: int, pstate, want_diagnostics: bool, tas
             diag["grad_norm"] = diagnostics.grad_norm(e.model, pstate, 0) / loss_scale(e.engine)
         if want_diagnostics:
             diag.update(diagnostics.fc2_grad_mean_abs(e.model, pstate, e.zero_stage))
+        if count_zeros:
+            diag["num_zeros_in_grad"] = diagnostics.grad_zeros(e.model, pstate, e.zero_stage)
         return diag
 
-    step = train_step_of(backend_of(e, task), batches, gas, on_gradients)
+    step = train_step_of(backend_of(e, task), batches, gas, on_gradients, timers)
     diag = dict(step.diagnostics)
     if e.zero_stage != 0 or e.pipeline:
         diag["grad_norm"] = engine_grad_norm(e.engine)
@@ -236,6 +292,8 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
             load_rng=not run.ckpt.no_load_rng,
             materialize_optimizer_state=lambda: warmup_step(e, run, gas, pstate, task))
         print_rank(f"> resumed from {run.ckpt.load} at iteration {state['iteration']}")
+    last_checkpoint = (f"{run.ckpt.load} (iteration {state['iteration']})"
+                       if load and not run.ckpt.finetune else None)
     interrupts.phase("building the datasets")
     datasets = build_datasets(run, total_samples, run.log.eval_iters * global_batch,
                               vocab_size, task)
@@ -247,19 +305,41 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
     peak = peak_tflops_per_device(run.log.peak_flops_per_device, run.train.bf16 or run.train.fp16)
     summary = dict(losses={}, grad_norms={}, lrs={}, val={}, test={}, fc2_grad_mean_abs={}, extra={},
                    val_extra={}, test_extra={}, stopped_by=None, task=task.name, global_batches={},
-                   params_norms={}, skipped_iters={}, ds_config=ds_config,
+                   params_norms={}, skipped_iters={}, num_zeros_in_grad={}, ds_config=ds_config,
                    zero3=zero3_partitioning(e.model) if e.zero_stage == 3 else None,
                    train_iters=train_iters, global_batch=global_batch, gas=gas, dp=dp)
     stop = StopFlag()
+    nonfinite = NonFiniteCheck(run)
+    timers = Timers(run.log.timing_log_level)
+    iteration_timers = [name for name in timers.names if name != "save-checkpoint"]
+    timers_to_tb = bool(run.log.tensorboard_dir) and run.log.log_timers_to_tensorboard
+    tb_interval = run.log.tensorboard_log_interval or run.log.log_interval
+    count_zeros = run.log.log_num_zeros_in_grad and not e.pipeline
     saved_at = None
 
     def save():
-        nonlocal saved_at
+        nonlocal saved_at, last_checkpoint
         if run.ckpt.save and saved_at != state["iteration"]:
             universal = None if run.ckpt.no_save_universal else (e.model, pstate, run.model)
-            tag = checkpointing.save_checkpoint(e.engine, run_dict, state, run.ckpt.save, universal)
+            with timers("save-checkpoint"):
+                tag = checkpointing.save_checkpoint(e.engine, run_dict, state, run.ckpt.save,
+                                                    universal)
             saved_at = state["iteration"]
-            print_rank(f"> saved checkpoint {run.ckpt.save}/{tag}")
+            last_checkpoint = f"{run.ckpt.save}/{tag}"
+            print_rank(f"> saved checkpoint {last_checkpoint}")
+            times = timers.per_iteration(["save-checkpoint"], 1)
+            timers.reset(["save-checkpoint"])
+            print_rank(format_timers(times), writer_rank)
+            if timers_to_tb:
+                sink.scalars({"timers/save-checkpoint": times["save-checkpoint"][1]},
+                             state["iteration"])
+
+    def stop_training(it: int, why: str):
+        advice = "lower --lr or set --clip-grad"
+        if last_checkpoint:
+            return TrainingError(f"iteration {it}: {why}; stopped before saving, the last checkpoint "
+                                 f"is {last_checkpoint} ({advice} and resume from it)")
+        return TrainingError(f"iteration {it}: {why}; stopped, no checkpoint saved ({advice})")
 
     def run_eval(split: str, dataset, step: int):
         if dataset is None or run.log.eval_iters == 0:
@@ -284,9 +364,11 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
         if state["iteration"] >= train_iters:
             print_rank(f"> nothing to do: already trained {state['iteration']} of {train_iters} iterations")
             return summary
-        batches = micro_batches(train_ds, state["consumed_samples"], total_samples, run, pstate,
-                                task)
+        batches = timers.timed(micro_batches(train_ds, state["consumed_samples"], total_samples,
+                                             run, pstate, task), "batch-generator")
         window = dict(time=0.0, iters=0, loss=0.0, skipped_before=e.engine.skipped_steps)
+        for note in flag_notes(run, e.pipeline):
+            print_rank(f"> note: {note}")
         print_rank(f"> training {train_iters} iterations: global batch {global_batch} = micro "
                    f"{run.train.micro_batch_size} x DP {dp} x accumulation {gas}; TP "
                    f"{pstate.tp_size}, ZeRO-{e.zero_stage}")
@@ -294,6 +376,7 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
         while state["iteration"] < train_iters:
             it = state["iteration"] + 1
             log_now = it % run.log.log_interval == 0 or it == train_iters
+            tb_now = bool(run.log.tensorboard_dir) and (it % tb_interval == 0 or it == train_iters)
             if ramp is not None and ramp.global_batch(state["consumed_samples"]) != batch_now:
                 batch_now = ramp.global_batch(state["consumed_samples"])
                 e.engine.set_train_batch_size(batch_now)
@@ -302,14 +385,21 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
             lr = e.schedule.current_lr()
             skipped_before = e.engine.skipped_steps
             t0 = time.time()
-            step = train_step(e, batches, batch_now // (run.train.micro_batch_size * dp), pstate,
-                              log_now and sink_wants_diag(run), task)
+            try:
+                step = train_step(e, batches, batch_now // (run.train.micro_batch_size * dp),
+                                  pstate, tb_now, task, count_zeros and (log_now or tb_now),
+                                  timers)
+            except Exception as error:
+                if not loss_scale_exhausted(error):
+                    raise
+                raise stop_training(it, "the fp16 gradients overflow at the minimum loss scale "
+                                        f"(--min-loss-scale {run.train.min_loss_scale:g})") from None
             dt = time.time() - t0
             skipped = e.engine.skipped_steps > skipped_before
             loss = step["lm_loss"]
-            if not math.isfinite(loss) and not skipped:
-                raise TrainingError(f"iteration {it}: lm loss is {loss}; stopping (lower --lr, "
-                                    "enable --clip-grad or resume from the last checkpoint)")
+            why = nonfinite(it, loss, step.get("grad_norm"), skipped, loss_scale(e.engine))
+            if why:
+                raise stop_training(it, why)
             state.update(iteration=it, consumed_samples=state["consumed_samples"] + batch_now)
             state["consumed_tokens"] = state["consumed_samples"] * seq
             summary["losses"][it] = loss
@@ -322,7 +412,8 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
             window["time"] += dt
             window["iters"] += 1
             window["samples"] = window.get("samples", 0) + batch_now
-            if log_now:
+            if log_now or tb_now:
+                # Rates over the iterations since the last progress line.
                 ms = 1000 * window["time"] / window["iters"]
                 tps = window["samples"] / window["iters"] * seq / (ms / 1000)
                 tflops = flops * batch_now / global_batch / (ms / 1000) / world / 1e12
@@ -330,36 +421,55 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
                 if run.log.log_params_norm:
                     params_norm = diagnostics.params_norm(e.model, pstate, e.zero_stage, e.pipeline)
                     summary["params_norms"][it] = params_norm
+                zeros = step.get("num_zeros_in_grad")
+                if zeros is not None:
+                    summary["num_zeros_in_grad"][it] = zeros
                 scale = loss_scale(e.engine)
                 m = dict(iteration=it, train_iters=train_iters, consumed_samples=state["consumed_samples"],
                          consumed_tokens=state["consumed_tokens"], lm_loss=loss, ppl=safe_ppl(loss),
                          lr=lr, grad_norm=step.get("grad_norm"), loss_scale=scale,
                          ms_per_iter=ms, tokens_per_sec=tps, tflops_per_device=tflops,
                          mfu=None if peak is None else tflops / peak, global_batch_size=batch_now,
-                         params_norm=params_norm,
+                         params_norm=params_norm, num_zeros_in_grad=zeros,
                          skipped_iters=e.engine.skipped_steps - window["skipped_before"],
                          **step["extra"])
+                times = {}
+                if (log_now and run.log.timing_log_level > 0) or (tb_now and timers_to_tb):
+                    times = timers.per_iteration(iteration_timers, window["iters"])
+            if log_now:
                 print_rank(format_log_line(m), writer_rank)
+                if times and run.log.timing_log_level > 0:
+                    print_rank(format_timers(times), writer_rank)
                 sink.record({k: m[k] for k in ("iteration", "consumed_samples", "consumed_tokens",
                                                "lm_loss", "lr", "grad_norm", "loss_scale",
                                                "global_batch_size", "skipped_iters",
                                                *(["params_norm"] if params_norm is not None else []),
+                                               *(["num_zeros_in_grad"] if zeros is not None else []),
                                                "ms_per_iter", "tokens_per_sec", "tflops_per_device",
                                                "mfu", *step["extra"])})
+            if tb_now:
                 sink.scalars({"train/lm_loss": loss, "train/ppl": m["ppl"], "train/lr": lr,
-                              "train/grad_norm": m["grad_norm"], "train/loss_scale": scale,
+                              "train/grad_norm": m["grad_norm"],
+                              "train/loss_scale": scale if run.log.log_loss_scale_to_tensorboard else None,
                               "train/skipped_iters": m["skipped_iters"],
                               "train/tokens_per_sec": tps, "train/tflops_per_device": tflops,
                               "train/mfu": m["mfu"], "train/params_norm": params_norm,
+                              "train/num_zeros_in_grad": zeros,
                               "train/global_batch_size": batch_now,
                               **{f"train/{k}": v for k, v in step["extra"].items()}}, it)
+                if timers_to_tb:
+                    sink.scalars({"timers/iteration-time": ms,
+                                  **{f"timers/{name}": high for name, (_, high) in times.items()}}, it)
+                if run.log.log_optimizer_states_to_tensorboard:
+                    sink.scalars(diagnostics.optimizer_state_norms(e.engine, e.model, pstate), it)
                 fc2 = {k: v for k, v in step.items() if k.startswith("normformer/")}
                 if fc2:
                     summary["fc2_grad_mean_abs"][it] = fc2
                     sink.scalars(fc2, it)
-                if sink_wants_diag(run):
-                    sink.histograms(diagnostics.scale_parameters(e.model, pstate, e.zero_stage), it)
+                sink.histograms(diagnostics.scale_parameters(e.model, pstate, e.zero_stage), it)
+            if log_now:
                 window.update(time=0.0, iters=0, samples=0, skipped_before=e.engine.skipped_steps)
+                timers.reset(iteration_timers)
             if run.log.eval_iters and it % run.log.eval_interval == 0 and it < train_iters:
                 run_eval("validation", valid_ds, it)
             if run.ckpt.save_interval and it % run.ckpt.save_interval == 0:
@@ -390,5 +500,18 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
         sink.close()
 
 
-def sink_wants_diag(run: RunConfig) -> bool:
-    return bool(run.log.tensorboard_dir)
+def flag_notes(run: RunConfig, pipeline: bool) -> List[str]:
+    """The flags given that cannot act in this run, each said once at the start."""
+    log, notes = run.log, []
+    if not log.tensorboard_dir:
+        for flag, given in (("--log-timers-to-tensorboard", log.log_timers_to_tensorboard),
+                            ("--log-optimizer-states-to-tensorboard",
+                             log.log_optimizer_states_to_tensorboard),
+                            ("--tensorboard-log-interval", log.tensorboard_log_interval)):
+            if given:
+                notes.append(f"{flag} has no effect without --tensorboard-dir")
+    if log.log_num_zeros_in_grad and pipeline:
+        notes.append("--log-num-zeros-in-grad is not available with pipeline parallelism "
+                     "(DeepSpeed's pipeline engine steps the optimizer inside its schedule); "
+                     "no zeros are counted")
+    return notes

@@ -15,12 +15,15 @@ FLOPs: negligible, counted for honesty.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from typing import Dict, Optional
+import time
+from typing import Dict, Iterable, Iterator, List, Optional
 
 import torch
+import torch.distributed as dist
 
 from megatron_normformer.config import ModelConfig
 
@@ -97,6 +100,8 @@ def format_log_line(m: Dict) -> str:
         f"loss scale: {m['loss_scale']:.1f}",
         f"grad norm: {num(m.get('grad_norm'), '.3f')}",
         *([f"params norm: {m['params_norm']:.3f}"] if m.get("params_norm") is not None else []),
+        *([f"num zeros: {m['num_zeros_in_grad']}"] if m.get("num_zeros_in_grad") is not None
+          else []),
         f"number of skipped iterations: {m['skipped_iters']:3d}",
         f"tokens/s: {m['tokens_per_sec']:.1f}",
         f"TFLOP/s per device: {m['tflops_per_device']:.3f}",
@@ -145,3 +150,71 @@ class MetricsSink:
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()
+
+
+# Megatron's timers and their --timing-log-level: 0 what happens rarely (a save), 1 what happens
+# once per iteration, 2 what happens once per micro-batch. The order is the report's.
+TIMER_LEVELS = {"forward-backward": 1, "forward-compute": 2, "backward-compute": 2,
+                "batch-generator": 2, "optimizer": 1, "save-checkpoint": 0}
+
+
+class Timers:
+    """Per-phase wall-clock time of this rank, for the phases ``--timing-log-level`` selects
+    (``TIMER_LEVELS``); the others cost nothing. ``with timers("optimizer"): ...`` adds the time
+    of the block; on GPU the device is synchronised around it, so the time is the work's."""
+
+    def __init__(self, level: int):
+        self.names = [name for name, lvl in TIMER_LEVELS.items() if lvl <= level]
+        self.elapsed = dict.fromkeys(self.names, 0.0)
+        self._sync = torch.cuda.synchronize if torch.cuda.is_available() else None
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if name not in self.elapsed:
+            yield
+            return
+        if self._sync:
+            self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._sync:
+                self._sync()
+            self.elapsed[name] += time.perf_counter() - start
+
+    def timed(self, items: Iterable, name: str) -> Iterator:
+        """``items``, the time spent producing each one added to ``name``."""
+        items = iter(items)
+        while True:
+            with self(name):
+                try:
+                    item = next(items)
+                except StopIteration:
+                    return
+            yield item
+
+    def per_iteration(self, names: List[str], iterations: int) -> Dict[str, tuple]:
+        """{name: (min, max) over the ranks of ms per iteration} since the last ``reset``.
+        Collective: every rank calls it with the same names."""
+        names = [n for n in names if n in self.elapsed]
+        if not names:
+            return {}
+        ms = torch.tensor([1000 * self.elapsed[n] / max(iterations, 1) for n in names],
+                          dtype=torch.float64)
+        both = torch.cat([ms, -ms])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        return {n: (-both[len(names) + i].item(), both[i].item()) for i, n in enumerate(names)}
+
+    def reset(self, names: List[str]) -> None:
+        for n in names:
+            if n in self.elapsed:
+                self.elapsed[n] = 0.0
+
+
+def format_timers(times: Dict[str, tuple]) -> str:
+    """Megatron's timer report."""
+    lines = ["(min, max) time across ranks (ms):"]
+    for name, (low, high) in times.items():
+        lines.append(f"    {name + ' ':.<48}: ({low:.2f}, {high:.2f})")
+    return "\n".join(lines)

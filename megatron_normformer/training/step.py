@@ -18,6 +18,10 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
+from megatron_normformer.training.metrics import Timers
+
+NO_TIMERS = Timers(level=-1)
+
 
 def next_token_loss(model: torch.nn.Module, tokens: torch.Tensor):
     """The causal LM loss of a [batch, seq + 1] token tensor: the mean over its tokens."""
@@ -108,6 +112,13 @@ class Fp16ScaledLoss:
         return getattr(self.loss_fn, name)
 
 
+def loss_scale_exhausted(error: BaseException) -> bool:
+    """Whether ``error`` is DeepSpeed's fp16 loss scaler giving up: gradients that overflow again
+    at the minimum scale raise a bare ``Exception`` (``deepspeed/runtime/fp16/loss_scaler.py``,
+    ``DynamicLossScaler.update_scale``), on every rank together (the overflow is all-reduced)."""
+    return type(error) is Exception and str(error).startswith("Current loss scale already at minimum")
+
+
 def engine_grad_norm(engine) -> Optional[float]:
     """DeepSpeed's global gradient norm of the last step, or None where it has none or a wrong one:
     ``FP16_UnfusedOptimizer`` (16-bit at ZeRO-0 with a torch optimizer, pipelined here) reports the
@@ -145,24 +156,35 @@ class DeepSpeedBackend:
 
 
 def train_step(backend, batches: Iterable, num_micro_batches: int,
-               on_gradients: Optional[Callable] = None) -> StepResult:
+               on_gradients: Optional[Callable] = None, timers: Optional[Timers] = None
+               ) -> StepResult:
     """One optimizer step over ``num_micro_batches`` micro-batches drawn from ``batches``.
 
     ``on_gradients(backend, result)`` runs between the last backward and the update (``result``
-    holds the losses) and returns the diagnostics, or False to skip the update."""
+    holds the losses) and returns the diagnostics, or False to skip the update. ``timers``
+    (``training/metrics.py``) times the forward-backward passes, each forward and backward, and
+    the optimizer (with ``on_gradients``); under pipeline parallelism DeepSpeed's schedule runs
+    all of it, timed as forward-backward."""
     result, batches = StepResult(), iter(batches)
+    timers = timers or NO_TIMERS
     if backend.pipeline:  # 1F1B: the mean loss comes back averaged over data parallelism
-        data = iter([backend.pipeline_batch(next(batches)) for _ in range(num_micro_batches)])
-        result.losses.append(torch.as_tensor(float(backend.engine.train_batch(data_iter=data))))
+        with timers("forward-backward"):
+            data = iter([backend.pipeline_batch(next(batches)) for _ in range(num_micro_batches)])
+            result.losses.append(torch.as_tensor(float(backend.engine.train_batch(data_iter=data))))
         return result
     backend.micro_batches = num_micro_batches
-    for i in range(num_micro_batches):
-        loss, extra = backend.forward(next(batches))
-        backend.backward(loss, last=i == num_micro_batches - 1)
-        result.losses.append(loss.detach())
-        result.extras.append(extra)
-    diagnostics = on_gradients(backend, result) if on_gradients is not None else None
-    result.updated = diagnostics is not False
-    result.diagnostics = diagnostics or {}
-    backend.update(result.updated)
+    with timers("forward-backward"):
+        for i in range(num_micro_batches):
+            batch = next(batches)
+            with timers("forward-compute"):
+                loss, extra = backend.forward(batch)
+            with timers("backward-compute"):
+                backend.backward(loss, last=i == num_micro_batches - 1)
+            result.losses.append(loss.detach())
+            result.extras.append(extra)
+    with timers("optimizer"):
+        diagnostics = on_gradients(backend, result) if on_gradients is not None else None
+        result.updated = diagnostics is not False
+        result.diagnostics = diagnostics or {}
+        backend.update(result.updated)
     return result
