@@ -32,10 +32,10 @@ def _adam(params):
 def _pipeline_losses(cfg, tp, pp):
     import deepspeed
 
+    from megatron_normformer.deepspeed_repairs import release_last_stage_buffers
     from megatron_normformer.model.gpt import build_gpt_pipeline
     from megatron_normformer.parallel.random import seed_everything
     from megatron_normformer.parallel.state import ParallelState
-    from megatron_normformer.training.engine import release_last_stage_buffers
 
     pstate = ParallelState(tp, pp)
     seed_everything(1, pstate.tp_rank, pstate.pp_rank)

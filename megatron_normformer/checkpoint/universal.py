@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 
 from megatron_normformer.checkpoint.shards import cut_for, layout_of
 from megatron_normformer.config import ConfigError, ModelConfig
+from megatron_normformer.deepspeed_repairs import link_optimizer_state
 from megatron_normformer.model.pipeline import is_tied_copy
 
 UNIVERSAL_DIR = "universal"
@@ -83,7 +84,7 @@ class MasterState:
         self._masters: Dict[int, Tuple[torch.Tensor, Callable[[str], torch.Tensor]]] = {}
         self.kind = "zero"
         if engine.zero_optimization_stage() > 0 or hasattr(opt, "bf16_groups"):
-            _link_optimizer_fragments(engine)  # ZeRO 1-3 or DeepSpeed's BF16 optimizer
+            link_optimizer_state(engine)  # ZeRO 1-3 or DeepSpeed's BF16 optimizer
         elif hasattr(opt, "fp32_groups") and hasattr(opt, "fp16_groups"):
             # DeepSpeed's unfused fp16/bf16 wrapper without ZeRO: one fp32 copy per parameter.
             self.kind = "copies"
@@ -169,22 +170,6 @@ class MasterState:
         target = get(key)
         with torch.no_grad():
             target.copy_(flat[start:start + n].to(device=target.device, dtype=target.dtype))
-
-
-def _link_optimizer_fragments(engine) -> None:
-    """Point ZeRO-1/2's and the BF16 optimizer's per-parameter views at the current optimizer state.
-
-    DeepSpeed links them lazily, and not on every path (e.g. the pipeline engine at ZeRO-1).
-    """
-    opt = engine.optimizer
-    from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
-
-    for lp_name, hp_name in (("bit16_groups", "single_partition_of_fp32_groups"),
-                             ("bf16_groups", "fp32_groups_flat_partition")):
-        if hasattr(opt, lp_name) and hasattr(opt, hp_name):
-            for group, flat in zip(getattr(opt, lp_name), getattr(opt, hp_name)):
-                if flat in opt.optimizer.state:
-                    lazy_init_hp_params_optimizer_state(group, flat, opt.optimizer.state)
 
 
 def optimizer_step(engine) -> int:

@@ -11,7 +11,6 @@ handed to ``deepspeed.initialize(mpu=...)``.
 from __future__ import annotations
 
 import datetime
-import importlib
 import os
 import socket
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_normformer.config import ConfigError, ParallelConfig
+from megatron_normformer.deepspeed_repairs import skip_shm_comm_op
 from megatron_normformer.training import interrupts
 
 
@@ -174,21 +174,11 @@ def initialize_distributed(backend: Optional[str] = None, timeout_minutes: int =
 
 def init_deepspeed_comm() -> None:
     """Let ``deepspeed.comm`` adopt the process group torch.distributed already has, without
-    DeepSpeed's shared-memory comm op.
-
-    On a CPU, DeepSpeed JIT-compiles that op (``deepspeed_shm_comm``, about 2 minutes on 2 cores)
-    the first time a process initialises ``deepspeed.comm``, under a file lock in
-    ``~/.cache/torch_extensions`` that an interrupted build leaves behind, blocking every later
-    launch. It serves only ``inference_all_reduce`` (DeepSpeed's inference tensor parallelism),
-    which training never calls: ZeRO's collectives and ours go to torch.distributed. So no launch
-    builds or loads it.
-    """
+    DeepSpeed's shared-memory comm op, a JIT build that training never uses
+    (``deepspeed_repairs.skip_shm_comm_op``)."""
     import deepspeed
 
-    # By name: the attribute deepspeed.comm.torch is the torch package (a star import).
-    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
-    if hasattr(ds_torch_comm, "build_shm_op"):
-        ds_torch_comm.build_shm_op = lambda: None
+    skip_shm_comm_op()
     interrupts.report_build_lock_waits()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 

@@ -7,6 +7,9 @@ SIGTERM and SIGINT mean different things over a process's life:
   Nothing has been written that a later launch would wait on.
 - training: the loop's ``StopFlag`` owns them: the step finishes, the run saves and exits 0.
 - finishing (after the loop, up to the final barrier): ignored, exit 0 follows.
+- failing (an error is being reported, ``failing``): the process ends at once, silently, with the
+  error's exit status. The signal is then the launcher stopping the ranks after another one
+  reported the same error; "SIGTERM during start-up" would only hide it.
 
 Python runs signal handlers only between bytecodes of the main thread, which may sit in a native
 call that never returns (a rendezvous waiting for a rank that never comes). So the handler does
@@ -20,7 +23,9 @@ every function here is a no-op and the loop handles signals alone.
 DataLoader workers are the trainer's to stop, not the scheduler's: ``quiet_workers_iter`` starts
 them with SIGTERM/SIGINT ignored, so a signal sent to the whole process group (``scancel``,
 ``kill -- -PGID``, torchrun's and the deepspeed launcher's forwarding) reaches the trainer without
-killing the workers under it.
+killing the workers under it. Being deaf to SIGTERM, they cannot be stopped the way
+multiprocessing stops a process's children at interpreter exit: the trainer stops them itself
+whenever its batches end, an error included (``data/loader.py``).
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ import signal
 import threading
 import time
 from typing import Callable, Iterator, List, Optional, Union
+
+from megatron_normformer.deepspeed_repairs import deepspeed_runner
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 RUNNER_EXIT = "exit of the deepspeed launcher"
@@ -48,6 +55,7 @@ class _State:
         self.phase = "importing"
         self.hint: Hint = None
         self.since = time.monotonic()
+        self.exit_code = 0  # in mode "failing"
         # why the trainer should stop, noticed here while it owned the signals: a signal its own
         # handler missed while being installed, or the deepspeed runner's exit
         self.received: Optional[str] = None
@@ -70,7 +78,7 @@ def install(program: str) -> None:
         signal.signal(sig, _carried_by_wakeup_fd)
     threading.Thread(target=_watch_signals, args=(read_fd,), name="signal-watch", daemon=True).start()
     threading.Thread(target=_watch_phases, name="start-up-watchdog", daemon=True).start()
-    runner = _deepspeed_runner()
+    runner = deepspeed_runner(_cmdline, _parent_of)  # the runner forwards no signal
     if runner is not None:
         threading.Thread(target=_watch_runner, args=runner, name="launcher-watch", daemon=True).start()
 
@@ -91,24 +99,13 @@ def _parent_of(pid: int) -> Optional[int]:
         return None
 
 
-def _deepspeed_runner() -> Optional[tuple]:
-    """(launch.py's pid, the runner's pid) when the ``deepspeed`` command started this process
-    on this machine. The runner has no signal handler on one node: SIGTERM to it kills it alone
-    and the training under ``deepspeed.launcher.launch`` would go on unaware."""
-    launch = os.getppid()
-    if "deepspeed.launcher.launch" not in _cmdline(launch):
-        return None
-    runner = _parent_of(launch)
-    if runner is None or "deepspeed" not in _cmdline(runner):
-        return None
-    return launch, runner
-
-
 def _watch_runner(launch: int, runner: int) -> None:
     """The runner gone (a signal to it alone) counts as SIGTERM: stop after the step and save."""
     while _parent_of(launch) == runner:
         time.sleep(1.0)
     state = _state
+    if state.mode == "failing":
+        os._exit(state.exit_code)
     if state.mode == "start-up":
         _say(f"{state.program}{_rank_tag()}: {RUNNER_EXIT} (pid {runner}) during start-up "
              f"({state.phase}): exiting before training, nothing saved")
@@ -143,6 +140,8 @@ def _watch_signals(read_fd: int) -> None:
                 continue  # the wakeup fd carries every Python-handled signal (SIGCHLD too)
             state = _state
             name = signal.Signals(signum).name
+            if state.mode == "failing":
+                os._exit(state.exit_code)
             if state.mode == "start-up":
                 _say(f"{state.program}{_rank_tag()}: {name} during start-up ({state.phase}): "
                      "exiting before training, nothing saved")
@@ -213,6 +212,13 @@ def finishing() -> None:
         _state.mode = "finishing"
 
 
+def failing(exit_code: int) -> None:
+    """An error is reported and the process exits with ``exit_code`` next: a signal ends it at
+    once, with that status and nothing printed."""
+    if _state is not None:
+        _state.exit_code, _state.mode = exit_code, "failing"
+
+
 # -- DataLoader workers -----------------------------------------------------------------------
 
 def quiet_worker_init(worker_id: int) -> None:
@@ -267,7 +273,7 @@ def build_lock_report(path: str) -> str:
 def report_build_lock_waits() -> None:
     """Make a wait on torch's C++-extension build lock (``FileBaton.wait``, which polls forever
     and silently) a start-up phase the watchdog reports, with the lock's holder or its absence.
-    Nothing this project runs JIT-builds an op (``parallel.state.init_deepspeed_comm``); this
+    Nothing this project runs JIT-builds an op (``deepspeed_repairs.skip_shm_comm_op``); this
     covers a DeepSpeed that would."""
     if _state is None:
         return

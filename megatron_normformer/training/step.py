@@ -18,6 +18,8 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
+from megatron_normformer.deepspeed_repairs import (
+    fp16_loss_left_unscaled, fp16_scaled, reports_true_grad_norm)
 from megatron_normformer.training.metrics import Timers
 
 NO_TIMERS = Timers(level=-1)
@@ -64,54 +66,6 @@ class PlainBackend:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def engine_skips_fp16_loss_scaling(engine) -> bool:
-    """Whether ``engine.backward`` leaves the fp16 loss unscaled although the optimizer's ``step``
-    divides the gradients by the loss scale.
-
-    DeepSpeed (0.19) multiplies the loss by the scale in ``engine.backward`` only for its ZeRO
-    optimizers; fp16 at ZeRO-0 runs ``FP16_Optimizer`` / ``FP16_UnfusedOptimizer``, whose ``step``
-    unscales all the same (deepspeedai/DeepSpeed pull request 8393). Left alone, fp16 at ZeRO-0
-    trains with gradients 2^32 times too small (Megatron's initial scale) and never overflows."""
-    from deepspeed.runtime.base_optimizer import ZeROOptimizer
-
-    return bool(engine.fp16_enabled()) and not isinstance(engine.optimizer, ZeROOptimizer)
-
-
-class _ScaleGradient(torch.autograd.Function):
-    """The identity forward; the gradient multiplied by ``scale`` backward (the loss keeps its
-    value for the log, the backward pass starts from ``scale``)."""
-
-    @staticmethod
-    def forward(ctx, loss: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return loss.clone()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.scale, None
-
-
-def fp16_scaled(loss: torch.Tensor, optimizer) -> torch.Tensor:
-    """``loss`` whose backward pass is multiplied by the fp16 optimizer's current loss scale."""
-    return _ScaleGradient.apply(loss, float(optimizer.loss_scale))
-
-
-class Fp16ScaledLoss:
-    """A pipeline's loss function whose backward pass starts from the fp16 loss scale (the
-    pipeline engine calls ``engine.backward`` on the loss itself); other attributes pass through."""
-
-    def __init__(self, loss_fn: Callable, optimizer):
-        self.loss_fn, self.optimizer = loss_fn, optimizer
-
-    def __call__(self, *args):
-        return fp16_scaled(self.loss_fn(*args), self.optimizer)
-
-    def __getattr__(self, name):  # only for what the instance itself lacks
-        if name == "loss_fn":
-            raise AttributeError(name)
-        return getattr(self.loss_fn, name)
-
-
 def loss_scale_exhausted(error: BaseException) -> bool:
     """Whether ``error`` is DeepSpeed's fp16 loss scaler giving up: gradients that overflow again
     at the minimum scale raise a bare ``Exception`` (``deepspeed/runtime/fp16/loss_scaler.py``,
@@ -122,11 +76,10 @@ def loss_scale_exhausted(error: BaseException) -> bool:
 def engine_grad_norm(engine) -> Optional[float]:
     """DeepSpeed's global gradient norm of the last step, or None where it has none or a wrong one:
     ``FP16_UnfusedOptimizer`` (16-bit at ZeRO-0 with a torch optimizer, pipelined here) reports the
-    loss-scaled norm and counts TP-replicated and tied gradients on every rank holding them."""
-    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-
+    loss-scaled norm and counts TP-replicated and tied gradients on every rank holding them
+    (``deepspeed_repairs.reports_true_grad_norm``)."""
     norm = engine.get_global_grad_norm()
-    if norm is None or isinstance(engine.optimizer, FP16_UnfusedOptimizer):
+    if norm is None or not reports_true_grad_norm(engine.optimizer):
         return None
     return float(norm)
 
@@ -139,14 +92,14 @@ class DeepSpeedBackend:
     def __init__(self, engine, loss_fn: Callable, pipeline: bool = False, pipeline_batch=None):
         self.engine, self.loss_fn, self.pipeline = engine, loss_fn, pipeline
         self.pipeline_batch, self.model = pipeline_batch, engine.module
-        self.scale_loss = not pipeline and engine_skips_fp16_loss_scaling(engine)
+        self.scale_loss = not pipeline and fp16_loss_left_unscaled(engine)
 
     def forward(self, batch):
         return self.loss_fn(self.engine, batch)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         self.engine.set_gradient_accumulation_boundary(last)
-        self.engine.backward(fp16_scaled(loss, self.engine.optimizer) if self.scale_loss else loss)
+        self.engine.backward(fp16_scaled(loss, self.engine) if self.scale_loss else loss)
         if not last:
             self.engine.step()  # DeepSpeed's bookkeeping between micro-batches; no update
 
