@@ -82,6 +82,7 @@ def _measure(argv, out_dir):
         dist.barrier()
     with PeakRSS() as universal:
         save_universal(e.engine, e.model, pstate, run.model, tag_dir)
+        dist.barrier()  # every rank's file written before rank 0 sums their sizes
     files = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in
                 os.walk(os.path.join(tag_dir, "universal")) for f in fs)
     return dict(rank=dist.get_rank(), params=n_params, largest_tensor=largest,

@@ -11,4 +11,6 @@
   model of any TP degree built from full tensors.
 - ``inference``: a model for generation and evaluation from a release file or a training directory.
 - ``shards``: how a parameter is cut across tensor-parallel ranks (vocabulary padding included).
+- ``atomic``: a tag written under a temporary name and renamed into place, ``latest`` after it;
+  what killed saves leave, removed at the next start; write errors that name their cause.
 """

@@ -8,7 +8,7 @@ of :mod:`megatron_normformer.checkpoint.universal` under ``DIR/TAG/universal``. 
 - :func:`to_consolidated` writes the release format of :mod:`megatron_normformer.checkpoint.release`;
 - :func:`reshard` writes a checkpoint for another (TP, PP): its universal shards cut for that
   layout, optimizer moments included, plus ``run.json`` and ``latest``, so ``pretrain_gpt.py
-  --load`` resumes it directly;
+  --load`` resumes it directly (never into the directory it reads);
 - :func:`from_full_state` starts a checkpoint (fresh optimizer) from full tensors and a config (a
   consolidated file through :func:`from_consolidated`, or an imported model).
 """
@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Dict, Optional, Tuple
 
 import torch
-from safetensors.torch import save_file
 
+from megatron_normformer.checkpoint import atomic
+from megatron_normformer.checkpoint.atomic import save_safetensors
 from megatron_normformer.checkpoint.release import load_consolidated, save_consolidated
 from megatron_normformer.checkpoint.shards import cut, layout_of
-from megatron_normformer.checkpoint.training import LATEST, resolve_tag
+from megatron_normformer.checkpoint.training import resolve_tag
 from megatron_normformer.checkpoint.universal import MOMENTS, UNIVERSAL_DIR, UniversalReader
 from megatron_normformer.config import ConfigError, ModelConfig
 from megatron_normformer.model.bert import BertModel, bert_pieces
@@ -48,9 +48,6 @@ def to_consolidated(load_dir: str, output: str, tag: Optional[str] = None) -> st
 def _write_universal(out_tag_dir: str, tensors_by_name: Dict[str, Dict[Optional[str], torch.Tensor]],
                      layout: Dict[str, dict], cfg: ModelConfig, tp: int, pp: int, step: int) -> None:
     """Shards of ``tensors_by_name`` ({name: {None: weight, 'exp_avg': ..., ...}}) for (tp, pp)."""
-    if cfg.num_attention_heads % tp or cfg.ffn_hidden_size % tp:
-        raise ConfigError(f"--target-tp {tp}: heads ({cfg.num_attention_heads}) and FFN size "
-                          f"({cfg.ffn_hidden_size}) must be divisible by it")
     pieces = (bert_pieces if cfg.bidirectional else gpt_pieces)(cfg, SingleProcessState(), seed=0)
     stage_of = stage_of_parameters(pieces, pp)
 
@@ -69,26 +66,39 @@ def _write_universal(out_tag_dir: str, tensors_by_name: Dict[str, Dict[Optional[
                                           cfg.padded_vocab_size(tp), rank, tp)
                 meta[name] = info
             if tensors:
-                save_file(tensors, os.path.join(out_dir, f"tp{rank:02d}_pp{stage:02d}.safetensors"),
-                          metadata={"layout": json.dumps(meta)})
+                save_safetensors(tensors, os.path.join(out_dir, f"tp{rank:02d}_pp{stage:02d}.safetensors"),
+                                 metadata={"layout": json.dumps(meta)})
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump({"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
                    "optimizer_step": step, "model_config": cfg.to_dict()}, f, indent=1)
 
 
-def _write_checkpoint(out_tag_dir: str, tensors_by_name, layout: Dict[str, dict], cfg: ModelConfig,
-                      tp: int, pp: int, step: int, run_meta: dict) -> str:
-    """``out_tag_dir`` holding the universal shards for (tp, pp) and a ``run.json``, and ``latest``
-    next to it naming it; returns the tag."""
-    _write_universal(out_tag_dir, tensors_by_name, layout, cfg, tp, pp, step)
+def _write_checkpoint(save_dir: str, tag: str, tensors_by_name, layout: Dict[str, dict],
+                      cfg: ModelConfig, tp: int, pp: int, step: int, run_meta: dict) -> str:
+    """``save_dir/tag`` holding the universal shards for (tp, pp) and a ``run.json``, and
+    ``latest`` naming it; returns the tag. Written into a temporary directory and renamed into
+    place (``checkpoint/atomic.py``): a failed or killed conversion leaves ``save_dir`` as it was."""
+    if cfg.num_attention_heads % tp or cfg.ffn_hidden_size % tp:
+        raise ConfigError(f"--target-tp {tp}: heads ({cfg.num_attention_heads}) and FFN size "
+                          f"({cfg.ffn_hidden_size}) must be divisible by it")
     meta = json.loads(json.dumps(run_meta))
     meta["run"]["parallel"] = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}
     meta["universal_only"] = True  # no DeepSpeed files: --load goes through the universal path
-    with open(os.path.join(out_tag_dir, "run.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    save_dir, tag = os.path.split(out_tag_dir)
-    with open(os.path.join(save_dir, LATEST), "w") as f:
-        f.write(tag)
+    out = atomic.tmp_dir(save_dir, tag)
+    try:
+        if os.path.lexists(out):
+            atomic.discard(out)
+        os.makedirs(out)
+        _write_universal(out, tensors_by_name, layout, cfg, tp, pp, step)
+        with open(os.path.join(out, "run.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        atomic.fsync_tree(out)
+        atomic.publish(save_dir, tag)
+    except Exception as e:
+        atomic.discard(out)
+        if isinstance(e, ConfigError):
+            raise
+        raise atomic.failed(save_dir, tag, atomic.describe_failure(e, os.path.join(save_dir, tag))) from None
     return tag
 
 
@@ -97,17 +107,16 @@ def reshard(load_dir: str, save_dir: str, target_tp: int, target_pp: int,
     """A checkpoint of (target_tp, target_pp) with weights and Adam moments; returns its tag."""
     tag = resolve_tag(load_dir, tag)
     src = os.path.join(load_dir, tag)
+    if os.path.realpath(os.path.join(save_dir, tag)) == os.path.realpath(src):
+        raise ConfigError(f"--save {save_dir} would replace the checkpoint being read "
+                          f"({src}); write the converted checkpoint to another directory")
     reader = UniversalReader(src)
     tensors = {name: {None: reader.full(name), **{k: reader.full(name, k) for k in MOMENTS}}
                for name in reader.names()}
-    out = os.path.join(save_dir, tag)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.makedirs(out)
     with open(os.path.join(src, "run.json")) as f:
         run_meta = json.load(f)
-    return _write_checkpoint(out, tensors, reader.layout, reader.cfg, target_tp, target_pp,
-                             reader.step, run_meta)
+    return _write_checkpoint(save_dir, tag, tensors, reader.layout, reader.cfg, target_tp,
+                             target_pp, reader.step, run_meta)
 
 
 def from_full_state(full: Dict[str, torch.Tensor], cfg: ModelConfig, save_dir: str, target_tp: int,
@@ -118,11 +127,10 @@ def from_full_state(full: Dict[str, torch.Tensor], cfg: ModelConfig, save_dir: s
         model = (BertModel if cfg.bidirectional else GPTModel)(cfg, SingleProcessState(), device="meta")
     layout = {n: layout_of(p) for n, p in model.named_parameters()}
     tensors = {n: {None: full[n], **{k: torch.zeros_like(full[n]) for k in MOMENTS}} for n in layout}
-    out = os.path.join(save_dir, "iter_0000000")
-    os.makedirs(out, exist_ok=True)
     run_meta = {"iteration": 0, "consumed_samples": 0, "consumed_tokens": 0,
                 "run": {"model": cfg.to_dict()}, "world_size": None}
-    return _write_checkpoint(out, tensors, layout, cfg, target_tp, target_pp, 0, run_meta)
+    return _write_checkpoint(save_dir, "iter_0000000", tensors, layout, cfg, target_tp, target_pp,
+                             0, run_meta)
 
 
 def from_consolidated(path: str, save_dir: str, target_tp: int, target_pp: int) -> str:

@@ -19,8 +19,8 @@ from typing import Dict, Tuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from megatron_normformer.checkpoint.atomic import save_safetensors
 from megatron_normformer.checkpoint.shards import cut_for, full_tensor, unpadded
 from megatron_normformer.config import ConfigError, ModelConfig
 from megatron_normformer.model.bert import BertModel
@@ -70,8 +70,8 @@ def save_consolidated(path: str, full: Dict[str, torch.Tensor], cfg: ModelConfig
     os.makedirs(os.path.dirname(os.path.abspath(tensor_path)), exist_ok=True)
     config_json = json.dumps(cfg.to_dict(), indent=1, sort_keys=True)
     tmp = tensor_path + ".tmp"
-    save_file({k: v.float().contiguous() for k, v in full.items()}, tmp,
-              metadata={"format": FORMAT, "model_config": config_json})
+    save_safetensors({k: v.float().contiguous() for k, v in full.items()}, tmp,
+                     metadata={"format": FORMAT, "model_config": config_json})
     os.replace(tmp, tensor_path)
     with open(config_path + ".tmp", "w") as f:
         f.write(config_json + "\n")

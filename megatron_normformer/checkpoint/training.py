@@ -2,75 +2,116 @@
 
 Layout of ``--save DIR``::
 
-    DIR/latest                      tag of the newest COMPLETE checkpoint (written last, atomically)
+    DIR/latest                      tag of the newest complete checkpoint
     DIR/iter_0000010/               DeepSpeed's files (model, optimizer, ZeRO partitions, schedule)
     DIR/iter_0000010/run.json       run config, iteration, consumed samples/tokens (rank 0)
     DIR/iter_0000010/rng_rank00003.pt   every RNG state of global rank 3 (one file per rank)
+    DIR/iter_0000010/universal/     the layout-independent state (``checkpoint/universal.py``)
 
 DeepSpeed keeps ``client_state`` from rank 0 only, but every rank has its own RNG streams (the TP
-dropout stream differs per TP rank), hence one file per rank. A save that dies half-way leaves
-``latest`` on the previous tag.
+dropout stream differs per TP rank), hence one file per rank.
+
+Every rank writes into ``DIR/.tmp.iter_0000010``; once all have written and fsynced their share,
+rank 0 renames it into place and moves ``latest`` (``checkpoint/atomic.py``), so a killed save
+leaves ``latest`` on a complete checkpoint, never on a mix of two saves. A save that fails on any
+rank (a full disk) fails on every rank with one message, and its partial directory is removed.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from typing import Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from megatron_normformer.checkpoint.universal import load_universal, save_universal
-from megatron_normformer.config import ConfigError, ModelConfig
+from megatron_normformer.checkpoint import atomic
+from megatron_normformer.checkpoint.atomic import LATEST, REPLACED, CheckpointError  # noqa: F401 - loop.py takes it from here
+from megatron_normformer.checkpoint.universal import check_same_model, load_universal, save_universal
+from megatron_normformer.config import ConfigError
 from megatron_normformer.parallel.random import get_all_rng_states, set_all_rng_states
-
-LATEST = "latest"
-_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-
 
 def tag_for(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
+def _first_failure(message: Optional[str]) -> Optional[str]:
+    """Every rank's ``message`` (None: this rank succeeded) gathered: None if all succeeded, else
+    the first failing rank's, naming that rank unless every rank failed alike. A collective, hence
+    also a barrier."""
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
+    if not failed:
+        return None
+    rank, first = failed[0]
+    return first if len(set(messages)) == 1 else f"{first} (rank {rank})"
 
 
-def _atomic_text(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    _atomic_write(path, write)
+def _every_rank(step: Callable[[], None], path: str) -> Optional[str]:
+    """Run ``step`` on every rank; what went wrong on the first rank where it failed, or None."""
+    try:
+        step()
+        message = None
+    except Exception as e:  # noqa: BLE001 - reported on every rank by _first_failure
+        message = atomic.describe_failure(e, path)
+    return _first_failure(message)
+
+
+def prepare_save_dir(save_dir: str) -> List[str]:
+    """At start, on every rank: ``save_dir`` is created and written into (ConfigError if it cannot
+    be, on every rank), then rank 0 repairs what killed saves left there. Returns rank 0's lines
+    for the log."""
+    failure = _first_failure(atomic.check_writable(save_dir, dist.get_rank()))
+    if failure:
+        raise ConfigError(failure)
+    done: List[str] = []
+
+    def repair():
+        if dist.get_rank() == 0:
+            done.extend(atomic.repair(save_dir))
+
+    failure = _every_rank(repair, save_dir)
+    if failure:
+        raise ConfigError(f"--save {save_dir}: could not clean up after a killed save: {failure}")
+    return done
 
 
 def save_checkpoint(engine, run_dict: Dict, state: Dict, save_dir: str, universal=None) -> str:
     """Save on every rank; ``state`` holds iteration / consumed_samples / consumed_tokens.
 
     ``universal`` = (module, pstate, model config) also writes the layout-independent state that
-    lets the checkpoint resume into another (TP, PP, ZeRO) layout.
+    lets the checkpoint resume into another (TP, PP, ZeRO) layout. Raises CheckpointError on every
+    rank if the save failed on any; the previous checkpoints are then as they were.
     """
     tag = tag_for(state["iteration"])
-    rank = dist.get_rank()
-    os.makedirs(save_dir, exist_ok=True)
-    engine.save_checkpoint(save_dir, tag=tag, client_state=dict(state), save_latest=False)
-    tag_dir = os.path.join(save_dir, tag)
-    os.makedirs(tag_dir, exist_ok=True)
-    _atomic_write(os.path.join(tag_dir, f"rng_rank{rank:05d}.pt"),
-                  lambda tmp: torch.save(get_all_rng_states(), tmp))
-    if universal is not None:
-        save_universal(engine, *universal, tag_dir)
-    if rank == 0:
-        meta = dict(state, run=run_dict, world_size=dist.get_world_size())
-        _atomic_text(os.path.join(tag_dir, "run.json"), json.dumps(meta, indent=1))
-    dist.barrier()  # every rank's files are on disk before the pointer moves
-    if rank == 0:
-        _atomic_text(os.path.join(save_dir, LATEST), tag)
-    dist.barrier()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tmp = atomic.tmp_dir(save_dir, tag)
+    final = os.path.join(save_dir, tag)
+
+    def write():
+        # DeepSpeed writes into save_dir/tag: the temporary directory's name is the tag it gets.
+        engine.save_checkpoint(save_dir, tag=os.path.basename(tmp), client_state=dict(state),
+                               save_latest=False)
+        os.makedirs(tmp, exist_ok=True)
+        torch.save(get_all_rng_states(), os.path.join(tmp, f"rng_rank{rank:05d}.pt"))
+        if universal is not None:
+            save_universal(engine, *universal, tmp)
+        if rank == 0:
+            meta = dict(state, run=run_dict, world_size=world)
+            with open(os.path.join(tmp, "run.json"), "w") as f:
+                json.dump(meta, f, indent=1)
+
+    def publish():
+        if rank == 0:
+            atomic.publish(save_dir, tag)
+
+    for step in (write, lambda: atomic.fsync_tree(tmp, rank, world), publish):
+        failure = _every_rank(step, final)
+        if failure:
+            if rank == 0:
+                atomic.discard(tmp)
+            raise atomic.failed(save_dir, tag, failure)
     return tag
 
 
@@ -86,12 +127,15 @@ def resolve_tag(load_dir: str, tag: Optional[str] = None) -> str:
                               f"one with tools/convert_checkpoint.py --load {load_dir} --save DIR")
         raise ConfigError(f"--load {load_dir}: no such directory")
     if tag is None:
-        path = os.path.join(load_dir, LATEST)
-        if not os.path.isfile(path):
+        tag = atomic.read_latest(load_dir)
+        if tag is None:
             raise ConfigError(f"--load {load_dir}: no complete checkpoint (no '{LATEST}' file)")
-        with open(path) as f:
-            tag = f.read().strip()
     if not os.path.isdir(os.path.join(load_dir, tag)):
+        if os.path.isdir(os.path.join(load_dir, REPLACED + tag)):
+            raise ConfigError(
+                f"--load {load_dir}: a save replacing {tag!r} was killed before the new version "
+                f"was in place; the previous one is {REPLACED + tag}: rename it to {tag}, or start "
+                f"a run with --save {load_dir}, which does that")
         raise ConfigError(f"--load {load_dir}: no checkpoint {tag!r}")
     return tag
 
@@ -108,19 +152,7 @@ def layout_differences(meta: Dict, run_dict: Dict, world_size: int, load_dir: st
     """Why DeepSpeed's own files cannot be loaded here (empty: they can). A different model is an
     error naming the first differences; a different layout only reroutes the load."""
     saved, now = meta["run"], run_dict
-    # Dropout may change between runs; the init scheme only decided the weights the checkpoint
-    # replaces (checkpoints from before --init-scheme existed do not record it).
-    free = ("hidden_dropout", "attention_dropout", "init_scheme", "init_method_std")
-    # A field the checkpoint does not record was added later: the checkpoint has its default.
-    saved_model = {**_FIELD_DEFAULTS, **saved["model"]}
-    model_diffs = [f"{k}: checkpoint {saved_model.get(k)!r} vs this run {v!r}"
-                   for k, v in now["model"].items() if k not in free and saved_model.get(k) != v]
-    if model_diffs:
-        hint = ""
-        if saved["model"].get("scale_embedding") is False and now["model"].get("scale_embedding"):
-            hint = " (add --no-scale-embedding to continue a model trained without the sqrt(d) scale)"
-        raise ConfigError(f"--load {load_dir}: checkpoint does not match this run: "
-                          + "; ".join(model_diffs) + hint)
+    check_same_model(saved["model"], now["model"], load_dir)
     if meta.get("universal_only"):
         return ["converted checkpoint (no DeepSpeed files)"]
     diffs = []

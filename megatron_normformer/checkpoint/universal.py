@@ -39,8 +39,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from megatron_normformer.checkpoint.atomic import save_safetensors
 from megatron_normformer.checkpoint.shards import cut_for, layout_of
 from megatron_normformer.config import ConfigError, ModelConfig
 from megatron_normformer.deepspeed_repairs import link_optimizer_state
@@ -180,8 +180,9 @@ def optimizer_step(engine) -> int:
 
 
 def save_universal(engine, module: torch.nn.Module, pstate, cfg: ModelConfig, tag_dir: str) -> None:
-    """Write this rank's part of ``tag_dir/universal`` (every rank calls it; no collective but the
-    final barrier)."""
+    """Write this rank's part of ``tag_dir/universal`` (every rank calls it; no collective: the
+    caller knows when every rank is done, ``checkpoint/training.py`` writes ``tag_dir`` as a
+    temporary directory that is renamed into place once all are)."""
     out_dir = os.path.join(tag_dir, UNIVERSAL_DIR)
     os.makedirs(out_dir, exist_ok=True)
     masters = MasterState(engine, pstate)
@@ -204,18 +205,15 @@ def save_universal(engine, module: torch.nn.Module, pstate, cfg: ModelConfig, ta
     if tensors:
         path = os.path.join(out_dir, f"tp{pstate.tp_rank:02d}_pp{pstate.pp_rank:02d}"
                                      f"_dp{pstate.dp_rank:03d}.safetensors")
-        save_file(tensors, path + ".tmp", metadata={"layout": json.dumps(layout)})
-        os.replace(path + ".tmp", path)
+        save_safetensors(tensors, path, metadata={"layout": json.dumps(layout)})
     del tensors
     if dist.get_rank() == 0:
         meta = {"tensor_model_parallel_size": pstate.tp_size,
                 "pipeline_model_parallel_size": pstate.pp_size,
                 "data_parallel_size": pstate.dp_size,
                 "optimizer_step": step, "model_config": cfg.to_dict()}
-        with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
+        with open(os.path.join(out_dir, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
-    dist.barrier()
 
 
 # -- reading a universal directory -----------------------------------------------------------
@@ -331,7 +329,7 @@ def load_universal(engine, module: torch.nn.Module, pstate, cfg: ModelConfig, ta
     its optimizer state, which is then overwritten. None loads the weights only (fresh optimizer).
     """
     reader = UniversalReader(tag_dir)
-    _check_same_model(reader.cfg, cfg, tag_dir)
+    check_same_model(reader.meta["model_config"], cfg.to_dict(), tag_dir)
     with_optimizer = materialize_optimizer_state is not None
     if with_optimizer:
         groups = engine.optimizer.param_groups
@@ -365,9 +363,26 @@ def load_universal(engine, module: torch.nn.Module, pstate, cfg: ModelConfig, ta
     return reader.step
 
 
-def _check_same_model(saved: ModelConfig, current: ModelConfig, where: str) -> None:
-    a, b = saved.to_dict(), current.to_dict()
-    ignore = {"hidden_dropout", "attention_dropout"}
-    diff = [f"{k}: checkpoint {a[k]!r} vs run {b[k]!r}" for k in a if k not in ignore and a[k] != b.get(k)]
-    if diff:
-        raise ConfigError(f"--load {where}: the model config does not match: " + "; ".join(diff))
+# Fields a checkpoint need not match: dropout may change between runs, and the init scheme only
+# decided the weights the checkpoint replaces.
+FREE_MODEL_FIELDS = ("hidden_dropout", "attention_dropout", "init_scheme", "init_method_std")
+
+
+def check_same_model(saved: Dict, current: Dict, load_dir: str) -> None:
+    """ConfigError naming every difference between a checkpoint's model config and this run's that
+    the checkpoint's weights cannot follow. The one rule of every load (DeepSpeed's files or this
+    module's, any layout): both configs are read through ``ModelConfig.from_dict``, so a field the
+    checkpoint predates counts as the value it had then."""
+    try:
+        a = ModelConfig.from_dict(saved).to_dict()
+    except ConfigError as e:
+        raise ConfigError(f"--load {load_dir}: {e} (a checkpoint of a newer version?)") from None
+    b = ModelConfig.from_dict(current).to_dict()
+    diffs = [f"{k}: checkpoint {a[k]!r} vs this run {b[k]!r}"
+             for k in b if k not in FREE_MODEL_FIELDS and a[k] != b[k]]
+    if diffs:
+        hint = ""
+        if a["scale_embedding"] is False and b["scale_embedding"]:
+            hint = " (add --no-scale-embedding to continue a model trained without the sqrt(d) scale)"
+        raise ConfigError(f"--load {load_dir}: checkpoint does not match this run: "
+                          + "; ".join(diffs) + hint)

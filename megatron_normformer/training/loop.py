@@ -269,6 +269,10 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
     seq = run.train.seq_length
     writer_rank = world - 1
     run_dict = run.to_dict()
+    if run.ckpt.save:  # an unwritable --save stops the run now, not at the first save
+        interrupts.phase(f"checking --save {run.ckpt.save}")
+        for line in checkpointing.prepare_save_dir(run.ckpt.save):
+            print_rank(f"> --save {run.ckpt.save}: {line}")
 
     interrupts.phase("building the model and the DeepSpeed engine")
     e = build_engine(run, pstate, ds_config, task)
@@ -321,9 +325,12 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
         nonlocal saved_at, last_checkpoint
         if run.ckpt.save and saved_at != state["iteration"]:
             universal = None if run.ckpt.no_save_universal else (e.model, pstate, run.model)
-            with timers("save-checkpoint"):
-                tag = checkpointing.save_checkpoint(e.engine, run_dict, state, run.ckpt.save,
-                                                    universal)
+            try:
+                with timers("save-checkpoint"):
+                    tag = checkpointing.save_checkpoint(e.engine, run_dict, state, run.ckpt.save,
+                                                        universal)
+            except checkpointing.CheckpointError as error:
+                raise TrainingError(f"iteration {state['iteration']}: {error}") from None
             saved_at = state["iteration"]
             last_checkpoint = f"{run.ckpt.save}/{tag}"
             print_rank(f"> saved checkpoint {last_checkpoint}")
