@@ -26,7 +26,8 @@ Where the fp32 master weights live depends on what DeepSpeed wrapped around the 
 ZeRO-3 partitions, the ``_hp_mapping`` fragments of ZeRO-1/2 and the BF16 optimizer, the fp32 copies
 of the fp16/bf16 wrappers without ZeRO (state keyed by those copies, not by the module's
 parameters), or the module's own fp32 parameters. An optimizer we cannot read stops the save or the
-load with a message rather than writing (or resuming from) the low-precision weights.
+load with a message rather than writing (or resuming from) the low-precision weights. These are
+DeepSpeed's private fields: tests/test_deepspeed_repairs.py has a canary for each.
 """
 from __future__ import annotations
 
