@@ -468,8 +468,12 @@ def test_state_dict_that_disagrees_with_its_cfg_is_named(tmp_path):
     fairseq_checkpoint(tmp_path / "extra.pt", fairseq_model_cfg(), sd=sd)
     with pytest.raises(ConfigError, match=r"no counterpart here: \['decoder.layers.0.c_attn'"):
         import_fairseq(str(tmp_path / "extra.pt"))
+    del sd["decoder.layers.1.self_attn.q_proj.bias"]
+    fairseq_checkpoint(tmp_path / "no_q.pt", fairseq_model_cfg(scale_heads=True), sd=sd)
+    with pytest.raises(ConfigError, match="lacks decoder.layers.1.self_attn.q_proj.bias"):
+        import_fairseq(str(tmp_path / "no_q.pt"))
     fairseq_checkpoint(tmp_path / "lacks.pt", fairseq_model_cfg(scale_fc=True), sd=fairseq_state_dict(fairseq_model_cfg()))
-    with pytest.raises(ConfigError, match="lacks.*ffn_layernorm"):
+    with pytest.raises(ConfigError, match="lacks decoder.layers.0.ffn_layernorm.weight"):
         import_fairseq(str(tmp_path / "lacks.pt"))
 
 

@@ -43,23 +43,21 @@ PAD, EOS, UNK = 1, 2, 3
 GPT2_EOD = 50256
 GPT2_VOCAB_SIZE = GPT2_EOD + 1 + len(ROBERTA_SPECIALS)
 
-FAIRSEQ_COMMIT = "7fb3792845b474a41de7c2fe47141dcc37243ef6 (2021-11-03, 'Fix einsum transpose')"
-
-# Options a checkpoint may carry that this model has no counterpart for: (option, test, what).
+# Options (when set) this model has no counterpart for, and what they are.
 _UNSUPPORTED = (
-    ("adaptive_input", bool, "adaptive input embeddings"),
-    ("adaptive_softmax_cutoff", bool, "an adaptive softmax"),
-    ("tie_adaptive_weights", bool, "tied adaptive input / softmax"),
-    ("character_embeddings", bool, "character CNN token embeddings"),
-    ("layernorm_embedding", bool, "a LayerNorm on the embeddings"),
-    ("no_token_positional_embeddings", bool, "a model without position embeddings"),
-    ("quant_noise_pq", bool, "quantization noise (an extra projection after the embedding)"),
-    ("quant_noise_scalar", bool, "scalar quantization noise"),
-    ("cross_self_attention", bool, "cross+self attention"),
-    ("base_layers", bool, "BASE layers"),
-    ("decoder_layers_to_keep", bool, "pruned layers (prune with fairseq first)"),
-    ("decoder_xformers_att_config", bool, "xFormers attention"),
-    ("alibi", bool, "ALiBi attention biases"),
+    ("adaptive_input", "adaptive input embeddings"),
+    ("adaptive_softmax_cutoff", "an adaptive softmax"),
+    ("tie_adaptive_weights", "tied adaptive input / softmax"),
+    ("character_embeddings", "character CNN token embeddings"),
+    ("layernorm_embedding", "a LayerNorm on the embeddings"),
+    ("no_token_positional_embeddings", "a model without position embeddings"),
+    ("quant_noise_pq", "quantization noise (an extra projection after the embedding)"),
+    ("quant_noise_scalar", "scalar quantization noise"),
+    ("cross_self_attention", "cross+self attention"),
+    ("base_layers", "BASE layers"),
+    ("decoder_layers_to_keep", "pruned layers (prune with fairseq first)"),
+    ("decoder_xformers_att_config", "xFormers attention"),
+    ("alibi", "ALiBi attention biases"),
 )
 # base_lm_architecture's values for options an older checkpoint may not record.
 _DEFAULTS = dict(activation_fn="relu", decoder_embed_dim=512, decoder_ffn_embed_dim=2048,
@@ -156,8 +154,8 @@ def _flag(option: str) -> str:
 def model_config(opts: dict, task: dict, model_state: Dict[str, torch.Tensor], path: str) -> ModelConfig:
     """Our ModelConfig for fairseq options ``opts``; a one-line ConfigError names any option we
     cannot represent."""
-    for option, test, what in _UNSUPPORTED:
-        if test(opts.get(option)):
+    for option, what in _UNSUPPORTED:
+        if opts.get(option):
             raise ConfigError(f"--load {path}: fairseq {_flag(option)} ({what}) is not supported")
     if not opts["decoder_normalize_before"]:
         raise ConfigError(f"--load {path}: fairseq --decoder-normalize-before is off: a post-LN "
@@ -210,16 +208,14 @@ def _fused_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) ->
 
 def convert_tensors(sd: Dict[str, torch.Tensor], cfg: ModelConfig, path: str) -> Dict[str, torch.Tensor]:
     """fairseq's ``decoder.*`` state dict -> full tensors by our names. Every tensor must be used
-    and every expected one present, else a one-line ConfigError names the first few."""
+    and every expected one present, else a one-line ConfigError names them."""
     sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}
     used = {"decoder.version", "decoder.embed_positions._float_tensor", "decoder.embed_positions.weights"}
-    missing: List[str] = []
 
     def take(name: str) -> torch.Tensor:
-        used.add(name)
         if name not in sd:
-            missing.append(name)
-            return torch.zeros(0)
+            raise ConfigError(f"--load {path}: the fairseq state dict lacks {name} (which its cfg implies)")
+        used.add(name)
         return sd[name].detach().float()
 
     full = {"embedding.word_embeddings.weight": take("decoder.embed_tokens.weight")}
@@ -259,9 +255,6 @@ def convert_tensors(sd: Dict[str, torch.Tensor], cfg: ModelConfig, path: str) ->
         full["head.weight"] = take(name)
     else:
         used.add("decoder.output_projection.weight")  # the tied embedding, saved under both names
-    if missing:
-        raise ConfigError(f"--load {path}: the fairseq state dict lacks {missing[:4]} "
-                          "(which its cfg implies)")
     unexpected = sorted(set(sd) - used)
     if unexpected:
         raise ConfigError(f"--load {path}: fairseq tensors with no counterpart here: {unexpected[:4]}"
