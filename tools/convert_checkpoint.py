@@ -16,6 +16,12 @@
     python tools/convert_checkpoint.py --load checkpoint_best.pt --fairseq-dict data-bin/dict.txt \
         --save runs/from_fairseq --target-tp 2 --target-pp 2
 
+    # anything above -> a Hugging Face transformers directory (remote code, or a native GPT-2 where
+    # the layout is GPT-2's), with the tokenizer as a fast tokenizer; and such a directory back
+    python tools/convert_checkpoint.py --load runs/ckpt --output-hf hf/model \
+        --tokenizer-type SentencePieceTokenizer --tokenizer-model tok/sp.model
+    python tools/convert_checkpoint.py --load hf/model --save runs/from_hf --target-tp 2
+
 ``pretrain_gpt.py --load`` also resumes a training checkpoint in a different layout directly; the
 re-sharded copy saves every rank from reading the full tensors at start-up.
 """
@@ -26,13 +32,15 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_normformer.config import ConfigError  # noqa: E402
+from megatron_normformer.data.tokenizers import TOKENIZER_TYPES  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", required=True,
                         help="A training checkpoint directory (its 'latest' tag), a consolidated "
-                             ".safetensors file, or a fairseq transformer_lm checkpoint (.pt).")
+                             ".safetensors file, a Hugging Face directory (an --output-hf export or "
+                             "a GPT-2), or a fairseq transformer_lm checkpoint (.pt).")
     parser.add_argument("--tag", default=None, help="Checkpoint tag to read instead of 'latest'.")
     parser.add_argument("--fairseq-dict", default=None, metavar="DICT_TXT",
                         help="fairseq's GPT-2 dict.txt of a fairseq --load: reorder the vocabulary "
@@ -43,6 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-consolidated", default=None, metavar="PATH",
                         help="Write PATH.safetensors (full fp32 tensors) and PATH.json (model config).")
     parser.add_argument("--save", default=None, help="Write a checkpoint for --target-tp/--target-pp here.")
+    hf = parser.add_argument_group("Hugging Face export (docs/interop.md)")
+    hf.add_argument("--output-hf", default=None, metavar="DIR",
+                    help="Write a transformers directory: config, weights, modeling code, tokenizer.")
+    hf.add_argument("--hf-native", action=argparse.BooleanOptionalAction, default=None,
+                    help="Export as a native GPT2LMHeadModel (no remote code); by default that "
+                         "happens exactly when the model's layout is GPT-2's.")
+    hf.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
+                    help="The model's tokenizer, exported as a fast tokenizer (none: no tokenizer).")
+    hf.add_argument("--tokenizer-model", help="SentencePiece .model or HF tokenizer.json")
+    hf.add_argument("--vocab-file", help="GPT-2 vocab.json")
+    hf.add_argument("--merge-file", help="GPT-2 merges.txt")
     parser.add_argument("--target-tensor-parallel-size", "--target-tp", dest="target_tp", type=int,
                         default=1, help="Tensor-parallel degree of --save (Megatron-LM's name, or "
                                         "--target-tp).")
@@ -82,23 +101,62 @@ def from_fairseq(args) -> None:
               + " ".join(continuation_flags(imported.cfg)))
 
 
+def to_hf(args) -> None:
+    """--output-hf: any --load as a transformers directory, with its tokenizer when named."""
+    from megatron_normformer.checkpoint.inference import load_full_state
+    from megatron_normformer.data.tokenizers import build_tokenizer
+    from megatron_normformer.inference.cli import check_tokenizer
+    from megatron_normformer.interop.hf import export_hf
+    from megatron_normformer.interop.hf_tokenizer import TokenizerFiles
+
+    full, cfg = load_full_state(args.load, args.tag, args.fairseq_dict)
+    tokenizer, files = None, None
+    if args.tokenizer_type:
+        files = TokenizerFiles(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file)
+        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file,
+                                    args.merge_file, cfg.vocab_size)
+        check_tokenizer(tokenizer, cfg)
+    done = export_hf(full, cfg, args.output_hf, tokenizer, files, args.hf_native)
+    kind = "a native GPT-2" if done.native else "NormFormer remote code (trust_remote_code=True)"
+    print(f"wrote {args.output_hf}: {kind}")
+    if done.special_tokens is None:
+        why = "a NullTokenizer's ids are the text" if tokenizer else "no --tokenizer-type given"
+        print(f"no tokenizer written ({why})")
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if bool(args.output_consolidated) == bool(args.save):
-        parser.error("give exactly one of --output-consolidated and --save")
+    if sum(map(bool, (args.output_consolidated, args.save, args.output_hf))) != 1:
+        parser.error("give exactly one of --output-consolidated, --save and --output-hf")
+    if not args.output_hf and (args.tokenizer_type or args.hf_native is not None):
+        parser.error("--tokenizer-type and --hf-native go with --output-hf")
     if args.target_tp < 1 or args.target_pp < 1:
         parser.error("--target-tp and --target-pp must be positive")
 
     from megatron_normformer.checkpoint import convert as cc
     from megatron_normformer.checkpoint.atomic import CheckpointError
+    from megatron_normformer.interop.hf import is_hf_directory, load_hf_directory
 
     consolidated_input = args.load.endswith(".safetensors") or os.path.isfile(args.load + ".safetensors")
     fairseq_input = not consolidated_input and os.path.isfile(args.load)
     if args.fairseq_dict and not fairseq_input:
         parser.error("--fairseq-dict goes with --load of a fairseq checkpoint file")
+    hf_input = is_hf_directory(args.load)
     try:
-        if fairseq_input:
+        if args.output_hf:
+            to_hf(args)
+        elif hf_input:
+            full, cfg = load_hf_directory(args.load)
+            if args.output_consolidated:
+                from megatron_normformer.checkpoint.release import save_consolidated
+
+                print(f"wrote {save_consolidated(args.output_consolidated, full, cfg)} and its config JSON")
+            else:
+                tag = cc.from_full_state(full, cfg, args.save, args.target_tp, args.target_pp)
+                print(f"wrote {args.save}/{tag} for TP={args.target_tp}, PP={args.target_pp} "
+                      "(fresh optimizer)")
+        elif fairseq_input:
             from_fairseq(args)
         elif args.output_consolidated:
             if consolidated_input:

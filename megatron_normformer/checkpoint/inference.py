@@ -2,9 +2,10 @@
 
 ``PATH.safetensors`` (or ``PATH``, its base) is the release format (``checkpoint/release.py``); a
 directory is a training checkpoint of any TP/PP/ZeRO layout, read through its layout-independent
-state (``checkpoint/convert.py``); any other file is read as a fairseq ``transformer_lm``
-checkpoint (``interop/fairseq.py``). Either way the weights arrive as full fp32 tensors and are cut
-for this process's tensor-parallel rank.
+state (``checkpoint/convert.py``), or a Hugging Face transformers directory (one with a
+``config.json``: a NormFormer export or a GPT-2, ``interop/hf.py``); any other file is read as a
+fairseq ``transformer_lm`` checkpoint (``interop/fairseq.py``). Either way the weights arrive as
+full fp32 tensors and are cut for this process's tensor-parallel rank.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from megatron_normformer.checkpoint.convert import load_training_checkpoint
 from megatron_normformer.checkpoint.release import build_model, load_consolidated
 from megatron_normformer.config import ConfigError, ModelConfig
 from megatron_normformer.interop.fairseq import import_fairseq
+from megatron_normformer.interop.hf import is_hf_directory, load_hf_directory
 from megatron_normformer.parallel.state import SingleProcessState
 
 
@@ -30,13 +32,16 @@ def load_full_state(path: str, tag: Optional[str] = None, fairseq_dict: Optional
         raise ConfigError(f"--fairseq-dict goes with a fairseq checkpoint file, and --load {path} is not one")
     if consolidated:
         return load_consolidated(path)
+    if is_hf_directory(path):
+        return load_hf_directory(path)
     if os.path.isdir(path):
         return load_training_checkpoint(path, tag=tag)
     if os.path.isfile(path):
         imported = import_fairseq(path, fairseq_dict)
         return imported.full, imported.cfg
     raise ConfigError(f"--load {path}: neither a consolidated checkpoint ({path}.safetensors), "
-                      "a training checkpoint directory nor a fairseq checkpoint file")
+                      "a training checkpoint directory, a Hugging Face directory nor a fairseq "
+                      "checkpoint file")
 
 
 def build_inference_model(path: str, pstate=None, device=None, dtype: torch.dtype = torch.float32,

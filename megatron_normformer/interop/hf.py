@@ -1,0 +1,345 @@
+"""Hugging Face transformers directories: export a model there, and bring one back.
+
+An export (:func:`export_hf`) is a directory that ``transformers`` loads with nothing else
+installed:
+
+    config.json                   the architecture, ``auto_map`` naming the two files below
+    configuration_normformer.py   NormFormerConfig      (interop/hf_remote/, copied)
+    modeling_normformer.py        NormFormerForCausalLM / NormFormerForMaskedLM (plain torch)
+    model.safetensors             the full fp32 tensors under transformers-style names
+    generation_config.json        eos / bos / pad ids, when a tokenizer says what they are
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json   (hf_tokenizer.py)
+
+and loads with ``trust_remote_code=True``. A model whose layout is GPT-2's (:func:`gpt2_refusal`
+says why one is not) goes out as a native ``GPT2LMHeadModel`` instead, which needs no remote code.
+
+The way back (:func:`load_hf_directory`) reads either kind, however it was fine-tuned and saved
+since (any float dtype, one or several safetensors files, or ``pytorch_model.bin``), into full fp32
+tensors by this project's TP=1 names and a ``ModelConfig``: what ``checkpoint.inference
+.load_full_state`` returns for any checkpoint.
+
+Tensor names: ours (``checkpoint/release.py``) with the embeddings, the final LayerNorm and the
+output layer renamed (:func:`renames`); every other tensor keeps its name under ``model.``. The fused
+QKV keeps our [heads, (q, k, v), head_dim] rows, so the round trip is a renaming, bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megatron_normformer.config import ConfigError, ModelConfig
+from megatron_normformer.data.tokenizers import Tokenizer
+from megatron_normformer.interop.hf_tokenizer import TokenizerFiles, write_hf_tokenizer
+
+MODEL_TYPE = "normformer"
+REMOTE_CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_remote")
+REMOTE_FILES = ("configuration_normformer.py", "modeling_normformer.py")
+WEIGHTS = "model.safetensors"
+
+HF_FIELD_NAMES = {"num_layers": "num_hidden_layers", "ffn_hidden_size": "intermediate_size",
+                  "layernorm_epsilon": "layer_norm_eps", "init_method_std": "initializer_range"}
+"""ModelConfig fields that transformers knows under another name; the others keep theirs, and
+``untie_embeddings_and_output_weights`` is the negation of ``tie_word_embeddings``."""
+TRAINING_ONLY_FIELDS = ("init_scheme", "init_method_std", "make_vocab_size_divisible_by")
+"""ModelConfig fields that do not change what a trained model computes."""
+
+
+def renames(cfg: ModelConfig) -> List[Tuple[str, str]]:
+    """(our name prefix, transformers name prefix), the first match applying."""
+    if cfg.bidirectional:
+        head = [("final_layernorm.", "model.final_layernorm."), ("lm_head.", "lm_head.")]
+    else:
+        head = [("head.final_layernorm.", "model.final_layernorm."), ("head.weight", "lm_head.weight")]
+    return [("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
+            ("embedding.position_embeddings", "model.embed_positions.weight"),
+            ("layers.", "model.layers."), *head]
+
+
+def _rename(tensors: Dict[str, torch.Tensor], pairs: List[Tuple[str, str]], what: str
+            ) -> Dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in tensors.items():
+        new = next((to + name[len(frm):] for frm, to in pairs if name.startswith(frm)), None)
+        if new is None:
+            raise ConfigError(f"{what}: tensor {name} has no counterpart")
+        out[new] = tensor
+    return out
+
+
+# -- the config --------------------------------------------------------------------------------
+def normformer_config(cfg: ModelConfig) -> dict:
+    """config.json of the remote-code export: every ModelConfig field, transformers' names first."""
+    out = {}
+    for field, value in cfg.to_dict().items():
+        if field == "untie_embeddings_and_output_weights":
+            out["tie_word_embeddings"] = not value
+        else:
+            out[HF_FIELD_NAMES.get(field, field)] = value
+    task = "MaskedLM" if cfg.bidirectional else "CausalLM"
+    out.update(model_type=MODEL_TYPE, architectures=[f"NormFormerFor{task}"], torch_dtype="float32",
+               auto_map={"AutoConfig": "configuration_normformer.NormFormerConfig",
+                         "AutoModel": "modeling_normformer.NormFormerModel",
+                         f"AutoModelFor{task}": f"modeling_normformer.NormFormerFor{task}"})
+    return out
+
+
+def model_config_from_normformer(config: dict) -> ModelConfig:
+    fields = {}
+    for field in (f.name for f in dataclasses.fields(ModelConfig)):
+        if field == "untie_embeddings_and_output_weights":
+            if "tie_word_embeddings" in config:
+                fields[field] = not config["tie_word_embeddings"]
+        elif HF_FIELD_NAMES.get(field, field) in config:
+            fields[field] = config[HF_FIELD_NAMES.get(field, field)]
+    return ModelConfig(**fields).validate()
+
+
+# -- native GPT-2 --------------------------------------------------------------------------------
+GPT2_ACTIVATIONS = {"gelu": "gelu", "relu": "relu"}
+"""Our activation -> transformers' ACT2FN name (exact gelu; GPT-2's own default is gelu_new, the
+tanh approximation, which no model here computes)."""
+
+
+def gpt2_refusal(cfg: ModelConfig) -> Optional[str]:
+    """Why ``cfg``'s model is not a GPT-2 (None: it is one, and exports as GPT2LMHeadModel).
+
+    GPT-2 is the plain Pre-LN layer with learned positions from row 0, biases everywhere, a final
+    LayerNorm, the output tied to the unscaled token embedding and attention scaled by
+    1/sqrt(head_dim); layer count, widths, vocabulary, epsilon and dropouts may be anything."""
+    ops = [flag for flag, on in (("--scale-attn", cfg.scale_attn), ("--scale-fc", cfg.scale_fc),
+                                 ("--scale-heads", cfg.scale_heads), ("--scale-resids", cfg.scale_resids))
+           if on]
+    if cfg.bidirectional:
+        return "a masked LM"
+    if ops:
+        return f"NormFormer operations ({', '.join(ops)})"
+    if cfg.position_embedding_type != "learned":
+        return f"{cfg.position_embedding_type} positions (GPT-2 learns them)"
+    if cfg.position_embedding_offset:
+        return f"position offset {cfg.position_embedding_offset}"
+    if cfg.activation_fn not in GPT2_ACTIVATIONS:
+        return f"activation {cfg.activation_fn}"
+    if cfg.scale_embedding:
+        return "scaled token embeddings"
+    if cfg.untie_embeddings_and_output_weights:
+        return "a separate output layer"
+    if not cfg.final_layernorm:
+        return "no final LayerNorm"
+    return None
+
+
+def _qkv_to_gpt2(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Our [heads, (q, k, v), head_dim] rows -> GPT-2's [(q, k, v), heads, head_dim]."""
+    return t.reshape(heads, 3, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
+def _qkv_from_gpt2(t: torch.Tensor, heads: int) -> torch.Tensor:
+    return t.reshape(3, heads, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
+def _gpt2_pairs(layer: int) -> List[Tuple[str, str, bool]]:
+    """(our name, GPT-2's name, transposed: GPT-2's Conv1D keeps weights as [in, out])."""
+    ours, theirs = f"layers.{layer}.", f"transformer.h.{layer}."
+    pairs = [("input_layernorm", "ln_1", False), ("attention.qkv", "attn.c_attn", True),
+             ("attention.dense", "attn.c_proj", True), ("pre_mlp_layernorm", "ln_2", False),
+             ("mlp.fc1", "mlp.c_fc", True), ("mlp.fc2", "mlp.c_proj", True)]
+    return [(f"{ours}{a}.{p}", f"{theirs}{b}.{p}", t and p == "weight")
+            for a, b, t in pairs for p in ("weight", "bias")]
+
+
+GPT2_GLOBAL = (("embedding.word_embeddings.weight", "transformer.wte.weight"),
+               ("embedding.position_embeddings", "transformer.wpe.weight"),
+               ("head.final_layernorm.weight", "transformer.ln_f.weight"),
+               ("head.final_layernorm.bias", "transformer.ln_f.bias"))
+
+
+def gpt2_config(cfg: ModelConfig) -> dict:
+    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "torch_dtype": "float32",
+            "vocab_size": cfg.vocab_size, "n_positions": cfg.max_position_embeddings,
+            "n_embd": cfg.hidden_size, "n_layer": cfg.num_layers, "n_head": cfg.num_attention_heads,
+            "n_inner": cfg.ffn_hidden_size, "activation_function": GPT2_ACTIVATIONS[cfg.activation_fn],
+            "resid_pdrop": cfg.hidden_dropout, "embd_pdrop": cfg.hidden_dropout,
+            "attn_pdrop": cfg.attention_dropout, "layer_norm_epsilon": cfg.layernorm_epsilon,
+            "initializer_range": cfg.init_method_std, "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+            "tie_word_embeddings": True, "use_cache": True,
+            # transformers keeps unknown keys: how the model was set up to train, for the way back
+            "megatron_normformer": {k: getattr(cfg, k) for k in ("init_scheme",
+                                                                 "make_vocab_size_divisible_by")}}
+
+
+def gpt2_tensors(full: Dict[str, torch.Tensor], cfg: ModelConfig) -> Dict[str, torch.Tensor]:
+    heads = cfg.num_attention_heads
+    out = {theirs: full[ours] for ours, theirs in GPT2_GLOBAL}
+    for layer in range(cfg.num_layers):
+        for ours, theirs, transpose in _gpt2_pairs(layer):
+            t = full[ours]
+            if ".attention.qkv." in ours:
+                t = _qkv_to_gpt2(t, heads)
+            out[theirs] = t.t().contiguous() if transpose else t
+    return out
+
+
+def _model_config_from_gpt2(path: str, config: dict) -> ModelConfig:
+    activation = config.get("activation_function", "gelu_new")
+    ours = {v: k for k, v in GPT2_ACTIVATIONS.items()}
+    problems = []
+    if activation not in ours:
+        problems.append(f"activation_function {activation!r} (gelu and relu convert)")
+    for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                    ("add_cross_attention", False)):
+        if config.get(key, ok) != ok:
+            problems.append(f"{key}={config[key]}")
+    if problems:
+        raise ConfigError(f"{path}: this GPT-2 has no equivalent here: {', '.join(problems)}")
+    d = config.get("n_embd", 768)
+    kept = config.get("megatron_normformer", {})
+    return ModelConfig(
+        num_layers=config.get("n_layer", 12), hidden_size=d, num_attention_heads=config.get("n_head", 12),
+        ffn_hidden_size=config.get("n_inner") or 4 * d, vocab_size=config.get("vocab_size", 50257),
+        max_position_embeddings=config.get("n_positions", 1024), position_embedding_type="learned",
+        activation_fn=ours[activation], layernorm_epsilon=config.get("layer_norm_epsilon", 1e-5),
+        hidden_dropout=config.get("resid_pdrop", 0.1), attention_dropout=config.get("attn_pdrop", 0.1),
+        init_method_std=config.get("initializer_range", 0.02), scale_embedding=False,
+        untie_embeddings_and_output_weights=not config.get("tie_word_embeddings", True),
+        init_scheme=kept.get("init_scheme", "megatron"),
+        make_vocab_size_divisible_by=kept.get("make_vocab_size_divisible_by", 128)).validate()
+
+
+def _from_gpt2(path: str, tensors: Dict[str, torch.Tensor], cfg: ModelConfig) -> Dict[str, torch.Tensor]:
+    # Checkpoints of the bare GPT2Model have no "transformer." prefix; the attention-mask buffers
+    # older versions saved are not weights.
+    tensors = {("" if k.startswith(("transformer.", "lm_head.")) else "transformer.") + k: v
+               for k, v in tensors.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    full = {}
+    pairs = [(o, t, False) for o, t in GPT2_GLOBAL]
+    pairs += [p for layer in range(cfg.num_layers) for p in _gpt2_pairs(layer)]
+    if cfg.untie_embeddings_and_output_weights:
+        pairs.append(("head.weight", "lm_head.weight", False))
+    for ours, theirs, transpose in pairs:
+        if theirs not in tensors:
+            raise ConfigError(f"{path}: GPT-2 tensor {theirs} is missing")
+        t = tensors[theirs].t() if transpose else tensors[theirs]
+        if ".attention.qkv." in ours:
+            t = _qkv_from_gpt2(t, cfg.num_attention_heads)
+        full[ours] = t.contiguous()
+    return full
+
+
+# -- writing -------------------------------------------------------------------------------------
+@dataclass
+class HFExport:
+    """What :func:`export_hf` wrote."""
+
+    directory: str
+    native: bool
+    """A native GPT2LMHeadModel (no remote code)."""
+    special_tokens: Optional[Dict[str, str]]
+    """The tokenizer's special tokens by role; None when no tokenizer was written."""
+
+
+def export_hf(full: Dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str,
+              tokenizer: Optional[Tokenizer] = None, tokenizer_files: Optional[TokenizerFiles] = None,
+              native: Optional[bool] = None) -> HFExport:
+    """Write the transformers directory of the model ``(full, cfg)`` (``load_full_state``'s form).
+
+    ``native``: None exports as GPT-2 when the layout allows it (:func:`gpt2_refusal`), True
+    insists (a ConfigError says why not), False always writes the NormFormer remote code."""
+    reason = gpt2_refusal(cfg)
+    if native and reason:
+        raise ConfigError(f"--hf-native: this model is no GPT-2: {reason}")
+    native = reason is None if native is None else native
+    os.makedirs(out_dir, exist_ok=True)
+    if native:
+        tensors, config = gpt2_tensors(full, cfg), gpt2_config(cfg)
+        for name in REMOTE_FILES:  # an earlier export's code would now be wrong
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+    else:
+        tensors = _rename(full, renames(cfg), "--output-hf")
+        config = normformer_config(cfg)
+        for name in REMOTE_FILES:
+            shutil.copyfile(os.path.join(REMOTE_CODE_DIR, name), os.path.join(out_dir, name))
+    save_file({k: v.float().contiguous() for k, v in tensors.items()}, os.path.join(out_dir, WEIGHTS),
+              metadata={"format": "pt"})
+
+    # Without a tokenizer no id is known (GPT-2's config would otherwise claim 50256).
+    specials, ids = None, {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    if tokenizer is not None:
+        ids = {"bos_token_id": tokenizer.cls if cfg.bidirectional else tokenizer.eod,
+               "eos_token_id": tokenizer.sep if cfg.bidirectional else tokenizer.eod,
+               "pad_token_id": tokenizer.pad}
+        specials = write_hf_tokenizer(tokenizer, tokenizer_files, out_dir, cfg.bidirectional,
+                                      cfg.max_position_embeddings)
+    _write_json(os.path.join(out_dir, "config.json"), dict(config, **ids))
+    generation = {k: v for k, v in ids.items() if v is not None}
+    if generation and not cfg.bidirectional:
+        _write_json(os.path.join(out_dir, "generation_config.json"), generation)
+    return HFExport(out_dir, native, specials)
+
+
+def _write_json(path: str, content: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(content, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+# -- reading -------------------------------------------------------------------------------------
+def is_hf_directory(path: str) -> bool:
+    """A directory with transformers' ``config.json`` (a training checkpoint has none)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def _read_weights(path: str) -> Dict[str, torch.Tensor]:
+    """Every tensor of an HF directory in fp32: one safetensors file, sharded ones, or a .bin."""
+    index = os.path.join(path, WEIGHTS + ".index.json")
+    if os.path.isfile(os.path.join(path, WEIGHTS)):
+        files = [WEIGHTS]
+    elif os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+        state = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+        return {k: v.float() for k, v in state.items()}
+    else:
+        raise ConfigError(f"{path}: no {WEIGHTS}, sharded safetensors or pytorch_model.bin")
+    tensors = {}
+    for name in files:
+        with safe_open(os.path.join(path, name), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k).float() for k in f.keys()})
+    return tensors
+
+
+def load_hf_directory(path: str) -> Tuple[Dict[str, torch.Tensor], ModelConfig]:
+    """Full fp32 tensors (our TP=1 names) and the ModelConfig of an exported NormFormer or a GPT-2
+    directory; any other architecture is a ConfigError naming it."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path}/config.json: not a transformers config ({error})") from None
+    model_type = config.get("model_type")
+    if model_type == MODEL_TYPE:
+        cfg = model_config_from_normformer(config)
+        back = [(theirs, ours) for ours, theirs in renames(cfg)]
+        full = _rename(_read_weights(path), back, path)
+    elif model_type == "gpt2":
+        cfg = _model_config_from_gpt2(path, config)
+        full = _from_gpt2(path, _read_weights(path), cfg)
+    else:
+        architectures = ", ".join(config.get("architectures") or []) or "no architectures listed"
+        raise ConfigError(f"{path}: a transformers {model_type or 'untyped'} model ({architectures}); "
+                          "only NormFormer exports (--output-hf) and GPT-2 convert")
+    rows = full["embedding.word_embeddings.weight"].shape[0]
+    if rows != cfg.vocab_size:
+        raise ConfigError(f"{path}: the token embedding has {rows} rows, config.json says "
+                          f"vocab_size {cfg.vocab_size}")
+    return full, cfg
