@@ -376,12 +376,14 @@ def test_one_rule_for_the_model_config():
         check_same_model(dict(old, rope=True), now, "ck")
 
 
-def _old_config_resume(tmp, step):
-    """TP=1 saves at iterations 2 and 4; iteration 2's config is made to predate --init-scheme;
-    TP=2 resumes it (``step`` 1: the TP=1 run, 2: the TP=2 resume)."""
+def _old_config_resume(tmp):
+    """2 ranks: TP=1 (DP=2) saves at iterations 2 and 4; iteration 2's config is made to predate
+    --init-scheme; TP=2 resumes it."""
+    import torch.distributed as dist
+
     save = os.path.join(tmp, "ck")
-    if step == 1:
-        losses = train_many([_argv(train_iters=4, save=save, save_interval=2)])[0]["losses"]
+    straight = train_many([_argv(train_iters=4, save=save, save_interval=2)])[0]["losses"]
+    if dist.get_rank() == 0:
         tag_dir = os.path.join(save, "iter_0000002")
         for path, keys in ((os.path.join(tag_dir, "run.json"), ("run", "model")),
                            (os.path.join(tag_dir, "universal", "meta.json"), ("model_config",))):
@@ -394,13 +396,13 @@ def _old_config_resume(tmp, step):
             with open(path, "w") as f:
                 json.dump(meta, f)
         atomic.write_text(os.path.join(save, "latest"), "iter_0000002")
-        return losses
-    return train_many([_argv(train_iters=4, load=save, tensor_model_parallel_size=2)])[0]["losses"]
+    dist.barrier()
+    resumed = train_many([_argv(train_iters=4, load=save, tensor_model_parallel_size=2)])[0]
+    return straight, resumed["losses"]
 
 
 def test_old_config_checkpoint_resumes_in_another_layout(tmp_path):
-    straight = spawn(_old_config_resume, 1, str(tmp_path), 1)[0]
-    resumed = spawn(_old_config_resume, 2, str(tmp_path), 2)[0]
+    straight, resumed = spawn(_old_config_resume, 2, str(tmp_path))[0]
     assert sorted(resumed) == [3, 4]
     for it in (3, 4):
         assert abs(resumed[it] - straight[it]) <= 1e-5 * abs(straight[it]), (it, resumed, straight)
