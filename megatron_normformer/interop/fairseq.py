@@ -104,9 +104,12 @@ def read_checkpoint(path: str) -> dict:
     """The dict fairseq's trainer saved at ``path``, read without running code from the file."""
     if not os.path.isfile(path):
         raise ConfigError(f"--load {path}: no such file")
+    if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
+        raise ConfigError(f"--load {path}: reading a fairseq checkpoint safely needs torch >= 2.5 "
+                          f"(this is {torch.__version__})")
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except (ValueError, RuntimeError, AttributeError):
+    except (ValueError, RuntimeError):
         names = []  # not a zip archive: the legacy format, or not a torch file at all
     allowed = [argparse.Namespace] + [(_stand_in(n), n) for n in names if n != "argparse.Namespace"]
     try:
