@@ -70,10 +70,10 @@ def undo_initial_zero_step(optimizer) -> None:
     fused_optimizer.py`` and ``unfused_optimizer.py``): Adam's step count starts at 1, so the first
     real update is about 0.74 x Adam's first, and the fp32 masters are weight-decayed once. Undone:
     the masters copied back from the 16-bit weights they were cloned from, the state emptied (AdamW
-    builds it again at the first real step). ZeRO 1-3 no longer step at construction.
-    Upstream: no issue for these wrappers found; deepspeedai/DeepSpeed pull request 5104 (open)
-    removes the same initial step from ZeRO 1-3. Unneeded once the wrappers build their state
-    without stepping (the canary sees the inner optimizer's step count at 0 after construction).
+    builds it again at the first real step). ZeRO 1-3 build their state lazily instead, as
+    deepspeedai/DeepSpeed pull request 5104 proposed for them. Upstream: no issue found for these
+    wrappers. Unneeded once they build their state without stepping (the canary sees the inner
+    optimizer's step count at 0 after construction).
     """
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
