@@ -162,7 +162,9 @@ def classify(returncode: int, log_text: str, records: List[Dict], iters: int, vo
     guess (the loss blew up).
     """
     if returncode != 0:
-        errors = [line for line in log_text.splitlines() if line.startswith("error")]
+        # "pretrain_gpt.py: error: ...", or "error: ..." in logs of older versions
+        errors = [line for line in log_text.splitlines()
+                  if line.startswith("error") or ": error: " in line]
         if any(NON_FINITE.search(line) for line in errors):
             return dict(state="diverged", reason=errors[-1].strip())
         return dict(state="failed", reason=(errors or ["exit code %d" % returncode])[-1].strip())

@@ -4,6 +4,12 @@ Samples come in the order of ``MegatronPretrainingSampler`` (resumable at any co
 count, split over data-parallel ranks), are collated by the objective's function (the GPT
 end-of-document fields are computed in the workers), and every batch is checked against the model's
 vocabulary before it reaches the embedding.
+
+The worker processes stop when the batches do: exhausted, or closed by the caller (the training
+loop closes its batches however it ends). Stopping them cannot be left to the DataLoader's own
+finalizer: an exception's traceback keeps the iterator alive until the interpreter exits, where
+that finalizer does nothing and multiprocessing ends its children with SIGTERM, which these
+workers ignore (``interrupts.quiet_worker_init``), then waits for them forever.
 """
 from __future__ import annotations
 
@@ -24,7 +30,8 @@ class DataError(RuntimeError):
 def micro_batches(dataset, consumed: int, total: int, micro_batch_size: int, pstate,
                   collate: Callable, num_workers: int, seed: int, vocab_size: int,
                   data_flags: str) -> Iterator:
-    """This rank's micro-batches from sample ``consumed`` to ``total``."""
+    """This rank's micro-batches from sample ``consumed`` to ``total``: a generator whose
+    ``close()`` stops the DataLoader's workers at once (none start before the first batch)."""
     sampler = MegatronPretrainingSampler(total, consumed, micro_batch_size, pstate.dp_rank,
                                          pstate.dp_size)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
@@ -36,7 +43,20 @@ def micro_batches(dataset, consumed: int, total: int, micro_batch_size: int, pst
                                          # SIGTERM to the process group must not kill the workers:
                                          # the trainer stops them after its last step
                                          worker_init_fn=interrupts.quiet_worker_init if num_workers else None)
-    return within_vocabulary(interrupts.quiet_workers_iter(loader), vocab_size, data_flags)
+    batches = interrupts.quiet_workers_iter(loader)
+    try:
+        yield from within_vocabulary(batches, vocab_size, data_flags)
+    finally:
+        stop_workers(batches)
+
+
+def stop_workers(batches) -> None:
+    """Stop the worker processes of a DataLoader iterator now, as its finalizer would: the done
+    event set, each worker told to exit and joined (torch terminates one that does not exit
+    within its status-check interval, 5 s). Nothing to do without workers."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multi-process iterator
+    if shutdown is not None:
+        shutdown()
 
 
 def within_vocabulary(batches, vocab_size: int, data_flags: str):

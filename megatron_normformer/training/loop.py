@@ -7,6 +7,7 @@ everything else here is shared.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -237,16 +238,18 @@ def evaluate(e: Engine, dataset, eval_iters: int, global_batch: int, run: RunCon
     resume-exact)."""
     task = get_task(task)
     total = eval_iters * global_batch
-    batches = micro_batches(dataset, 0, total, run, pstate, task)
-    if e.pipeline:
-        gas = global_batch // (run.train.micro_batch_size * pstate.dp_size)
-        losses = [e.engine.eval_batch(iter([task.pipeline_batch(next(batches)) for _ in range(gas)]),
-                                      num_micro_batches=gas)
-                  for _ in range(eval_iters)]
-        return {"loss": float(torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in losses]).mean()),
-                **_pipeline_extra(e, pstate, task)}
-    e.engine.eval()
-    results = [task.loss(e.engine, b) for b in batches]
+    # closed at once: the DataLoader workers must not outlive an error here (data/loader.py)
+    with contextlib.closing(micro_batches(dataset, 0, total, run, pstate, task)) as batches:
+        if e.pipeline:
+            gas = global_batch // (run.train.micro_batch_size * pstate.dp_size)
+            losses = [e.engine.eval_batch(iter([task.pipeline_batch(next(batches)) for _ in range(gas)]),
+                                          num_micro_batches=gas)
+                      for _ in range(eval_iters)]
+            return {"loss": float(torch.stack([torch.as_tensor(x, dtype=torch.float64)
+                                               for x in losses]).mean()),
+                    **_pipeline_extra(e, pstate, task)}
+        e.engine.eval()
+        results = [task.loss(e.engine, b) for b in batches]
     e.engine.train()
     out = {"loss": _dp_mean(torch.stack([loss for loss, _ in results]).mean(), pstate)}
     out.update(_mean_over_micro_batches([extra for _, extra in results], pstate))
@@ -367,12 +370,14 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
         sink.scalars({f"{key}/loss": loss, f"{key}/ppl": ppl,
                       **{f"{key}/{k}": v for k, v in result.items()}}, step)
 
+    # Lazy (no DataLoader worker starts before the first batch), and closed however the loop ends.
+    train_batches = micro_batches(train_ds, state["consumed_samples"], total_samples, run, pstate,
+                                  task)
     try:
         if state["iteration"] >= train_iters:
             print_rank(f"> nothing to do: already trained {state['iteration']} of {train_iters} iterations")
             return summary
-        batches = timers.timed(micro_batches(train_ds, state["consumed_samples"], total_samples,
-                                             run, pstate, task), "batch-generator")
+        batches = timers.timed(train_batches, "batch-generator")
         window = dict(time=0.0, iters=0, loss=0.0, skipped_before=e.engine.skipped_steps)
         for note in flag_notes(run, e.pipeline):
             print_rank(f"> note: {note}")
@@ -502,6 +507,7 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
         run_eval("test", test_ds, state["iteration"])
         return summary
     finally:
+        train_batches.close()  # the workers stop now, not at exit (data/loader.py)
         summary.update(iteration=state["iteration"], consumed_samples=state["consumed_samples"])
         stop.restore()
         sink.close()
