@@ -12,7 +12,14 @@
 - ``--finetune``, ``--override-opt_param-scheduler`` / ``--use-checkpoint-opt_param-scheduler``,
   ``--exit-duration-in-mins``, ``--log-params-norm`` (the same norm in every layout),
   ``--data-impl``.
+- A Megatron-DeepSpeed script's logging flags: ``--tensorboard-log-interval``,
+  ``--no-log-loss-scale-to-tensorboard``, ``--timing-log-level`` with
+  ``--log-timers-to-tensorboard`` (the timers each level adds), ``--log-optimizer-states-to-tensorboard``
+  and ``--log-num-zeros-in-grad`` (the same at TP=2 ZeRO-1 and DP=2 ZeRO-0).
+- ``--optimizer sgd`` (its momentum resumed in another layout), ``--no-save-optim`` /
+  ``--no-save-rng`` (what the checkpoint holds, what the resume does) and ``--use-checkpoint-args``.
 """
+import json
 import os
 
 import pytest
@@ -244,3 +251,210 @@ def test_exit_duration_and_scheduler_override(two_ranks):
     assert override["lrs"][2] == pytest.approx(1e-3)
     assert keep["lrs"] == {k: ref["lrs"][k] for k in keep["lrs"]}  # the checkpoint's 3e-3
     assert_close(keep["losses"], {k: ref["losses"][k] for k in keep["losses"]}, 1e-6)
+
+
+# -- a Megatron-DeepSpeed script's logging, optimizer and checkpoint flags -------------------------
+def _logged_runs(runs):
+    """spawn() target: train each argv in turn, its stdout captured; the summary, the stdout and
+    a ConfigError's message where one stops it."""
+    import contextlib
+    import io
+
+    from megatron_normformer.training.pretrain import train_from_argv
+
+    out = []
+    for argv in runs:
+        captured = io.StringIO()
+        with contextlib.redirect_stdout(captured):
+            s = train_from_argv(argv)
+        out.append({"stdout": captured.getvalue(),
+                    **{k: s[k] for k in ("losses", "lrs", "num_zeros_in_grad", "iteration")}})
+    return out
+
+
+def _scalars(tb):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(tb, size_guidance={"scalars": 0, "histograms": 1}).Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+LEVEL_2_TIMERS = ("forward-backward", "forward-compute", "backward-compute", "batch-generator",
+                  "optimizer")
+
+
+@pytest.fixture(scope="module")
+def flag_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("more_flags")
+    # An untied embedding: its rows of the tokens a batch lacks have zero gradient.
+    base = ["--mock-data --untie-embeddings-and-output-weights --make-vocab-size-divisible-by 64"]
+    layout = dict(global_batch_size=4, micro_batch_size=2)
+    logs = ["--log-num-zeros-in-grad --log-optimizer-states-to-tensorboard --log-timers-to-tensorboard"]
+    sgd = ["--mock-data --optimizer sgd --lr 0.05 --lr-warmup-iters 0"]
+    dirs = {k: str(tmp / k) for k in ("tb_tp2", "tb_dp2", "sgd", "bare")}
+    runs = {
+        # TP=2 ZeRO-1, every timer, TensorBoard every iteration, progress lines every 2.
+        "tb_tp2": flags(*base, *logs, train_iters=3, **layout, tensor_model_parallel_size=2,
+                        zero_stage=1, log_interval=2, tensorboard_dir=dirs["tb_tp2"],
+                        tensorboard_log_interval=1, timing_log_level=2, save=dirs["tb_tp2"] + "_ck",
+                        save_interval=3),
+        # DP=2 ZeRO-0, level 0, TensorBoard every 2 iterations, no loss scale.
+        "tb_dp2": flags(*base, *logs, "--no-log-loss-scale-to-tensorboard", train_iters=3, **layout,
+                        log_interval=2, tensorboard_dir=dirs["tb_dp2"], tensorboard_log_interval=2,
+                        save=dirs["tb_dp2"] + "_ck", save_interval=3),
+        "sgd": flags(*sgd, train_iters=4, **layout, zero_stage=1),
+        "sgd_half": flags(*sgd, train_iters=4, **layout, zero_stage=1, save=dirs["sgd"],
+                          exit_interval=2),
+        # Resumed in another layout: through the layout-independent state, momentum included.
+        "sgd_resumed": flags(*sgd, train_iters=4, **layout, tensor_model_parallel_size=2,
+                             load=dirs["sgd"]),
+        "straight": flags("--mock-data", train_iters=4, **layout, zero_stage=1),
+        "bare": flags("--mock-data --no-save-optim --no-save-rng", train_iters=4, **layout,
+                      zero_stage=1, save=dirs["bare"], exit_interval=2),
+        # Other model flags: --use-checkpoint-args takes the checkpoint's.
+        "bare_resumed": flags("--mock-data --use-checkpoint-args --hidden-size 48 --num-layers 3",
+                              train_iters=4, **layout, zero_stage=1, load=dirs["bare"]),
+    }
+    ranks = spawn(_logged_runs, 2, list(runs.values()))
+    # Rank 0 prints the checkpoint lines, the last rank the progress lines.
+    out = {k: {**last, "stdout": first["stdout"] + last["stdout"]}
+           for k, first, last in zip(runs, *ranks)}
+    out["dirs"] = dirs
+    return out
+
+
+def test_tensorboard_interval_loss_scale_and_timers(flag_runs):
+    tp2, dp2 = _scalars(flag_runs["dirs"]["tb_tp2"]), _scalars(flag_runs["dirs"]["tb_dp2"])
+    # --tensorboard-log-interval 1 with --log-interval 2: every iteration; 2: the 2nd and the last.
+    assert sorted(tp2["train/lm_loss"]) == [1, 2, 3] and sorted(dp2["train/lm_loss"]) == [2, 3]
+    assert tp2["train/loss_scale"] == {1: 1.0, 2: 1.0, 3: 1.0} and "train/loss_scale" not in dp2
+    # --timing-log-level 2: every timer; 0: the iteration and the save only.
+    assert {t for t in tp2 if t.startswith("timers/")} == {
+        "timers/iteration-time", "timers/save-checkpoint", *(f"timers/{n}" for n in LEVEL_2_TIMERS)}
+    assert {t for t in dp2 if t.startswith("timers/")} == {"timers/iteration-time",
+                                                            "timers/save-checkpoint"}
+    assert sorted(tp2["timers/save-checkpoint"]) == [3]
+    for step in (1, 2, 3):  # the slowest rank's times; forward-backward holds the passes
+        assert all(tp2[f"timers/{n}"][step] > 0 for n in LEVEL_2_TIMERS)
+        for inner in ("forward-compute", "backward-compute", "batch-generator"):
+            assert tp2[f"timers/{inner}"][step] <= tp2["timers/forward-backward"][step]
+    out = flag_runs["tb_tp2"]["stdout"]
+    assert out.count("(min, max) time across ranks (ms):") == 3  # iterations 2 and 3, the save
+    for name in (*LEVEL_2_TIMERS, "save-checkpoint"):
+        assert f"    {name} ..." in out
+    level0 = flag_runs["tb_dp2"]["stdout"]
+    assert level0.count("(min, max) time across ranks (ms):") == 1 and "forward-backward" not in level0
+    assert "    save-checkpoint ..." in level0
+
+
+def test_optimizer_states_and_zeros_are_the_same_in_every_layout(flag_runs):
+    """--log-optimizer-states-to-tensorboard and --log-num-zeros-in-grad: TP=2 at ZeRO-1 and DP=2
+    at ZeRO-0 (the same training) report the same norms and counts."""
+    tp2, dp2 = _scalars(flag_runs["dirs"]["tb_tp2"]), _scalars(flag_runs["dirs"]["tb_dp2"])
+    names = [t for t in tp2 if t.startswith("optimizer/")]
+    assert sorted(names) == sorted(f"optimizer/{s}_{n}" for s in ("weight", "momentum", "variance",
+                                                                   "variance_sqrt")
+                                   for n in ("l2", "l1", "abs_max"))
+    for name in names:
+        for step in (2, 3):
+            assert tp2[name][step] == pytest.approx(dp2[name][step], rel=1e-4), (name, step)
+    assert tp2["optimizer/variance_sqrt_l2"][3] == pytest.approx(tp2["optimizer/variance_l1"][3] ** 0.5)
+    zeros = flag_runs["tb_tp2"]["num_zeros_in_grad"]
+    assert sorted(zeros) == [1, 2, 3] and zeros == {k: v for k, v in zeros.items()}
+    # Mostly whole rows of the untied embedding (hidden 32): the tokens the batch (64 inputs,
+    # vocabulary 128) lacks; a few entries more or less are exact zeros of the arithmetic.
+    for step in (2, 3):
+        assert zeros[step] == pytest.approx(flag_runs["tb_dp2"]["num_zeros_in_grad"][step], abs=8)
+    assert all(z >= 32 * (128 - 64) for z in zeros.values()), zeros
+    assert tp2["train/num_zeros_in_grad"] == {k: float(v) for k, v in zeros.items()}
+    assert "num zeros: " in flag_runs["tb_tp2"]["stdout"]
+
+
+def test_optimizer_sgd(flag_runs):
+    """--optimizer sgd: SGD's momentum is the optimizer state, saved in the layout-independent
+    checkpoint and resumed in another layout (TP=2 ZeRO-0 from DP=2 ZeRO-1) on the straight run's
+    losses."""
+    from safetensors import safe_open
+
+    sgd, resumed = flag_runs["sgd"], flag_runs["sgd_resumed"]
+    assert_close(resumed["losses"], {k: sgd["losses"][k] for k in (3, 4)}, 1e-5)
+    universal = os.path.join(flag_runs["dirs"]["sgd"], "iter_0000002", "universal")
+    keys = set()
+    for name in os.listdir(universal):
+        if name.endswith(".safetensors"):
+            keys |= set(safe_open(os.path.join(universal, name), framework="pt").keys())
+    assert {k.split("::")[1] for k in keys if "::" in k} == {"momentum_buffer"}
+
+
+def test_no_save_optim_no_save_rng_and_use_checkpoint_args(flag_runs):
+    """--no-save-optim --no-save-rng: the checkpoint holds the weights (layout-independent form)
+    and no optimizer or RNG state; the resume says so, restores the weights (iteration 3's loss is
+    the straight run's), starts Adam afresh (iteration 4's is not) with the schedule's rates going
+    on. --use-checkpoint-args: the model is the checkpoint's, whatever the model flags say."""
+    tag = os.path.join(flag_runs["dirs"]["bare"], "iter_0000002")
+    files = [os.path.relpath(os.path.join(d, f), tag) for d, _, fs in os.walk(tag) for f in fs]
+    assert sorted(f for f in files if not f.startswith("universal/")) == ["run.json"], files
+    from safetensors import safe_open
+
+    for f in files:
+        if f.endswith(".safetensors"):
+            assert not [k for k in safe_open(os.path.join(tag, f), framework="pt").keys() if "::" in k]
+    straight, resumed = flag_runs["straight"], flag_runs["bare_resumed"]
+    out = resumed["stdout"]
+    assert "saved with --no-save-optim: the optimizer starts afresh" in out
+    assert "saved with --no-save-rng: the RNG streams start from --seed" in out
+    assert sorted(resumed["losses"]) == [3, 4]
+    assert resumed["losses"][3] == pytest.approx(straight["losses"][3], rel=1e-6)
+    assert abs(resumed["losses"][4] - straight["losses"][4]) > 1e-5
+    assert resumed["lrs"] == {k: straight["lrs"][k] for k in (3, 4)}
+
+
+def test_use_checkpoint_args_reads_the_model_from_the_checkpoint(tmp_path, capsys):
+    from megatron_normformer.config import ModelConfig
+
+    saved = ModelConfig(num_layers=3, hidden_size=48, num_attention_heads=4, ffn_hidden_size=96,
+                        vocab_size=128, max_position_embeddings=16)
+    os.makedirs(tmp_path / "iter_0000005")
+    (tmp_path / "latest").write_text("iter_0000005")
+    (tmp_path / "iter_0000005" / "run.json").write_text(json.dumps({"run": {"model": saved.to_dict()}}))
+    argv = flags("--mock-data --use-checkpoint-args", train_iters=1, load=str(tmp_path))
+    assert _run(argv).model == saved  # TINY's 2 x 32 replaced
+    assert "--use-checkpoint-args: the model configuration of" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    os.makedirs(empty)
+    assert _run(flags("--mock-data --use-checkpoint-args", train_iters=1, load=str(empty))).model.hidden_size == 32
+    with pytest.raises(ConfigError, match="--use-checkpoint-args needs --load"):
+        _run(flags("--mock-data --use-checkpoint-args", train_iters=1))
+    with pytest.raises(ConfigError, match="--no-save-optim saves"):
+        _run(flags("--mock-data --no-save-optim --no-save-universal", train_iters=1))
+
+
+def test_tensorboard_flags_without_tensorboard_are_said_once():
+    from megatron_normformer.training.loop import flag_notes
+
+    run = _run(flags("--mock-data --log-timers-to-tensorboard --log-optimizer-states-to-tensorboard "
+                     "--log-num-zeros-in-grad", train_iters=1))
+    notes = flag_notes(run, pipeline=True)
+    assert notes[0] == "--log-timers-to-tensorboard has no effect without --tensorboard-dir"
+    assert notes[1].startswith("--log-optimizer-states-to-tensorboard has no effect")
+    assert notes[2].startswith("--log-num-zeros-in-grad is not available with pipeline parallelism")
+    assert flag_notes(_run(flags("--mock-data", train_iters=1)), pipeline=False) == []
+
+
+def test_megatron_deepspeed_script_flags_reach_their_configs():
+    """Each flag a Megatron-DeepSpeed script passes (they were "unrecognized arguments") lands in
+    the field the run reads (their effects: the tests above)."""
+    run = _run(flags("--mock-data --optimizer adam --log-loss-scale-to-tensorboard "
+                     "--log-optimizer-states-to-tensorboard --tensorboard-log-interval 5 "
+                     "--log-num-zeros-in-grad --timing-log-level 1 --log-timers-to-tensorboard "
+                     "--no-save-optim --no-save-rng --no-check-for-nan-in-loss-and-grad",
+                     train_iters=1))
+    assert run.optim.optimizer == "adam" and run.log.log_loss_scale_to_tensorboard
+    assert run.log.tensorboard_log_interval == 5 and run.log.timing_log_level == 1
+    assert run.log.log_optimizer_states_to_tensorboard and run.log.log_num_zeros_in_grad
+    assert run.log.log_timers_to_tensorboard and run.ckpt.no_save_optim and run.ckpt.no_save_rng
+    assert not run.train.check_for_nan_in_loss_and_grad
+    default = _run(flags("--mock-data", train_iters=1))
+    assert default.train.check_for_nan_in_loss_and_grad and default.optim.optimizer == "adam"
+    assert not _run(flags("--mock-data --no-log-loss-scale-to-tensorboard",
+                          train_iters=1)).log.log_loss_scale_to_tensorboard

@@ -12,6 +12,7 @@
   configuration error.
 """
 import os
+import re
 import subprocess
 
 import pytest
@@ -45,9 +46,9 @@ def test_nan_stops_before_saving_at_zero1(tmp_path, precision, tp):
                                          "2", "--master-port", str(free_port())]
     p, tags, latest = _run([*launcher, "pretrain_gpt.py", *argv], save)
     assert p.returncode == 1, p.stderr[-3000:]
-    errors = [line for line in p.stderr.splitlines() if line.startswith("error")]
-    assert len(errors) == 1 and errors[0].startswith(
-        "error: iteration 2: lm loss is nan, gradient norm inf; stopped before saving, the last "
+    errors = [line for line in p.stderr.splitlines() if re.match(r"(pretrain_gpt\.py: )?error: ", line)]
+    assert len(errors) == 1 and errors[0].split("error: ", 1)[1].startswith(
+        "iteration 2: lm loss is nan, gradient norm inf; stopped before saving, the last "
         f"checkpoint is {save}/iter_0000001"), p.stderr[-3000:]
     assert "Traceback" not in p.stderr.split(errors[0])[0]  # none from the trainer itself
     assert tags == ["iter_0000001"] and latest == "iter_0000001"

@@ -111,7 +111,8 @@ def reshard(load_dir: str, save_dir: str, target_tp: int, target_pp: int,
         raise ConfigError(f"--save {save_dir} would replace the checkpoint being read "
                           f"({src}); write the converted checkpoint to another directory")
     reader = UniversalReader(src)
-    tensors = {name: {None: reader.full(name), **{k: reader.full(name, k) for k in MOMENTS}}
+    moments = reader.moments()  # Adam's, SGD's, or none (saved with --no-save-optim)
+    tensors = {name: {None: reader.full(name), **{k: reader.full(name, k) for k in moments}}
                for name in reader.names()}
     with open(os.path.join(src, "run.json")) as f:
         run_meta = json.load(f)

@@ -77,12 +77,16 @@ def prepare_save_dir(save_dir: str) -> List[str]:
     return done
 
 
-def save_checkpoint(engine, run_dict: Dict, state: Dict, save_dir: str, universal=None) -> str:
+def save_checkpoint(engine, run_dict: Dict, state: Dict, save_dir: str, universal=None,
+                    optim: bool = True, rng: bool = True) -> str:
     """Save on every rank; ``state`` holds iteration / consumed_samples / consumed_tokens.
 
     ``universal`` = (module, pstate, model config) also writes the layout-independent state that
     lets the checkpoint resume into another (TP, PP, ZeRO) layout. Raises CheckpointError on every
     rank if the save failed on any; the previous checkpoints are then as they were.
+    ``optim`` False (``--no-save-optim``): the weights only, in the layout-independent form (which
+    ``universal`` must then give), no DeepSpeed files; ``rng`` False (``--no-save-rng``): no RNG
+    states.
     """
     tag = tag_for(state["iteration"])
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -91,14 +95,18 @@ def save_checkpoint(engine, run_dict: Dict, state: Dict, save_dir: str, universa
 
     def write():
         # DeepSpeed writes into save_dir/tag: the temporary directory's name is the tag it gets.
-        engine.save_checkpoint(save_dir, tag=os.path.basename(tmp), client_state=dict(state),
-                               save_latest=False)
+        if optim:
+            engine.save_checkpoint(save_dir, tag=os.path.basename(tmp), client_state=dict(state),
+                                   save_latest=False)
         os.makedirs(tmp, exist_ok=True)
-        torch.save(get_all_rng_states(), os.path.join(tmp, f"rng_rank{rank:05d}.pt"))
+        if rng:
+            torch.save(get_all_rng_states(), os.path.join(tmp, f"rng_rank{rank:05d}.pt"))
         if universal is not None:
-            save_universal(engine, *universal, tmp)
+            save_universal(engine, *universal, tmp, optimizer=optim)
         if rank == 0:
             meta = dict(state, run=run_dict, world_size=world)
+            if not optim:
+                meta["universal_only"] = True  # --load goes through the universal path
             with open(os.path.join(tmp, "run.json"), "w") as f:
                 json.dump(meta, f, indent=1)
 
@@ -154,7 +162,7 @@ def layout_differences(meta: Dict, run_dict: Dict, world_size: int, load_dir: st
     saved, now = meta["run"], run_dict
     check_same_model(saved["model"], now["model"], load_dir)
     if meta.get("universal_only"):
-        return ["converted checkpoint (no DeepSpeed files)"]
+        return ["no DeepSpeed files: a converted checkpoint, or saved with --no-save-optim"]
     diffs = []
     for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
         a, b = saved["parallel"].get(key, 1), now["parallel"].get(key, 1)
@@ -193,12 +201,28 @@ def load_checkpoint(e, run, pstate, load_dir: str, load_optim: bool = True, load
     engine = e.engine
     diffs = layout_differences(meta, run.to_dict(), dist.get_world_size(), load_dir)
     state = {k: meta[k] for k in ("iteration", "consumed_samples", "consumed_tokens")}
+    saved = meta["run"].get("ckpt", {})
+    optimizer_saved = not saved.get("no_save_optim", False)
+    kind = meta["run"].get("optim", {}).get("optimizer", "adam")
+    if load_optim and optimizer_saved and kind != run.optim.optimizer:
+        raise ConfigError(f"--load {load_dir}: the checkpoint holds the state of --optimizer {kind}, "
+                          f"this run's is {run.optim.optimizer}; add --no-load-optim to start the "
+                          "optimizer afresh")
+    notes = []
+    if load_optim and not optimizer_saved:
+        notes.append("saved with --no-save-optim: the optimizer starts afresh (no moments, step 0), "
+                     f"the learning rate going on from iteration {state['iteration']}")
+    if load_rng and saved.get("no_save_rng", False):
+        notes.append(f"saved with --no-save-rng: the RNG streams start from --seed {run.train.seed}")
+        load_rng = False
+    for note in notes if dist.get_rank() == 0 else ():
+        print(f"> --load {load_dir}: {note}", flush=True)
     if diffs:
         if dist.get_rank() == 0:
             print(f"> --load {load_dir}: layout changed ({'; '.join(diffs)}); loading the "
                   "layout-independent state", flush=True)
         load_universal(engine, e.model, pstate, run.model, tag_dir,
-                       materialize_optimizer_state if load_optim else None)
+                       materialize_optimizer_state if load_optim and optimizer_saved else None)
         if load_optim:
             e.schedule.load_state_dict({"num_steps": state["iteration"],
                                         "num_samples": state["consumed_samples"]})

@@ -48,7 +48,7 @@ from megatron_normformer.deepspeed_repairs import link_optimizer_state
 from megatron_normformer.model.pipeline import is_tied_copy
 
 UNIVERSAL_DIR = "universal"
-MOMENTS = ("exp_avg", "exp_avg_sq")
+MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's; --optimizer sgd keeps its momentum buffer instead
 _FILE = re.compile(r"^tp(\d+)_pp(\d+)(?:_dp(\d+))?\.safetensors$")
 
 
@@ -63,6 +63,15 @@ def _tp_writer(name: str, param, pstate) -> bool:
 def _base_optimizer(engine):
     opt = engine.optimizer
     return getattr(opt, "optimizer", opt)
+
+
+def moment_keys(engine) -> Tuple[str, ...]:
+    """The optimizer state kept beside each master weight: Adam's two moments, or SGD's momentum
+    buffer (none without momentum)."""
+    base = _base_optimizer(engine)
+    if isinstance(base, torch.optim.SGD):
+        return ("momentum_buffer",) if base.defaults["momentum"] else ()
+    return MOMENTS
 
 
 def _state_view(state: Dict, key: str, like: torch.Tensor) -> torch.Tensor:
@@ -180,10 +189,12 @@ def optimizer_step(engine) -> int:
     return 0
 
 
-def save_universal(engine, module: torch.nn.Module, pstate, cfg: ModelConfig, tag_dir: str) -> None:
+def save_universal(engine, module: torch.nn.Module, pstate, cfg: ModelConfig, tag_dir: str,
+                   optimizer: bool = True) -> None:
     """Write this rank's part of ``tag_dir/universal`` (every rank calls it; no collective: the
     caller knows when every rank is done, ``checkpoint/training.py`` writes ``tag_dir`` as a
-    temporary directory that is renamed into place once all are)."""
+    temporary directory that is renamed into place once all are). ``optimizer`` False: the master
+    weights only (``--no-save-optim``)."""
     out_dir = os.path.join(tag_dir, UNIVERSAL_DIR)
     os.makedirs(out_dir, exist_ok=True)
     masters = MasterState(engine, pstate)
@@ -195,7 +206,7 @@ def save_universal(engine, module: torch.nn.Module, pstate, cfg: ModelConfig, ta
         if piece is None:
             continue
         start, n, get = piece
-        for key in (None, *MOMENTS):
+        for key in (None, *(moment_keys(engine) if optimizer else ())):
             # Views of the optimizer's own storage: safetensors copies each into the file buffer.
             value = get(key).detach()
             value = value if value.dtype == torch.float32 else value.float()
@@ -266,6 +277,10 @@ class UniversalReader:
 
     def names(self) -> List[str]:
         return [k for k in self.pieces if "::" not in k]
+
+    def moments(self) -> List[str]:
+        """The optimizer states saved beside the weights (none: saved with --no-save-optim)."""
+        return sorted({k.split("::", 1)[1] for k in self.pieces if "::" in k})
 
     def _tp_shard(self, stored: str, name: str, tp_rank: int) -> torch.Tensor:
         pieces = sorted(self.pieces[stored][tp_rank])
@@ -353,7 +368,7 @@ def load_universal(engine, module: torch.nn.Module, pstate, cfg: ModelConfig, ta
         masters.set_full(param, weight, None)
         if not with_optimizer:
             continue
-        for key in MOMENTS:
+        for key in moment_keys(engine):
             moment = cut_for(reader.full(name, key), param, pstate.tp_rank, pstate.tp_size)
             masters.set_full(param, moment, key)
     for state in _base_optimizer(engine).state.values() if with_optimizer else ():

@@ -18,6 +18,13 @@ class CheckpointConfig:
     """Load weights only: fresh optimizer and LR schedule (``--no-load-optim``)."""
     no_load_rng: bool = False
     """Do not restore the RNG states (``--no-load-rng``)."""
+    no_save_optim: bool = False
+    """Save the weights without the optimizer state (``--no-save-optim``): a fraction of the size.
+    A resume from such a checkpoint starts a fresh optimizer (Adam's moments and step at zero), the
+    learning rate going on from the saved iteration, and says so."""
+    no_save_rng: bool = False
+    """Save no RNG states (``--no-save-rng``); a resume from such a checkpoint starts the RNG
+    streams from ``--seed`` and says so."""
     use_checkpoint_args: bool = False
     """Take the model's configuration from the ``--load`` checkpoint's ``run.json`` instead of the
     model flags (``--use-checkpoint-args``); where there is no checkpoint yet, the flags."""

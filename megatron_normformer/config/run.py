@@ -182,6 +182,9 @@ class RunConfig:
         if self.ckpt.override_opt_param_scheduler and self.ckpt.use_checkpoint_opt_param_scheduler:
             raise ConfigError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler "
                               "are mutually exclusive")
+        if self.ckpt.no_save_optim and self.ckpt.no_save_universal:
+            raise ConfigError("--no-save-optim saves the weights in the layout-independent form: "
+                              "it cannot go with --no-save-universal")
         if self.ckpt.finetune and not self.ckpt.load:
             raise ConfigError("--finetune needs --load (the checkpoint whose weights to start from)")
         self.recompute()

@@ -129,7 +129,8 @@ class NonFiniteCheck:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         bad_loss, bad_grad, skipped = (bool(f) for f in flags)
         if self.check and bad_loss:
-            return f"lm loss is {loss}" + (f", gradient norm {grad_norm}" if grad_norm is not None else "")
+            norm = "" if grad_norm is None else f", gradient norm {grad_norm}"
+            return f"lm loss is {loss}{norm}"
         if not (skipped or bad_grad):
             self.consecutive = 0
             return None
@@ -331,7 +332,8 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
             try:
                 with timers("save-checkpoint"):
                     tag = checkpointing.save_checkpoint(e.engine, run_dict, state, run.ckpt.save,
-                                                        universal)
+                                                        universal, optim=not run.ckpt.no_save_optim,
+                                                        rng=not run.ckpt.no_save_rng)
             except checkpointing.CheckpointError as error:
                 raise TrainingError(f"iteration {state['iteration']}: {error}") from None
             saved_at = state["iteration"]
@@ -347,8 +349,8 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
     def stop_training(it: int, why: str):
         advice = "lower --lr or set --clip-grad"
         if last_checkpoint:
-            return TrainingError(f"iteration {it}: {why}; stopped before saving, the last checkpoint "
-                                 f"is {last_checkpoint} ({advice} and resume from it)")
+            return TrainingError(f"iteration {it}: {why}; stopped before saving, the last "
+                                 f"checkpoint is {last_checkpoint} ({advice} and resume from it)")
         return TrainingError(f"iteration {it}: {why}; stopped, no checkpoint saved ({advice})")
 
     def run_eval(split: str, dataset, step: int):
@@ -404,8 +406,9 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
             except Exception as error:
                 if not loss_scale_exhausted(error):
                     raise
-                raise stop_training(it, "the fp16 gradients overflow at the minimum loss scale "
-                                        f"(--min-loss-scale {run.train.min_loss_scale:g})") from None
+                why = ("the fp16 gradients overflow at the minimum loss scale (--min-loss-scale "
+                       f"{run.train.min_loss_scale:g})")
+                raise stop_training(it, why) from None
             dt = time.time() - t0
             skipped = e.engine.skipped_steps > skipped_before
             loss = step["lm_loss"]
@@ -456,13 +459,13 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
                                                "lm_loss", "lr", "grad_norm", "loss_scale",
                                                "global_batch_size", "skipped_iters",
                                                *(["params_norm"] if params_norm is not None else []),
-                                               *(["num_zeros_in_grad"] if zeros is not None else []),
+                                               *(["num_zeros_in_grad"] * (zeros is not None)),
                                                "ms_per_iter", "tokens_per_sec", "tflops_per_device",
                                                "mfu", *step["extra"])})
             if tb_now:
+                shown_scale = scale if run.log.log_loss_scale_to_tensorboard else None
                 sink.scalars({"train/lm_loss": loss, "train/ppl": m["ppl"], "train/lr": lr,
-                              "train/grad_norm": m["grad_norm"],
-                              "train/loss_scale": scale if run.log.log_loss_scale_to_tensorboard else None,
+                              "train/grad_norm": m["grad_norm"], "train/loss_scale": shown_scale,
                               "train/skipped_iters": m["skipped_iters"],
                               "train/tokens_per_sec": tps, "train/tflops_per_device": tflops,
                               "train/mfu": m["mfu"], "train/params_norm": params_norm,
@@ -470,8 +473,8 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
                               "train/global_batch_size": batch_now,
                               **{f"train/{k}": v for k, v in step["extra"].items()}}, it)
                 if timers_to_tb:
-                    sink.scalars({"timers/iteration-time": ms,
-                                  **{f"timers/{name}": high for name, (_, high) in times.items()}}, it)
+                    slowest = {f"timers/{name}": high for name, (_, high) in times.items()}
+                    sink.scalars({"timers/iteration-time": ms, **slowest}, it)
                 if run.log.log_optimizer_states_to_tensorboard:
                     sink.scalars(diagnostics.optimizer_state_norms(e.engine, e.model, pstate), it)
                 fc2 = {k: v for k, v in step.items() if k.startswith("normformer/")}

@@ -70,7 +70,8 @@ def loss_scale_exhausted(error: BaseException) -> bool:
     """Whether ``error`` is DeepSpeed's fp16 loss scaler giving up: gradients that overflow again
     at the minimum scale raise a bare ``Exception`` (``deepspeed/runtime/fp16/loss_scaler.py``,
     ``DynamicLossScaler.update_scale``), on every rank together (the overflow is all-reduced)."""
-    return type(error) is Exception and str(error).startswith("Current loss scale already at minimum")
+    return (type(error) is Exception
+            and str(error).startswith("Current loss scale already at minimum"))
 
 
 def engine_grad_norm(engine) -> Optional[float]:
