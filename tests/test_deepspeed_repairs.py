@@ -243,8 +243,8 @@ def _universal_fields():
     local = z3.get_local_fp32_param(p, "exp_avg")
     z3.set_local_hp_param(local.clone(), p, "exp_avg")
     out["zero3"] = (type(opt).__name__, hasattr(p, "ds_id"), p.ds_numel, p.ds_tensor.numel(),
-                    z3._get_param_partition_rank(p), tuple(z3.get_local_fp32_param(p).shape),
-                    tuple(local.shape))
+                    dist.get_rank(p.ds_process_group), z3._get_param_partition_rank(p),
+                    tuple(z3.get_local_fp32_param(p).shape), tuple(local.shape))
     return out
 
 
@@ -402,7 +402,7 @@ def test_canary_universal_checkpoint_reads_these_optimizer_fields(observed):
     assert u["fused"] == ([[(4,)]], [(4,)], False)
     assert u["zero1"] == ("DeepSpeedZeroOptimizer", "bit16_groups", True, 0, 4, (4,), (4,))
     assert u["bf16 optimizer"] == ("BF16_Optimizer", "bf16_groups", True, 0, 4, (4,), (4,))
-    assert u["zero3"] == ("DeepSpeedZeroOptimizer_Stage3", True, 4, 4, 0, (4,), (4,))
+    assert u["zero3"] == ("DeepSpeedZeroOptimizer_Stage3", True, 4, 4, 0, 0, (4,), (4,))
 
 
 def test_canary_single_node_runner_forwards_no_signal(monkeypatch):
