@@ -192,6 +192,9 @@ def test_hf_to_ours_to_hf_is_identical_through_the_tool(tmp_path, capsys):
     code, out, err = convert_tool("--load", first, "--save", tmp_path / "ours", "--target-tp", 2,
                                   capsys=capsys)
     assert code == 0 and "for TP=2, PP=1 (fresh optimizer)" in out, err
+    assert out.splitlines()[-1].startswith(
+        f"train on with: pretrain_gpt.py --load {tmp_path / 'ours'} --finetune --vocab-size {VOCAB} "
+        "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-size 256")
     assert sorted(os.listdir(tmp_path / "ours" / "iter_0000000" / "universal"))[-2:] == [
         "tp00_pp00.safetensors", "tp01_pp00.safetensors"]
     reloaded, _ = build_inference_model(str(tmp_path / "ours"))  # what generate / evaluate load
@@ -227,6 +230,23 @@ def test_a_model_fine_tuned_and_saved_by_transformers_comes_back(tmp_path, name)
     with torch.no_grad():
         torch.testing.assert_close(model(batch).logits, ours.gather_logits(ours(batch)), rtol=1e-5, atol=1e-5)
     from_full_state(full, cfg_back, str(tmp_path / "continue"), 2, 1)  # what --save writes
+
+
+def test_a_fairseq_checkpoint_exports_straight_to_transformers(tmp_path, capsys):
+    """fairseq -> --output-hf: transformers' logits equal fairseq's forward (the fairseq import
+    test's float64 re-implementation), HeadScale after the projection, positions at offset 2, an
+    untied output and no final norm carried through."""
+    import test_fairseq_import as fairseq
+
+    opts = fairseq.fairseq_model_cfg(**fairseq.CASES["untied-no-final-norm"])
+    sd = fairseq.fairseq_checkpoint(tmp_path / "checkpoint_best.pt", opts, "cfg")
+    code, out, err = convert_tool("--load", tmp_path / "checkpoint_best.pt", "--output-hf", tmp_path / "hf",
+                                  capsys=capsys)
+    assert code == 0, err
+    tokens = fairseq._tokens()
+    with torch.no_grad():
+        logits = load_hf(tmp_path / "hf")(tokens).logits.double()
+    torch.testing.assert_close(logits, fairseq.fairseq_logits(sd, opts, tokens), rtol=1e-5, atol=2e-5)
 
 
 # -- the masked LM -------------------------------------------------------------------------------

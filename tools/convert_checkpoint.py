@@ -153,9 +153,17 @@ def main(argv=None):
 
                 print(f"wrote {save_consolidated(args.output_consolidated, full, cfg)} and its config JSON")
             else:
+                from megatron_normformer.interop.fairseq import continuation_flags
+
                 tag = cc.from_full_state(full, cfg, args.save, args.target_tp, args.target_pp)
                 print(f"wrote {args.save}/{tag} for TP={args.target_tp}, PP={args.target_pp} "
                       "(fresh optimizer)")
+                tokenizer = os.path.join(args.load, "tokenizer.json")
+                tokenizer = (f"--tokenizer-type HFTokenizer --tokenizer-model {tokenizer}"
+                             if os.path.isfile(tokenizer) else f"--vocab-size {cfg.vocab_size}")
+                script = "pretrain_bert.py" if cfg.bidirectional else "pretrain_gpt.py"
+                print(f"train on with: {script} --load {args.save} --finetune {tokenizer} "
+                      + " ".join(continuation_flags(cfg)))
         elif fairseq_input:
             from_fairseq(args)
         elif args.output_consolidated:

@@ -185,9 +185,12 @@ def write_hf_tokenizer(tokenizer: Tokenizer, files: TokenizerFiles, out_dir: str
     specials = _special_tokens(tokenizer, pipeline.id_to_token, masked_lm)
     if unk is not None:
         specials["unk_token"] = unk
+    # The models take no token_type_ids (transformers 4's fast tokenizers return them unless told).
     config = dict(specials, tokenizer_class="PreTrainedTokenizerFast", model_max_length=max_length,
                   split_special_tokens=split_specials, clean_up_tokenization_spaces=False,
-                  add_bos_token=False, add_eos_token=False)
+                  add_bos_token=False, add_eos_token=False,
+                  model_input_names=["input_ids", "attention_mask"],
+                  padding_side="right" if masked_lm else "left")  # generate() wants prompts left-padded
     for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
         with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
             json.dump(content, f, indent=2, ensure_ascii=False, sort_keys=True)
