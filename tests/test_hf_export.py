@@ -9,7 +9,9 @@ computes what ours computes: logits to 1e-5, the 32 greedy tokens of a left-padd
 lm-eval's ``hf`` model gives our lm-eval adapter's numbers; the export loads in a process that cannot
 import this package; bad inputs get one line.
 """
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -33,7 +35,7 @@ from megatron_normformer.model.gpt import GPTModel
 from megatron_normformer.parallel.state import SingleProcessState
 from megatron_normformer.testing import spawn
 from test_generate_loading import make_corpus_and_tokenizer
-from test_lm_eval_adapter import OFFLINE, api_results, setup  # noqa: F401 - fixtures reused
+from test_lm_eval_adapter import OFFLINE, setup  # noqa: F401 - fixture reused
 from test_tokenizers import CORPUS, trained_bpe  # noqa: F401 - fixture reused
 from train_utils import ROOT, flags, train_many
 
@@ -84,18 +86,22 @@ def perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def convert_tool(*args, capsys=None):
-    """tools/convert_checkpoint.py's main in this process: (exit code, stdout, stderr)."""
-    spec = importlib.util.spec_from_file_location("convert_tool", os.path.join(ROOT, "tools", "convert_checkpoint.py"))
+def run_tool(name: str, *args):
+    """``tools/<name>``'s main in this process, as a user runs it: (exit code, stdout, stderr)."""
+    spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(ROOT, "tools", name))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    code = 0
-    try:
-        tool.main([str(a) for a in args])
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = tool.main([str(a) for a in args]) or 0
+        except SystemExit as stop:
+            code = stop.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def convert_tool(*args):
+    return run_tool("convert_checkpoint.py", *args)
 
 
 def load_hf(path, masked=False):
@@ -182,15 +188,14 @@ def test_ours_to_hf_to_ours_is_bit_identical(case):
         assert torch.equal(back[name], full[name]), name
 
 
-def test_hf_to_ours_to_hf_is_identical_through_the_tool(tmp_path, capsys):
+def test_hf_to_ours_to_hf_is_identical_through_the_tool(tmp_path):
     """--load DIR --save (TP=2) writes our format, which inference reads and exports again, same
     files."""
     cfg = tiny_config(**NORMFORMER)
     model = perturbed(GPTModel(cfg, SingleProcessState(), seed=2), seed=2)
     first = tmp_path / "first"
     hf_interop.export_hf(full_state_dict(model, None, cfg.vocab_size), cfg, str(first))
-    code, out, err = convert_tool("--load", first, "--save", tmp_path / "ours", "--target-tp", 2,
-                                  capsys=capsys)
+    code, out, err = convert_tool("--load", first, "--save", tmp_path / "ours", "--target-tp", 2)
     assert code == 0 and "for TP=2, PP=1 (fresh optimizer)" in out, err
     assert out.splitlines()[-1].startswith(
         f"train on with: pretrain_gpt.py --load {tmp_path / 'ours'} --finetune --vocab-size {VOCAB} "
@@ -200,8 +205,7 @@ def test_hf_to_ours_to_hf_is_identical_through_the_tool(tmp_path, capsys):
     reloaded, _ = build_inference_model(str(tmp_path / "ours"))  # what generate / evaluate load
     for name, p in model.named_parameters():
         assert torch.equal(p, dict(reloaded.named_parameters())[name]), name
-    code, out, err = convert_tool("--load", tmp_path / "ours", "--output-hf", tmp_path / "second",
-                                  capsys=capsys)
+    code, out, err = convert_tool("--load", tmp_path / "ours", "--output-hf", tmp_path / "second")
     assert code == 0, err
     assert out.splitlines() == [f"wrote {tmp_path / 'second'}: NormFormer remote code (trust_remote_code=True)",
                                 "no tokenizer written (no --tokenizer-type given)"]
@@ -232,7 +236,7 @@ def test_a_model_fine_tuned_and_saved_by_transformers_comes_back(tmp_path, name)
     from_full_state(full, cfg_back, str(tmp_path / "continue"), 2, 1)  # what --save writes
 
 
-def test_a_fairseq_checkpoint_exports_straight_to_transformers(tmp_path, capsys):
+def test_a_fairseq_checkpoint_exports_straight_to_transformers(tmp_path):
     """fairseq -> --output-hf: transformers' logits equal fairseq's forward (the fairseq import
     test's float64 re-implementation), HeadScale after the projection, positions at offset 2, an
     untied output and no final norm carried through."""
@@ -240,8 +244,7 @@ def test_a_fairseq_checkpoint_exports_straight_to_transformers(tmp_path, capsys)
 
     opts = fairseq.fairseq_model_cfg(**fairseq.CASES["untied-no-final-norm"])
     sd = fairseq.fairseq_checkpoint(tmp_path / "checkpoint_best.pt", opts, "cfg")
-    code, out, err = convert_tool("--load", tmp_path / "checkpoint_best.pt", "--output-hf", tmp_path / "hf",
-                                  capsys=capsys)
+    code, out, err = convert_tool("--load", tmp_path / "checkpoint_best.pt", "--output-hf", tmp_path / "hf")
     assert code == 0, err
     tokens = fairseq._tokens()
     with torch.no_grad():
@@ -353,62 +356,66 @@ def exported(setup, tmp_path_factory):
     """The lm-eval test's trained SentencePiece model, exported by the tool with its tokenizer."""
     out = tmp_path_factory.mktemp("trained") / "hf"
     sp_model = setup["tmp"] / "sp.model"
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"),
-                           "--load", setup["base"] + ".safetensors", "--output-hf", str(out),
-                           "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(sp_model)],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == [f"wrote {out}: NormFormer remote code (trust_remote_code=True)"]
+    code, stdout, stderr = convert_tool("--load", setup["base"] + ".safetensors", "--output-hf", out,
+                                        "--tokenizer-type", "SentencePieceTokenizer",
+                                        "--tokenizer-model", sp_model)
+    assert code == 0, stderr
+    assert stdout.splitlines() == [f"wrote {out}: NormFormer remote code (trust_remote_code=True)"]
     assert sorted(os.listdir(out)) == [
         "config.json", "configuration_normformer.py", "generation_config.json", "model.safetensors",
         "modeling_normformer.py", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
     return dict(out=out, sp_model=sp_model)
 
 
-def test_generate_tool_and_transformers_generate_the_same_text(setup, exported, capsys):
+def test_generate_tool_and_transformers_generate_the_same_text(setup, exported):
     """tools/generate.py (reading the HF directory itself) and transformers' generate(), 32 tokens."""
-    spec = importlib.util.spec_from_file_location("generate_tool", os.path.join(ROOT, "tools", "generate.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     prompts = [item["context"] for item in setup["items"][:3]]
     argv = ["--load", str(exported["out"]), "--tokenizer-type", "SentencePieceTokenizer",
             "--tokenizer-model", str(exported["sp_model"]), "--greedy", "--json",
             "--max-new-tokens", str(NEW_TOKENS), "--device", "cpu"]
     for prompt in prompts:
         argv += ["--prompt", prompt]
-    capsys.readouterr()
-    assert tool.main(argv) == 0
-    ours = [json.loads(line)["tokens"] for line in capsys.readouterr().out.splitlines()]
+    code, out, err = run_tool("generate.py", *argv)
+    assert code == 0, err
+    ours = [json.loads(line)["tokens"] for line in out.splitlines()]
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(exported["out"]))
-    tokenizer.padding_side = "left"
+    assert tokenizer.padding_side == "left"  # the export's, as generate() needs
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    out = load_hf(exported["out"]).generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False)
-    for row, tokens in zip(out[:, batch["input_ids"].shape[1]:].tolist(), ours):
+    generated = load_hf(exported["out"]).generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False)
+    for row, tokens in zip(generated[:, batch["input_ids"].shape[1]:].tolist(), ours):
         eod = tokenizer.eos_token_id
         assert (row[:row.index(eod)] if eod in row else row) == tokens
 
 
-def test_lm_eval_hf_model_gives_our_adapters_numbers(setup, api_results, exported):
+def test_lm_eval_hf_model_gives_our_adapters_numbers(setup, exported):
+    """lm-eval's ``hf`` model on the export and our ``megatron_normformer`` model on the checkpoint:
+    the same loglikelihoods, accuracy, rolling loglikelihoods and generations."""
     import lm_eval
     import lm_eval.models  # noqa: F401 - registers "hf": lm-eval imports its models only into an empty registry
     from lm_eval.tasks import TaskManager
 
+    import megatron_normformer.inference.lm_eval  # noqa: F401 - registers ours
+
     os.environ["HF_DATASETS_CACHE"] = str(setup["tmp"] / "hf_cache")
-    theirs = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={exported['out']},trust_remote_code=True,dtype=float32",
-        tasks=["nf_tiny_mc", "nf_tiny_rolling", "nf_tiny_gen"],
-        task_manager=TaskManager(include_path=str(setup["tasks"])), batch_size=3, device="cpu",
-        log_samples=True)
+    tasks = TaskManager(include_path=str(setup["tasks"]), include_defaults=False)  # ours only: fast
+    hf_args = f"pretrained={exported['out']},trust_remote_code=True,dtype=float32"
+    theirs, ours = (lm_eval.simple_evaluate(
+        model=model, model_args=args, tasks=["nf_tiny_mc", "nf_tiny_rolling", "nf_tiny_gen"],
+        task_manager=tasks, batch_size=3, device="cpu", log_samples=True)
+        for model, args in (("hf", hf_args), ("megatron_normformer", setup["model_args"])))
+
+    def samples(result, task):
+        return sorted(result["samples"][task], key=lambda s: s["doc_id"])
+
     for task, tolerance in (("nf_tiny_mc", 1e-5), ("nf_tiny_rolling", 1e-4)):
-        a, b = (sorted(r["samples"][task], key=lambda s: s["doc_id"]) for r in (theirs, api_results))
-        assert len(a) == len(b) > 0
-        for x, y in zip(a, b):
+        assert len(samples(theirs, task)) == len(samples(ours, task)) > 0
+        for x, y in zip(samples(theirs, task), samples(ours, task)):
             got, want = (torch.tensor([float(v[0]) if isinstance(v, (list, tuple)) else float(v)
                                        for v in s["filtered_resps"]]) for s in (x, y))
             torch.testing.assert_close(got, want, rtol=1e-6, atol=tolerance)
-    assert theirs["results"]["nf_tiny_mc"]["acc,none"] == api_results["results"]["nf_tiny_mc"]["acc,none"]
-    a, b = (sorted(r["samples"]["nf_tiny_gen"], key=lambda s: s["doc_id"]) for r in (theirs, api_results))
-    assert [s["resps"] for s in a] == [s["resps"] for s in b]
+    assert theirs["results"]["nf_tiny_mc"]["acc,none"] == ours["results"]["nf_tiny_mc"]["acc,none"]
+    assert ([s["resps"] for s in samples(theirs, "nf_tiny_gen")]
+            == [s["resps"] for s in samples(ours, "nf_tiny_gen")])
 
 
 NO_PACKAGE = """
@@ -443,7 +450,7 @@ def test_export_loads_where_this_package_cannot_be_imported(setup, exported, tmp
 
 
 # -- bad input, and what the export must keep up with ----------------------------------------------
-def test_bad_inputs_get_one_line(tmp_path, capsys):
+def test_bad_inputs_get_one_line(tmp_path):
     llama = tmp_path / "llama"
     llama.mkdir()
     (llama / "config.json").write_text(json.dumps({"model_type": "llama",
@@ -467,18 +474,18 @@ def test_bad_inputs_get_one_line(tmp_path, capsys):
          "GPT2BPETokenizer needs --vocab-file"),
     ]
     for argv, message in cases:
-        code, out, err = convert_tool(*argv, capsys=capsys)
+        code, out, err = convert_tool(*argv)
         lines = [line for line in err.splitlines() if "error" in line]
         assert code == 2 and len(lines) == 1 and message in lines[0], (argv, err)
         assert "Traceback" not in err
 
 
-def test_null_tokenizer_exports_without_a_tokenizer_and_says_so(tmp_path, capsys):
+def test_null_tokenizer_exports_without_a_tokenizer_and_says_so(tmp_path):
     cfg = tiny_config()
     release = str(tmp_path / "release")
     save_consolidated(release, full_state_dict(GPTModel(cfg, SingleProcessState()), None, VOCAB), cfg)
     code, out, err = convert_tool("--load", release, "--output-hf", tmp_path / "hf", "--tokenizer-type",
-                                  "NullTokenizer", capsys=capsys)
+                                  "NullTokenizer")
     assert code == 0, err
     assert out.splitlines()[-1] == "no tokenizer written (a NullTokenizer's ids are the text)"
     assert not (tmp_path / "hf" / "tokenizer.json").exists()
