@@ -19,7 +19,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from megatron_normformer.checkpoint.convert import from_full_state
 from megatron_normformer.checkpoint.inference import build_inference_model, load_full_state
@@ -460,8 +460,16 @@ def test_bad_inputs_get_one_line(tmp_path):
     (broken / "config.json").write_text("{not json")
     cfg = tiny_config(**NORMFORMER)
     release = str(tmp_path / "release")
-    save_consolidated(release, full_state_dict(GPTModel(cfg, SingleProcessState()), None, VOCAB), cfg)
+    full = full_state_dict(GPTModel(cfg, SingleProcessState()), None, VOCAB)
+    save_consolidated(release, full, cfg)
+    partial = tmp_path / "partial"
+    hf_interop.export_hf(full, cfg, str(partial))
+    weights = load_file(str(partial / "model.safetensors"))
+    del weights["model.layers.1.mlp.ffn_layernorm.bias"]
+    save_file(weights, str(partial / "model.safetensors"))
     cases = [
+        (["--load", partial, "--save", tmp_path / "t"],
+         "the weights do not match config.json: missing ['layers.1.mlp.ffn_layernorm.bias'], unexpected []"),
         (["--load", llama, "--save", tmp_path / "x"], "a transformers llama model (LlamaForCausalLM)"),
         (["--load", broken, "--output-hf", tmp_path / "y"], "config.json: not a transformers config"),
         (["--load", tmp_path / "nothing", "--output-hf", tmp_path / "z"], "nothing"),

@@ -38,6 +38,9 @@ from safetensors.torch import save_file
 from megatron_normformer.config import ConfigError, ModelConfig
 from megatron_normformer.data.tokenizers import Tokenizer
 from megatron_normformer.interop.hf_tokenizer import TokenizerFiles, write_hf_tokenizer
+from megatron_normformer.model.bert import BertModel
+from megatron_normformer.model.gpt import GPTModel
+from megatron_normformer.parallel.state import SingleProcessState
 
 MODEL_TYPE = "normformer"
 REMOTE_CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_remote")
@@ -318,6 +321,17 @@ def _read_weights(path: str) -> Dict[str, torch.Tensor]:
     return tensors
 
 
+def _check_names(path: str, full: Dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """The tensors of the model config.json describes, no more and no fewer."""
+    with torch.device("meta"):
+        model = (BertModel if cfg.bidirectional else GPTModel)(cfg, SingleProcessState(), device="meta")
+    expected = {name for name, _ in model.named_parameters()}
+    missing, unexpected = sorted(expected - set(full)), sorted(set(full) - expected)
+    if missing or unexpected:
+        raise ConfigError(f"{path}: the weights do not match config.json: missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}")
+
+
 def load_hf_directory(path: str) -> Tuple[Dict[str, torch.Tensor], ModelConfig]:
     """Full fp32 tensors (our TP=1 names) and the ModelConfig of an exported NormFormer or a GPT-2
     directory; any other architecture is a ConfigError naming it."""
@@ -331,6 +345,7 @@ def load_hf_directory(path: str) -> Tuple[Dict[str, torch.Tensor], ModelConfig]:
         cfg = model_config_from_normformer(config)
         back = [(theirs, ours) for ours, theirs in renames(cfg)]
         full = _rename(_read_weights(path), back, path)
+        _check_names(path, full, cfg)
     elif model_type == "gpt2":
         cfg = _model_config_from_gpt2(path, config)
         full = _from_gpt2(path, _read_weights(path), cfg)
