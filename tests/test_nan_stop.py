@@ -73,7 +73,33 @@ def _fp16_runs(runs):
             out.append({"skipped": s["skipped_iters"], "losses": s["losses"]})
         except TrainingError as e:
             out.append({"error": str(e)})
-    return out
+    return out + [_decisions()]
+
+
+def _decisions():
+    """NonFiniteCheck's verdicts on made-up iterations (it all-reduces: inside spawn())."""
+    from types import SimpleNamespace
+
+    from megatron_normformer.training.loop import NonFiniteCheck
+
+    def check(fp16=False, on=True, static=None):
+        train = SimpleNamespace(check_for_nan_in_loss_and_grad=on, fp16=fp16, loss_scale=static,
+                                max_consecutive_skipped_iterations=3)
+        return NonFiniteCheck(SimpleNamespace(train=train))
+
+    inf, nan = float("inf"), float("nan")
+    fp16 = check(fp16=True)
+    return {
+        "finite": check()(1, 5.0, 2.0, False, 1.0),
+        "nan loss": check()(1, nan, None, False, 1.0),
+        "inf norm": check()(1, 5.0, inf, False, 1.0),
+        "skipped, no norm": check()(1, 5.0, None, True, 1.0),
+        "weights": check()(1, 5.0, None, False, 1.0, params_norm=inf),
+        "unchecked": [check(on=False)(1, nan, inf, True, 1.0, params_norm=inf)],
+        "static fp16": check(fp16=True, static=1024.0)(1, 5.0, inf, True, 1024.0),
+        "fp16": [fp16(i, 5.0, inf if skip else 1.0, skip, 2.0 ** -i)
+                 for i, skip in enumerate([True, True, False, True, True, True], 1)],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +118,8 @@ def fp16(tmp_path_factory):
         "unchecked": flags(NAN, "--bf16 --no-check-for-nan-in-loss-and-grad", train_iters=4,
                            zero_stage=1, **tiny),
     }
-    return dict(zip(runs, spawn(_fp16_runs, 1, list(runs.values()))[0]))
+    results = spawn(_fp16_runs, 1, list(runs.values()))[0]
+    return {**dict(zip(runs, results)), "decisions": results[-1]}
 
 
 def test_fp16_loss_scale_skips_are_counted_and_go_on(fp16):
@@ -130,6 +157,23 @@ def test_no_check_trains_on(fp16):
     run = fp16["unchecked"]
     assert "error" not in run and sorted(run["losses"]) == [1, 2, 3, 4]
     assert list(run["skipped"].values()) == [0, 1, 1, 1]
+
+
+def test_what_stops_a_run(fp16):
+    """The decision table: a non-finite loss, gradient norm, skipped step or (where the engine
+    reports no norm: DeepSpeed's pipeline at ZeRO-0) weights after the step stop the run; fp16's
+    dynamic-scale skips count, a clean step resets the count, the bound stops."""
+    d = fp16["decisions"]
+    assert d["finite"] is None
+    assert d["nan loss"] == "lm loss is nan"
+    assert d["inf norm"] == "gradient norm is inf"
+    assert d["skipped, no norm"] == "the gradients are not finite (DeepSpeed skipped the step)"
+    assert d["weights"] == "the weights are not finite after the step (a non-finite gradient)"
+    assert d["unchecked"] == [None]
+    assert d["static fp16"] == "gradient norm is inf"
+    assert d["fp16"][:5] == [None] * 5 and d["fp16"][5] == (
+        "3 consecutive iterations skipped because the fp16 gradients overflow, down to loss scale "
+        "0.015625 (--max-consecutive-skipped-iterations 3)")
 
 
 def test_deepspeed_loss_scaler_gives_up_as_the_loop_expects():

@@ -121,16 +121,21 @@ class NonFiniteCheck:
         self.consecutive = 0
 
     def __call__(self, it: int, loss: float, grad_norm: Optional[float], skipped: bool,
-                 scale: float) -> Optional[str]:
-        """Why iteration ``it`` stops the run, or None."""
+                 scale: float, params_norm: Optional[float] = None) -> Optional[str]:
+        """Why iteration ``it`` stops the run, or None. ``params_norm``: the weights' norm after
+        the step, where the engine reports no gradient norm (DeepSpeed's pipeline at ZeRO-0
+        without clipping): a non-finite gradient shows there."""
+        bad_params = params_norm is not None and not math.isfinite(params_norm)
         flags = torch.tensor([not math.isfinite(loss),
-                              grad_norm is not None and not math.isfinite(grad_norm), skipped],
-                             dtype=torch.int32)
+                              grad_norm is not None and not math.isfinite(grad_norm), skipped,
+                              bad_params], dtype=torch.int32)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        bad_loss, bad_grad, skipped = (bool(f) for f in flags)
+        bad_loss, bad_grad, skipped, bad_params = (bool(f) for f in flags)
         if self.check and bad_loss:
             norm = "" if grad_norm is None else f", gradient norm {grad_norm}"
             return f"lm loss is {loss}{norm}"
+        if self.check and bad_params:
+            return "the weights are not finite after the step (a non-finite gradient)"
         if not (skipped or bad_grad):
             self.consecutive = 0
             return None
@@ -412,7 +417,10 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
             dt = time.time() - t0
             skipped = e.engine.skipped_steps > skipped_before
             loss = step["lm_loss"]
-            why = nonfinite(it, loss, step.get("grad_norm"), skipped, loss_scale(e.engine))
+            weights = None
+            if nonfinite.check and step.get("grad_norm") is None and e.pipeline:
+                weights = diagnostics.params_norm(e.model, pstate, e.zero_stage, e.pipeline)
+            why = nonfinite(it, loss, step.get("grad_norm"), skipped, loss_scale(e.engine), weights)
             if why:
                 raise stop_training(it, why)
             state.update(iteration=it, consumed_samples=state["consumed_samples"] + batch_now)
