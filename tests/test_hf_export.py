@@ -14,6 +14,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -24,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from megatron_normformer.checkpoint.convert import from_full_state
 from megatron_normformer.checkpoint.inference import build_inference_model, load_full_state
 from megatron_normformer.checkpoint.release import build_model, full_state_dict, save_consolidated
-from megatron_normformer.config import ModelConfig
+from megatron_normformer.checkpoint.training import resolve_tag
+from megatron_normformer.config import ConfigError, ModelConfig
 from megatron_normformer.data.tokenizers import build_tokenizer
 from megatron_normformer.inference.generation import generate
 from megatron_normformer.inference.perplexity import evaluate_perplexity
@@ -486,6 +488,10 @@ def test_bad_inputs_get_one_line(tmp_path):
         lines = [line for line in err.splitlines() if "error" in line]
         assert code == 2 and len(lines) == 1 and message in lines[0], (argv, err)
         assert "Traceback" not in err
+    # pretrain_gpt.py --load takes training checkpoints only, and says how to make one
+    with pytest.raises(ConfigError, match=re.escape(f"--load {partial}: a Hugging Face directory, not a "
+                                                    "training checkpoint; make one with tools/")):
+        resolve_tag(str(partial))
 
 
 def test_null_tokenizer_exports_without_a_tokenizer_and_says_so(tmp_path):

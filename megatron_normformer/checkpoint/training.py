@@ -136,6 +136,9 @@ def resolve_tag(load_dir: str, tag: Optional[str] = None) -> str:
         raise ConfigError(f"--load {load_dir}: no such directory")
     if tag is None:
         tag = atomic.read_latest(load_dir)
+        if tag is None and os.path.isfile(os.path.join(load_dir, "config.json")):
+            raise ConfigError(f"--load {load_dir}: a Hugging Face directory, not a training checkpoint; "
+                              f"make one with tools/convert_checkpoint.py --load {load_dir} --save DIR")
         if tag is None:
             raise ConfigError(f"--load {load_dir}: no complete checkpoint (no '{LATEST}' file)")
     if not os.path.isdir(os.path.join(load_dir, tag)):
