@@ -5,7 +5,7 @@
   (the workers ignore SIGTERM; they used to keep the trainer waiting for them forever).
 - A start-up error (a checkpoint that does not match the flags, a learning-rate schedule that
   differs from the checkpoint's, a --data-path that does not exist) reaches the terminal as its one
-  line every time, under torchrun, the deepspeed launcher and mpirun, each case repeated, also
+  line every time, under torchrun and the deepspeed launcher (each case 3 times) and mpirun, also
   with rank 0 held back 5 s (tests/faulty_pretrain_gpt.py) so that rank 1 finds the error first:
   the launcher used to stop rank 0 before it printed, and the user saw only "SIGTERM during
   start-up". Under srun's environment, where no launcher stops the other rank, rank 1 hears of
@@ -20,6 +20,8 @@ import signal
 import subprocess
 import time
 import uuid
+
+import pytest
 
 from megatron_normformer.testing import free_port, spawn
 from train_utils import PYTHON, ROOT, flags, train_many
@@ -140,9 +142,11 @@ def test_exception_in_the_loop_ends_every_launch(tmp_path):
     argv = flags("--mock-data", train_iters=1000, global_batch_size=2, num_workers=2)
     script = "tests/faulty_pretrain_gpt.py"
     launches = [
-        Launch("python", [PYTHON, script, *argv], tmp, dict(CRASH_ON_RANKS="0")),
-        Launch("torchrun", _torchrun(*argv, script=script), tmp, dict(CRASH_ON_RANKS="1")),
-        Launch("deepspeed", _deepspeed(*argv, script=script), tmp, dict(CRASH_ON_RANKS="0"))]
+        Launch("python", [PYTHON, script, *argv], tmp, dict(CRASH_AT_ITERATION="3", CRASH_ON_RANKS="0")),
+        Launch("torchrun", _torchrun(*argv, script=script), tmp,
+               dict(CRASH_AT_ITERATION="3", CRASH_ON_RANKS="1")),
+        Launch("deepspeed", _deepspeed(*argv, script=script), tmp,
+               dict(CRASH_AT_ITERATION="3", CRASH_ON_RANKS="0"))]
     line = {"python": "pretrain_gpt.py: error: RuntimeError: injected failure at iteration 3",
             "torchrun": "pretrain_gpt.py (rank 1): error: RuntimeError: injected failure at iteration 3",
             "deepspeed": "pretrain_gpt.py (rank 0): error: RuntimeError: injected failure at iteration 3"}
@@ -152,8 +156,6 @@ def test_exception_in_the_loop_ends_every_launch(tmp_path):
         if launch.name not in reported and line[launch.name] in launch.output():
             reported[launch.name] = time.monotonic()
 
-    for launch in launches:
-        launch.env["CRASH_AT_ITERATION"] = "3"
     _run_all(launches, timeout=300, watch=watch)
     for launch in launches:
         out = launch.output()
@@ -165,9 +167,11 @@ def test_exception_in_the_loop_ends_every_launch(tmp_path):
 
 # -- start-up errors ----------------------------------------------------------------------------
 
-def _start_up_cases(tmp):
+@pytest.fixture(scope="module")
+def start_up_cases(tmp_path_factory):
     """{case: (flags, the error line)}. The checkpoint is saved by two ranks, as the launches
     resume it: same layout, so the learning-rate schedule is checked as DeepSpeed's files load."""
+    tmp = str(tmp_path_factory.mktemp("cases"))
     ckpt = os.path.join(tmp, "ckpt")
     spawn(train_many, 2, [flags("--mock-data", train_iters=2, global_batch_size=2, save=ckpt)])
     missing = os.path.join(tmp, "no-such-corpus")
@@ -196,33 +200,33 @@ def _assert_reported(launch, line):
     assert "(rank 1): error" not in out and "during start-up" not in out, (launch.name, out[-3000:])
 
 
-def test_start_up_errors_reach_the_terminal_under_every_launcher(tmp_path):
+def test_start_up_errors_reach_the_terminal_under_every_launcher(start_up_cases, tmp_path):
     """Each case 3 times under torchrun and the deepspeed launcher (once as it comes, twice with
-    rank 0 held back), once under mpirun (rank 0 held back)."""
+    rank 0 held back), the checkpoint mismatch under mpirun (rank 0 held back)."""
     tmp = str(tmp_path)
-    cases = _start_up_cases(tmp)
     assert shutil.which("mpirun"), "mpirun not found: apt-get install -y openmpi-bin"
     slow, faulty = dict(SLOW_RANK_0="5"), "tests/faulty_pretrain_gpt.py"
     expected = {}
-    for case, (argv, line) in cases.items():
+    for case, (argv, line) in start_up_cases.items():
         for name, launcher in (("torchrun", _torchrun), ("deepspeed", _deepspeed)):
             expected[Launch(f"{name}-{case}", launcher(*argv), tmp)] = line
             for i in (1, 2):
                 expected[Launch(f"{name}-{case}-slow-rank-0-{i}", launcher(*argv, script=faulty),
                                 tmp, slow)] = line
-        expected[Launch(f"mpirun-{case}-slow-rank-0", _mpirun(*argv, script=faulty, env=slow),
-                        tmp, slow)] = line
+    argv, line = start_up_cases["checkpoint"]
+    expected[Launch("mpirun-checkpoint-slow-rank-0", _mpirun(*argv, script=faulty, env=slow), tmp,
+                    slow)] = line
     _run_all(list(expected), timeout=600)
     for launch, line in expected.items():
         _assert_reported(launch, line)
 
 
-def test_rank_1_leaves_on_rank_0s_report_without_a_launcher(tmp_path):
+def test_rank_1_leaves_on_rank_0s_report_without_a_launcher(start_up_cases, tmp_path):
     """srun's environment, no launcher to stop the step: rank 1 finds the checkpoint mismatch,
     hears from rank 0 through the rendezvous store that it has printed it, and exits with the same
     status at once, silently (it would print the line itself after REPORT_WAIT, 30 s)."""
     tmp = str(tmp_path)
-    argv, line = _start_up_cases(tmp)["checkpoint"]
+    argv, line = start_up_cases["checkpoint"]
     port = str(free_port())
     ranks = [Launch(f"task{task}", [PYTHON, "pretrain_gpt.py", *argv], tmp,
                     dict(SLURM_PROCID=str(task), SLURM_NTASKS="2", SLURM_LOCALID=str(task),
@@ -236,7 +240,8 @@ def test_rank_1_leaves_on_rank_0s_report_without_a_launcher(tmp_path):
 
 
 def test_flag_errors_are_one_line():
-    """argparse's own errors and the flag checks: one line and (see --help), no usage text."""
+    """argparse's own errors and the checks of the flags alone: one line, (see --help), and no
+    usage text in front of it (argparse's ~100 lines)."""
     def stderr(*argv):
         done = subprocess.run([PYTHON, "pretrain_gpt.py", *argv], cwd=ROOT, env=_env(),
                               capture_output=True, text=True, timeout=120)
@@ -247,6 +252,5 @@ def test_flag_errors_are_one_line():
         "pretrain_gpt.py: error: argument --train-iters: invalid int value: 'x' (see --help)"
     assert stderr("--no-such-flag") == \
         "pretrain_gpt.py: error: unrecognized arguments: --no-such-flag (see --help)"
-    assert stderr(*flags("--mock-data", train_iters=2, global_batch_size=3, micro_batch_size=2)) \
-        .endswith("pretrain_gpt.py: error: --global-batch-size (3) must be a multiple of "
-                  "--micro-batch-size (2) (see --help)")
+    assert stderr("--mock-data", "--train-iters", "2", "--vocab-size", "128", "--hidden-dropout",
+                  "1.5") == "pretrain_gpt.py: error: --hidden-dropout must be in [0, 1), got 1.5 (see --help)"
