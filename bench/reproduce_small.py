@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(p, mock=True)
     m = add_model_shape_args(p, "model and recipe")
     m.add_argument("--dropout", type=float, default=0.0, help="hidden and attention dropout")
+    m.add_argument("--init-scheme", choices=["fairseq", "megatron"], default=None,
+                   help="passed to the trainer (default: its own, fairseq for the causal LM and "
+                        "megatron for the masked LM)")
     m.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 6e-3, 1e-2, 2e-2, 4e-2],
                    help="the peak LRs swept for both models (default 1e-3 3e-3 6e-3 1e-2 2e-2 4e-2)")
     m.add_argument("--top", type=int, default=2, help="LRs per model that are run with every seed")
@@ -197,6 +200,7 @@ def run_command(args, variant: str, lr: float, seed: int, iters: int, data: List
            "--num-workers", "0", "--log-interval", str(eval_interval),
            "--eval-interval", str(eval_interval), "--eval-iters", str(args.eval_iters),
            "--metrics-file", metrics] + data
+    cmd += ["--init-scheme", args.init_scheme] if args.init_scheme else []
     return cmd + (NORMFORMER_FLAGS if variant == "normformer" else [])
 
 
@@ -306,7 +310,8 @@ def summarize(runs: Sequence[Dict], iters: Dict[str, int], step_ms: Optional[Dic
         step_ms = {v: statistics.median([r["median_ms_per_iter"] for rs in by[v].values() for r in rs
                                          if r["median_ms_per_iter"] is not None] or [1.0])
                    for v in VARIANTS}
-    out = dict(step_ms=step_ms, iterations=iters, lr_sweep={}, best_lr={}, top_lrs={})
+    out = dict(step_ms=step_ms, iterations=iters, lr_sweep={}, best_lr={}, top_lrs={},
+               lr_sweep_reaches_past_best={})
     for v in VARIANTS:
         out["lr_sweep"][v] = [dict(lr=lr, seeds=[r["seed"] for r in rs], states=[r["state"] for r in rs],
                                    final_loss=[r["final_loss"] for r in rs],
@@ -317,10 +322,8 @@ def summarize(runs: Sequence[Dict], iters: Dict[str, int], step_ms: Optional[Dic
         seeded = {lr: rs for lr, rs in by[v].items() if len(rs) == most}
         out["top_lrs"][v] = top_lrs(seeded, top)
         out["best_lr"][v] = out["top_lrs"][v][0]
-        lrs = sorted(by[v])
-        best_i = lrs.index(out["best_lr"][v])
-        out["lr_sweep_reaches_past_best"] = out.get("lr_sweep_reaches_past_best", {})
-        out["lr_sweep_reaches_past_best"][v] = 0 < best_i < len(lrs) - 1
+        lrs = sorted(by[v])  # an LR below and one above the best were tried
+        out["lr_sweep_reaches_past_best"][v] = 0 < lrs.index(out["best_lr"][v]) < len(lrs) - 1
     best = {v: by[v][out["best_lr"][v]] for v in VARIANTS}
     for v in VARIANTS:
         finals = [r["final_loss"] for r in best[v] if r["final_loss"] is not None]
@@ -440,6 +443,9 @@ def report(r: Dict) -> str:
     lines.append("")
     for v in VARIANTS:
         b = s[v]
+        if b["final_loss_mean"] is None:
+            lines.append(f"- {NAMES[v]}: every run diverged")
+            continue
         extra = (f", MLM accuracy {100 * b['final_mlm_accuracy_mean']:.1f} ± {100 * b['final_mlm_accuracy_std']:.1f} %"
                  if acc else "")
         edge = "" if s["lr_sweep_reaches_past_best"][v] else " (the best LR is at the edge of the grid)"
@@ -503,6 +509,7 @@ def run(argv=None) -> Dict:
                   model=dict(num_layers=args.num_layers, hidden_size=args.hidden_size,
                              num_attention_heads=args.num_attention_heads, seq_length=args.seq_length,
                              micro_batch_size=args.micro_batch_size, dropout=args.dropout,
+                             init_scheme=args.init_scheme,
                              warmup_fraction=args.warmup_fraction),
                   summary=summary, all_runs=runs, elapsed_s=time.time() - started)
     title = (f"{TASK_NAMES[args.task]}, {args.num_layers} x {args.hidden_size}, {iters['preln']} / "
