@@ -104,7 +104,7 @@ def test_uneven_split_rule():
 def _pipeline_parameters(cfg, order):
     """Every stage's parameters by name, from pipelines over ``cfg``'s pieces as listed and with
     the layers in ``order`` (a reordered list must not move a tensor to another name)."""
-    from megatron_normformer.model.gpt import gpt_pieces
+    from megatron_normformer.model.gpt import gpt_pieces, gpt_wire
     from megatron_normformer.model.pipeline import build_pipeline
     from megatron_normformer.parallel.state import ParallelState
 
@@ -114,7 +114,7 @@ def _pipeline_parameters(cfg, order):
     reordered = pieces[:1] + [layers[i] for i in order] + pieces[1 + len(layers):]
     out = {}
     for name, listed in (("as listed", pieces), ("reordered", reordered)):
-        module = build_pipeline(listed, pstate, loss_fn=None)
+        module = build_pipeline(listed, gpt_wire(), pstate, loss_fn=None)
         out[name] = {n: p.detach().clone() for n, p in module.named_parameters()}
     return out
 

@@ -6,14 +6,16 @@ vocab-parallel output bias. The loss is computed on the masked positions only: t
 are selected before the head, so the vocabulary projection costs 15 % of a full one.
 
 Written once (``bert_pieces``) for both forms, ``BertModel`` and ``build_bert_pipeline``, with the
-same parameter names (``model/pipeline.py``). Between pipeline stages travels
-``(hidden, padding_mask, loss_mask)``: the layers need the padding mask, the head the loss mask.
+same parameter names and the same forward of each piece over a ``BertFlow`` (``model/pipeline.py``).
+Between pipeline stages travels ``(hidden, padding_mask, loss_mask)``: the layers need the padding
+mask, the head the loss mask.
 The masks are integer tensors, which DeepSpeed's pipeline engine sends along without gradients.
 The pipeline's loss is the mean over the micro-batch's masked tokens, as without pipelining, and
 the masked-token accuracy is kept beside it for the log.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import List, Optional
 
 import torch
@@ -23,9 +25,9 @@ import torch.nn.functional as F
 from megatron_normformer.config import ModelConfig
 from megatron_normformer.model.embeddings import Embedding, vocab_projection
 from megatron_normformer.model.initialization import WeightInit
-from megatron_normformer.model.layer import NormFormerLayer, forward_layers
+from megatron_normformer.model.layer import NormFormerLayer
 from megatron_normformer.model.norms import LayerNorm
-from megatron_normformer.model.pipeline import Piece, build_pieces, build_pipeline
+from megatron_normformer.model.pipeline import Flow, Piece, Wire, build_pieces, build_pipeline, run_pieces
 from megatron_normformer.parallel.cross_entropy import vocab_parallel_correct, vocab_parallel_cross_entropy
 from megatron_normformer.parallel.init import fill_shard
 from megatron_normformer.parallel.layers import mark_parallel, mark_vocab
@@ -53,7 +55,6 @@ class _Dense(nn.Module):
 class RobertaLMHead(nn.Module):
     def __init__(self, cfg: ModelConfig, pstate, seed: int, device=None):
         super().__init__()
-        self.cfg, self.tp_group = cfg, pstate.tp_group
         padded = cfg.padded_vocab_size(pstate.tp_size)
         self.vocab_start = pstate.tp_rank * (padded // pstate.tp_size)
         d = cfg.hidden_size
@@ -64,9 +65,6 @@ class RobertaLMHead(nn.Module):
     def transform(self, hidden: torch.Tensor) -> torch.Tensor:
         """dense -> gelu -> LayerNorm: everything before the tied projection."""
         return self.layernorm(F.gelu(self.dense(hidden)))
-
-    def logits(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
-        return vocab_projection(self.transform(hidden), embedding_weight, self.tp_group, self.bias)
 
 
 def attention_mask(padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -106,33 +104,42 @@ class MaskedLMLoss:
         return out
 
 
-# -- what each piece reads and sends between pipeline stages ----------------------------------
-def _embed(embedding: Embedding, inputs):
-    tokens, padding_mask, loss_mask = inputs
-    return embedding(tokens), padding_mask, loss_mask
+# -- what each piece reads and sends ---------------------------------------------------------
+@dataclass
+class BertFlow(Flow):
+    """What travels through the masked LM besides the hidden states."""
+
+    padding_mask: Optional[torch.Tensor] = None  # [batch, seq], 1 = token; None: no padding
+    loss_mask: Optional[torch.Tensor] = None     # [batch, seq] the positions the head predicts;
+                                                 # None: every position
+    output_bias: Optional[torch.Tensor] = None   # from the head to the tied projection
 
 
-def _layer(layer: NormFormerLayer, inputs):
-    hidden, padding_mask, loss_mask = inputs
-    return layer(hidden, attention_mask(padding_mask)), padding_mask, loss_mask
+BERT_WIRE = Wire(BertFlow, ("hidden", "padding_mask", "loss_mask"))
 
 
-def _final_layernorm(norm: nn.Module, inputs):
-    hidden, _, loss_mask = inputs
+def _embed(embedding: Embedding, flow: BertFlow) -> BertFlow:
+    return replace(flow, hidden=embedding(flow.hidden))
+
+
+def _layer(layer: NormFormerLayer, flow: BertFlow) -> BertFlow:
+    return replace(flow, hidden=layer(flow.hidden, attention_mask(flow.padding_mask)))
+
+
+def _final_layernorm(norm: nn.Module, flow: BertFlow) -> BertFlow:
     # Under sequence parallelism the head sees the whole sequence: it selects the masked positions.
-    return gather_sequence(norm(hidden), getattr(norm, "sp_group", None)), loss_mask
+    return replace(flow, hidden=gather_sequence(norm(flow.hidden), getattr(norm, "sp_group", None)))
 
 
-def _head_transform(head: RobertaLMHead, inputs):
-    """The head up to the tied projection, on the masked positions; hands on its output bias."""
-    hidden, loss_mask = inputs
-    return head.transform(hidden[loss_mask.bool()]), head.bias
+def _head_transform(head: RobertaLMHead, flow: BertFlow) -> BertFlow:
+    """The head up to the tied projection, on the predicted positions; hands on its output bias."""
+    hidden = flow.hidden if flow.loss_mask is None else flow.hidden[flow.loss_mask.bool()]
+    return replace(flow, hidden=head.transform(hidden), output_bias=head.bias)
 
 
-def _tied_output(embedding: Embedding, inputs) -> torch.Tensor:
-    h, bias = inputs
+def _tied_output(embedding: Embedding, flow: BertFlow) -> torch.Tensor:
     word = embedding.word_embeddings
-    return vocab_projection(h, word.weight, word.tp_group, bias)
+    return vocab_projection(flow.hidden, word.weight, word.tp_group, flow.output_bias)
 
 
 def bert_pieces(cfg: ModelConfig, pstate, seed: int, device=None) -> List[Piece]:
@@ -167,22 +174,21 @@ class BertModel(nn.Module):
         self.layers: nn.ModuleList
         self.final_layernorm: nn.Module
         self.lm_head: RobertaLMHead
-        build_pieces(self, bert_pieces(cfg, pstate, seed, device))
+        self.pieces = bert_pieces(cfg, pstate, seed, device)
+        build_pieces(self, self.pieces)
         self.recompute = None  # LayerRecompute, set by the trainer
 
-    def encode(self, tokens: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        mask = attention_mask(padding_mask)
-        x = self.embedding(tokens)
-        x = forward_layers(self.layers, x, mask, self.recompute if self.training else None)
-        return gather_sequence(self.final_layernorm(x), getattr(self.final_layernorm, "sp_group", None))
+    def local_logits(self, tokens, padding_mask, loss_mask=None) -> torch.Tensor:
+        """This rank's vocabulary slice of the logits at the positions of ``loss_mask`` (all when
+        None), in row-major order."""
+        flow = BertFlow(tokens, padding_mask, loss_mask)
+        return run_pieces(self, self.pieces, flow, self.recompute if self.training else None)
 
     def forward(self, tokens, padding_mask=None, labels=None, loss_mask=None):
-        hidden = self.encode(tokens, padding_mask)
-        weight = self.embedding.word_embeddings.weight
         if labels is None:
-            return self.lm_head.logits(hidden, weight)
+            return self.local_logits(tokens, padding_mask)
         selected = loss_mask.bool() if loss_mask is not None else labels >= 0
-        logits = self.lm_head.logits(hidden[selected], weight)
+        logits = self.local_logits(tokens, padding_mask, selected)
         return vocab_parallel_cross_entropy(logits, labels[selected], self.lm_head.vocab_start,
                                             self.cfg.vocab_size, self.tp_group)
 
@@ -199,10 +205,9 @@ class MaskedLMModel(BertModel):
     """
 
     def forward(self, tokens, padding_mask, labels, loss_mask):
-        hidden = self.encode(tokens, padding_mask)
         selected = loss_mask.bool()
         target = labels[selected]
-        logits = self.lm_head.logits(hidden[selected], self.embedding.word_embeddings.weight)
+        logits = self.local_logits(tokens, padding_mask, selected)
         start, vocab = self.lm_head.vocab_start, self.cfg.vocab_size
         correct = vocab_parallel_correct(logits, target, start, vocab, self.tp_group)
         return vocab_parallel_cross_entropy(logits, target, start, vocab, self.tp_group), correct
@@ -212,5 +217,5 @@ def build_bert_pipeline(cfg: ModelConfig, pstate, seed: int = 1234,
                         activation_checkpoint_interval: int = 0):
     """The masked LM as a ``PipelineModule`` over ``pstate``'s layout."""
     cfg.validate(pstate.tp_size)
-    return build_pipeline(bert_pieces(cfg, pstate, seed), pstate, MaskedLMLoss(cfg, pstate),
+    return build_pipeline(bert_pieces(cfg, pstate, seed), BERT_WIRE, pstate, MaskedLMLoss(cfg, pstate),
                           activation_checkpoint_interval)

@@ -1,16 +1,17 @@
 """The NormFormer GPT: embedding, N NormFormer layers, final LN, (tied) vocab-parallel LM head.
 
 Written once (``gpt_pieces``) for both forms: ``GPTModel`` (one pipeline stage) and
-``build_gpt_pipeline`` (DeepSpeed's 1F1B engine), with the same parameter names
-(``model/pipeline.py``). Between pipeline stages travel the hidden states only (causal attention
-needs no mask). Under ``--reset-attention-mask`` the segment ids travel with them ([batch, seq]
-integers, no gradient) and each layer builds the block-diagonal causal mask from them; under
-``--reset-position-ids`` the first stage also takes the position ids; under ``--eod-mask-loss`` the
-last stage's labels come with the loss mask (``training/tasks.py`` builds the matching batch).
+``build_gpt_pipeline`` (DeepSpeed's 1F1B engine), with the same parameter names and the same
+forward of each piece over a ``GPTFlow`` (``model/pipeline.py``). Between pipeline stages travel the
+hidden states only (causal attention needs no mask). Under ``--reset-attention-mask`` the segment
+ids travel with them ([batch, seq] integers, no gradient) and each layer builds the block-diagonal
+causal mask from them; under ``--reset-position-ids`` the position ids travel likewise, from the
+first stage's input on; under ``--eod-mask-loss`` the last stage's labels come with the loss mask
+(``training/tasks.py`` builds the matching batch).
 """
 from __future__ import annotations
 
-from functools import partial
+from dataclasses import dataclass, replace
 from typing import List, Optional
 
 import torch
@@ -20,9 +21,9 @@ from megatron_normformer.config import ModelConfig
 from megatron_normformer.model.attention import document_causal_mask
 from megatron_normformer.model.embeddings import Embedding, vocab_projection
 from megatron_normformer.model.initialization import WeightInit
-from megatron_normformer.model.layer import LayerRecompute, NormFormerLayer, forward_layers
+from megatron_normformer.model.layer import LayerRecompute, NormFormerLayer
 from megatron_normformer.model.norms import LayerNorm
-from megatron_normformer.model.pipeline import Piece, build_pieces, build_pipeline
+from megatron_normformer.model.pipeline import Flow, Piece, Wire, build_pieces, build_pipeline, run_pieces
 from megatron_normformer.parallel.cross_entropy import masked_mean, vocab_parallel_cross_entropy
 from megatron_normformer.parallel.init import fill_shard
 from megatron_normformer.parallel.layers import mark_vocab
@@ -33,7 +34,7 @@ class LMHead(nn.Module):
     """Final LayerNorm (unless ``--no-decoder-final-norm``), then the logits over this rank's
     vocabulary slice.
 
-    With tied embeddings the projection weight is the word-embedding shard, passed at call time.
+    With tied embeddings the projection is the embedding's, a piece of its own (``_tied_output``).
     """
 
     def __init__(self, cfg: ModelConfig, pstate, seed: int, device=None):
@@ -56,10 +57,9 @@ class LMHead(nn.Module):
             hidden = self.final_layernorm(hidden)
         return gather_sequence(hidden, self.sp_group)
 
-    def logits(self, hidden: torch.Tensor, tied_weight: Optional[torch.Tensor]) -> torch.Tensor:
-        """This rank's slice of the logits [batch, seq, padded_vocab / TP]."""
-        weight = self.weight if self.weight is not None else tied_weight
-        return vocab_projection(self.norm(hidden), weight, self.tp_group)
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of the logits [batch, seq, padded_vocab / TP] (untied weights)."""
+        return vocab_projection(self.norm(hidden), self.weight, self.tp_group)
 
 
 class VocabParallelLoss:
@@ -84,41 +84,54 @@ class VocabParallelLoss:
         return per_token.mean() if loss_mask is None else masked_mean(per_token, loss_mask)
 
 
-# -- what each piece reads and sends between pipeline stages ----------------------------------
-def _embed(embedding: Embedding, inputs, position_ids: bool = False, segment_ids: bool = False):
-    """tokens, or (tokens, [position ids], [segment ids]) under the document flags."""
-    if not (position_ids or segment_ids):
-        return embedding(inputs)
-    tokens, *rest = inputs
-    hidden = embedding(tokens, rest.pop(0) if position_ids else None)
-    return (hidden, rest[0]) if segment_ids else hidden
+# -- what each piece reads and sends ---------------------------------------------------------
+@dataclass
+class GPTFlow(Flow):
+    """What travels through the GPT besides the hidden states."""
+
+    position_ids: Optional[torch.Tensor] = None    # [batch, seq]; None: 0, 1, 2, ...
+    segment_ids: Optional[torch.Tensor] = None     # [batch, seq] documents of each row
+    attention_mask: Optional[torch.Tensor] = None  # a ready mask (plain-model callers)
+    kv_cache: Optional[object] = None              # incremental decoding (never between stages)
+
+    def mask(self) -> Optional[torch.Tensor]:
+        """What the layers' attention reads: None for plain causal attention."""
+        if self.segment_ids is not None:
+            return document_causal_mask(self.segment_ids)
+        return self.attention_mask
 
 
-def _layer(layer: NormFormerLayer, inputs):
-    """hidden, or (hidden, segment ids) under --reset-attention-mask."""
-    if torch.is_tensor(inputs):
-        return layer(inputs)
-    hidden, segment_ids = inputs
-    return layer(hidden, document_causal_mask(segment_ids)), segment_ids
+def gpt_wire(reset_position_ids: bool = False, reset_attention_mask: bool = False) -> Wire:
+    """Between pipeline stages: the hidden states, with the position ids under
+    ``--reset-position-ids`` and the segment ids under ``--reset-attention-mask``."""
+    return Wire(GPTFlow, ("hidden",) + ("position_ids",) * reset_position_ids
+                + ("segment_ids",) * reset_attention_mask)
 
 
-def _head(head: LMHead, inputs):
+def _embed(embedding: Embedding, flow: GPTFlow) -> GPTFlow:
+    return replace(flow, hidden=embedding(flow.hidden, flow.position_ids))
+
+
+def _layer(layer: NormFormerLayer, flow: GPTFlow) -> GPTFlow:
+    return replace(flow, hidden=layer(flow.hidden, flow.mask(), kv_cache=flow.kv_cache))
+
+
+def _head(head: LMHead, flow: GPTFlow):
     """The final LayerNorm; the logits too when the output layer has its own weight."""
-    hidden = inputs if torch.is_tensor(inputs) else inputs[0]
-    return head.norm(hidden) if head.weight is None else head.logits(hidden, None)
+    if head.weight is None:
+        return replace(flow, hidden=head.norm(flow.hidden))
+    return head.logits(flow.hidden)
 
 
-def _tied_output(embedding: Embedding, hidden: torch.Tensor) -> torch.Tensor:
+def _tied_output(embedding: Embedding, flow: GPTFlow) -> torch.Tensor:
     word = embedding.word_embeddings
-    return vocab_projection(hidden, word.weight, word.tp_group)
+    return vocab_projection(flow.hidden, word.weight, word.tp_group)
 
 
-def gpt_pieces(cfg: ModelConfig, pstate, seed: int, device=None, reset_position_ids: bool = False,
-               reset_attention_mask: bool = False) -> List[Piece]:
+def gpt_pieces(cfg: ModelConfig, pstate, seed: int, device=None) -> List[Piece]:
     """The GPT, written once: embedding | layers 0 .. L-1 | head [| the tied output projection]."""
     tied = not cfg.untie_embeddings_and_output_weights
-    embed = partial(_embed, position_ids=reset_position_ids, segment_ids=reset_attention_mask)
-    pieces = [Piece("embedding", Embedding, (cfg, pstate, seed, device), embed, tied=tied)]
+    pieces = [Piece("embedding", Embedding, (cfg, pstate, seed, device), _embed, tied=tied)]
     pieces += [Piece(f"layers.{i}", NormFormerLayer, (cfg, i, pstate, seed, device), _layer,
                      transformer_layer=True) for i in range(cfg.num_layers)]
     pieces.append(Piece("head", LMHead, (cfg, pstate, seed, device), _head))
@@ -143,7 +156,8 @@ class GPTModel(nn.Module):
         self.embedding: Embedding
         self.layers: nn.ModuleList
         self.head: LMHead
-        build_pieces(self, gpt_pieces(cfg, pstate, seed, device))
+        self.pieces = gpt_pieces(cfg, pstate, seed, device)
+        build_pieces(self, self.pieces)
         self.loss_fn = VocabParallelLoss(cfg, pstate)
         # Set by the trainer for full activation recomputation.
         self.recompute: Optional[LayerRecompute] = None
@@ -157,13 +171,9 @@ class GPTModel(nn.Module):
         positions default to continue from them."""
         if kv_cache is not None and position_ids is None:
             position_ids = kv_cache.position_ids(tokens.size(1), tokens.device)
-        x = self.embedding(tokens, position_ids)
-        if kv_cache is not None:
-            for layer in self.layers:
-                x = layer(x, attention_mask, kv_cache=kv_cache)
-        else:
-            x = forward_layers(self.layers, x, attention_mask, self.recompute if self.training else None)
-        logits = self.head.logits(x, self.embedding.word_embeddings.weight)
+        flow = GPTFlow(tokens, position_ids, attention_mask=attention_mask, kv_cache=kv_cache)
+        recompute = self.recompute if self.training and kv_cache is None else None
+        logits = run_pieces(self, self.pieces, flow, recompute)
         if labels is None:
             return logits
         return self.loss_fn.per_token(logits, labels)
@@ -180,5 +190,5 @@ def build_gpt_pipeline(cfg: ModelConfig, pstate, seed: int = 1234,
     between stages; ``--eod-mask-loss`` needs nothing here (the loss reads the mask beside the
     labels)."""
     cfg.validate(pstate.tp_size)
-    pieces = gpt_pieces(cfg, pstate, seed, None, reset_position_ids, reset_attention_mask)
-    return build_pipeline(pieces, pstate, VocabParallelLoss(cfg, pstate), activation_checkpoint_interval)
+    return build_pipeline(gpt_pieces(cfg, pstate, seed), gpt_wire(reset_position_ids, reset_attention_mask),
+                          pstate, VocabParallelLoss(cfg, pstate), activation_checkpoint_interval)

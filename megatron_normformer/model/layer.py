@@ -78,24 +78,30 @@ class LayerRecompute(NamedTuple):
     num_layers: int = 1
 
 
-def _chunk(layers: Sequence[nn.Module]) -> Callable:
-    def forward(x, attention_mask):
-        for layer in layers:
-            x = layer(x, attention_mask)
+Step = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _chunk(steps: Sequence[Step]) -> Step:
+    def forward(x):
+        for step in steps:
+            x = step(x)
         return x
     return forward
 
 
-def forward_layers(layers: Sequence[nn.Module], x: torch.Tensor, attention_mask=None,
+def forward_layers(steps: Sequence[Step], x: torch.Tensor,
                    recompute: Optional[LayerRecompute] = None) -> torch.Tensor:
-    """Run the layer stack, recomputing activations in the backward pass as ``recompute`` says."""
+    """Run the layer stack, each layer a function of the hidden states alone (its other inputs
+    bound: ``model/pipeline.run_pieces``), recomputing activations in the backward pass as
+    ``recompute`` says. Only the hidden states are the recomputed chunks' inputs: the rest
+    (masks, positions) carry no gradient and stay the same across the stack."""
     if recompute is None:
-        return _chunk(layers)(x, attention_mask)
+        return _chunk(steps)(x)
     n = recompute.num_layers
     if recompute.method == "block":
-        for i, layer in enumerate(layers):
-            x = recompute.checkpoint(layer, x, attention_mask) if i < n else layer(x, attention_mask)
+        for i, step in enumerate(steps):
+            x = recompute.checkpoint(step, x) if i < n else step(x)
         return x
-    for start in range(0, len(layers), n):
-        x = recompute.checkpoint(_chunk(layers[start:start + n]), x, attention_mask)
+    for start in range(0, len(steps), n):
+        x = recompute.checkpoint(_chunk(steps[start:start + n]), x)
     return x

@@ -2,12 +2,17 @@
 
 A model is written once, as a flat list of ``Piece``s: the embedding, the L transformer layers, then
 what follows them. A piece names the place of its module in the model (``embedding``, ``layers.3``,
-``head``), the module's class and arguments, and how it reads and writes what travels between
-pipeline stages. ``build_pieces`` builds every piece into the plain model at its name; the
+``head``), the module's class and arguments, and its ``forward``: what it reads from the ``Flow``
+that reaches it (the hidden states and whatever else the model's pieces pass on) and what it sends
+to the next piece. ``build_pieces`` builds every piece into the plain model at its name; the
 ``PipelineModule`` of ``build_pipeline`` builds its own stage's pieces at the same names. Both forms
 therefore have the same parameter names (``layers.3.mlp.fc1.weight``), and checkpoints, the
 layout-independent state, conversion and inference map tensors by name, never by position: moving
 pieces between stages, or cutting the stages differently, cannot give a tensor another name.
+
+Both forms also run the same ``forward`` of each piece: the plain model in ``run_pieces``, each
+stage in ``_StageCall``. Only the wire differs: where a flow may cross to another stage (or into
+one of DeepSpeed's recomputed chunks) it travels as the tuple of tensors its model's ``Wire`` names.
 
 The L layers are split as evenly as possible and the first L mod P stages get one more; the
 embedding goes to the first stage with its layers, everything after the last layer to the last
@@ -18,14 +23,44 @@ two equal (it all-reduces their gradients over the pair of stages).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, List, Sequence, Tuple
+from dataclasses import dataclass, replace
+from functools import partial
+from itertools import groupby
+from typing import Callable, List, Optional, Sequence, Tuple
 
+import torch
 import torch.nn as nn
 
+from megatron_normformer.model.layer import LayerRecompute, forward_layers
 from megatron_normformer.parallel.state import init_deepspeed_comm
 
 TIED_KEY = "embedding"  # DeepSpeed's key for the tied word embedding: the piece's name
+
+
+@dataclass
+class Flow:
+    """What travels from piece to piece: the hidden states (the token ids before the embedding)
+    and, in a model's subclass, what its pieces read besides them."""
+
+    hidden: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Wire:
+    """A model's flow as DeepSpeed's pipeline moves it (between stages, into recomputed chunks,
+    and as the first stage's input, token ids in place of the hidden states): the tensors of
+    ``fields``, in this order, alone when there is one."""
+
+    flow: type                      # the model's Flow subclass
+    fields: Tuple[str, ...] = ("hidden",)
+
+    def pack(self, flow: Flow):
+        values = tuple(getattr(flow, f) for f in self.fields)
+        return values[0] if len(values) == 1 else values
+
+    def unpack(self, inputs) -> Flow:
+        values = (inputs,) if torch.is_tensor(inputs) else inputs
+        return self.flow(**dict(zip(self.fields, values, strict=True)))
 
 
 @dataclass(frozen=True)
@@ -35,10 +70,12 @@ class Piece:
     name: str                                      # the module's place: "embedding", "layers.3"
     make: Callable[..., nn.Module]                 # built as make(*args): a class or a factory
     args: Tuple
-    pipe_forward: Callable[[nn.Module, Any], Any]  # (module, what the previous piece sent)
+    forward: Callable[[nn.Module, Flow], object]   # (module, flow in) -> the flow on; the last
+                                                   # piece returns the model's output instead
     reuses: bool = False                           # the earlier piece of this name's module, again
     tied: bool = False                             # its module is shared by two stages (the embedding)
-    transformer_layer: bool = False                # recomputed under activation checkpointing
+    transformer_layer: bool = False                # recomputed under activation checkpointing; it
+                                                   # changes only the flow's hidden states
 
 
 def is_tied_copy(name: str, pstate) -> bool:
@@ -70,6 +107,25 @@ def build_pieces(root: nn.Module, pieces: Sequence[Piece]) -> None:
     for piece in pieces:
         if not piece.reuses:
             _place(root, piece.name, piece.make(*piece.args), nn.ModuleList)
+
+
+def _hidden_step(forward: Callable, module: nn.Module, flow: Flow, hidden: torch.Tensor) -> torch.Tensor:
+    return forward(module, replace(flow, hidden=hidden)).hidden
+
+
+def run_pieces(root: nn.Module, pieces: Sequence[Piece], flow: Flow,
+               recompute: Optional[LayerRecompute] = None):
+    """The plain model's forward: every piece's ``forward`` in order, on the module at its name,
+    as the pipeline's stages run them. A run of transformer layers goes through
+    ``forward_layers``, which recomputes their activations as ``recompute`` says."""
+    for is_layer, run in groupby(pieces, key=lambda p: p.transformer_layer):
+        if is_layer:
+            steps = [partial(_hidden_step, p.forward, root.get_submodule(p.name), flow) for p in run]
+            flow = replace(flow, hidden=forward_layers(steps, flow.hidden, recompute))
+        else:
+            for piece in run:
+                flow = piece.forward(root.get_submodule(piece.name), flow)
+    return flow
 
 
 def stage_layer_counts(num_layers: int, num_stages: int) -> List[int]:
@@ -112,31 +168,38 @@ def stage_of_parameters(pieces: Sequence[Piece], num_stages: int) -> Callable[[s
 
 
 class _StageCall:
-    """What DeepSpeed's engine runs for one piece: its module, called the pipeline way.
+    """What DeepSpeed's engine runs for one piece: its ``forward``, the flow on the wire where it
+    may cross a stage boundary or a recomputed chunk's edge (into and out of every transformer
+    layer; the first stage's input comes on the wire too).
 
     DeepSpeed saves and loads a stage's checkpoint files through the ``state_dict`` of each entry
     it runs; the second use of a tied module has none (its first use, or the other stage, owns it).
     """
 
-    def __init__(self, module: nn.Module, piece: Piece):
-        self.module, self.piece = module, piece
+    def __init__(self, module: nn.Module, piece: Piece, wire: Wire, sends_wire: bool):
+        self.module, self.piece, self.wire, self.sends_wire = module, piece, wire, sends_wire
         self.checkpointable = piece.transformer_layer
         if not piece.reuses:
             self.state_dict, self.load_state_dict = module.state_dict, module.load_state_dict
 
     def __call__(self, inputs):
-        return self.piece.pipe_forward(self.module, inputs)
+        flow = inputs if isinstance(inputs, Flow) else self.wire.unpack(inputs)
+        out = self.piece.forward(self.module, flow)
+        return self.wire.pack(out) if self.sends_wire else out
 
 
-def build_pipeline(pieces: Sequence[Piece], pstate, loss_fn: Callable,
+def build_pipeline(pieces: Sequence[Piece], wire: Wire, pstate, loss_fn: Callable,
                    activation_checkpoint_interval: int = 0):
-    """The ``PipelineModule`` of ``pieces`` over ``pstate``'s layout (TP fastest, then DP, then PP)."""
+    """The ``PipelineModule`` of ``pieces`` over ``pstate``'s layout (TP fastest, then DP, then PP);
+    ``wire``: how the model's flow crosses stages."""
     from deepspeed.pipe import PipelineModule, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     # PipelineModule talks through deepspeed.comm, which wraps the already-initialised torch group.
     init_deepspeed_comm()
     pieces = list(pieces)
+    sends_wire = [p.transformer_layer or (i + 1 < len(pieces) and pieces[i + 1].transformer_layer)
+                  for i, p in enumerate(pieces)]
     bounds = stage_bounds(pieces, pstate.pp_size)
     # DeepSpeed finds the tied module's stages from its TiedLayerSpecs; the other pieces we build.
     specs = [TiedLayerSpec(TIED_KEY, p.make, *p.args, tied_weight_attr=["word_embeddings.weight"])
@@ -162,7 +225,7 @@ def build_pipeline(pieces: Sequence[Piece], pstate, loss_fn: Callable,
                 else:
                     module = piece.make(*piece.args)
                     _place(self, piece.name, module, nn.ModuleDict)
-                self.forward_funcs.append(_StageCall(module, piece))
+                self.forward_funcs.append(_StageCall(module, piece, wire, sends_wire[index]))
             for p in self.parameters():
                 p.ds_pipe_replicated = False
 
