@@ -6,6 +6,8 @@ to the weights; it needs transformers only. Fields take transformers' usual name
 ``initializer_range``, ``tie_word_embeddings``) and megatron_normformer's ``ModelConfig`` names
 elsewhere, with the same meaning.
 """
+from typing import Optional
+
 from transformers import PretrainedConfig
 
 
@@ -18,9 +20,17 @@ class NormFormerConfig(PretrainedConfig):
       output before the output projection (``head_scale_position="pre-proj"``, the paper) or to
       head-sized blocks of the projection's output, bias included (``"post-proj"``, fairseq's code).
     - ``scale_resids``: a learned per-dimension scale of the FFN's residual (ResScale).
-    - ``position_embedding_type``: ``"sinusoidal"`` (fairseq's table, no parameters) or
-      ``"learned"``; position p reads row ``p + position_embedding_offset``.
-    - ``activation_fn``: ``"gelu"`` (exact erf form), ``"relu"`` or ``"relu_squared"``.
+    - ``position_embedding_type``: ``"sinusoidal"`` (fairseq's table, no parameters),
+      ``"learned"`` (position p reads row ``p + position_embedding_offset``), or ``"rope"``:
+      rotary positions on q and k, no table, ``max_position_embeddings`` no bound.
+    - ``rotary_base``, ``rotary_percent``: rope's base (transformers' ``rope_theta``) and the
+      fraction of each head's dims rotated (``partial_rotary_factor``), rotate-half pairing.
+    - ``activation_fn``: ``"gelu"`` (exact erf form), ``"relu"`` or ``"relu_squared"``; unused with
+      ``swiglu``, the gated FFN silu(x W_gate) * (x W_up) whose fc1 rows interleave gate and up.
+    - ``num_query_groups``: key/value heads (grouped-query attention); None is one per head.
+    - ``normalization``: ``"LayerNorm"`` or ``"RMSNorm"``, for every norm of the model.
+    - ``add_bias_linear``: biases in the attention and FFN linears.
+    - ``qk_layernorm``: a norm over head_dim on each query and key head, before rope.
     - ``scale_embedding``: token embeddings times sqrt(hidden_size).
     - ``final_layernorm``: a LayerNorm after the last layer (fairseq's ``--no-decoder-final-norm``
       turns it off).
@@ -34,7 +44,10 @@ class NormFormerConfig(PretrainedConfig):
     def __init__(self, vocab_size: int = 51200, hidden_size: int = 768, num_hidden_layers: int = 12,
                  num_attention_heads: int = 12, intermediate_size: int = 3072,
                  max_position_embeddings: int = 2048, position_embedding_type: str = "sinusoidal",
-                 position_embedding_offset: int = 0, activation_fn: str = "gelu",
+                 position_embedding_offset: int = 0, rotary_base: int = 10000,
+                 rotary_percent: float = 1.0, activation_fn: str = "gelu", swiglu: bool = False,
+                 num_query_groups: Optional[int] = None, normalization: str = "LayerNorm",
+                 add_bias_linear: bool = True, qk_layernorm: bool = False,
                  scale_attn: bool = False, scale_fc: bool = False, scale_heads: bool = False,
                  scale_resids: bool = False, head_scale_position: str = "pre-proj",
                  scale_embedding: bool = True, final_layernorm: bool = True,
@@ -51,7 +64,14 @@ class NormFormerConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.position_embedding_type = position_embedding_type
         self.position_embedding_offset = position_embedding_offset
+        self.rotary_base = rotary_base
+        self.rotary_percent = rotary_percent
         self.activation_fn = activation_fn
+        self.swiglu = swiglu
+        self.num_query_groups = num_query_groups
+        self.normalization = normalization
+        self.add_bias_linear = add_bias_linear
+        self.qk_layernorm = qk_layernorm
         self.scale_attn = scale_attn
         self.scale_fc = scale_fc
         self.scale_heads = scale_heads

@@ -11,8 +11,15 @@ at tensor-parallel degree 1 (``model/{embeddings,layer,attention,mlp,gpt,bert}.p
     y = fc2(LN_ffn(act(fc1(LN_pre_mlp(x)))))     LN_ffn: scale_fc
     x = resid_scale * x + dropout(y)             ResScale: scale_resids
 
-With the four switches off it is the plain Pre-LN transformer. The fused QKV projection keeps the
-row order the model was trained with, [heads, (q, k, v), head_dim] (GPT-NeoX's too).
+With the four switches off it is the plain Pre-LN transformer. Every LN is the configured
+``normalization`` (LayerNorm, or RMSNorm with transformers' Llama semantics). The fused QKV
+projection keeps the row order the model was trained with: group-major, for each of the
+``num_query_groups`` key/value groups its query heads, then its key head, then its value head (with
+one group per head this is [heads, (q, k, v), head_dim], GPT-NeoX's order). With ``swiglu`` the
+fc1 rows interleave gate and up units (row 2i gate i, row 2i+1 up i) and act(.) is
+silu(gate) * up. Rotary positions (``position_embedding_type="rope"``) rotate the first
+``rotary_percent`` of each head's dims in the rotate-half pairing (dim i with dim i + rot/2), after
+the optional per-head q/k norms (``qk_layernorm``).
 
 Padding and positions follow megatron_normformer's generation: a position counts the real tokens
 before it (left padding does not shift a prompt's positions), no real token attends to padding, and
@@ -39,6 +46,55 @@ def relu_squared(x: torch.Tensor) -> torch.Tensor:
 
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "relu_squared": relu_squared}
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, the statistics in float32 and the result cast back before the gain
+    (transformers' LlamaRMSNorm, which is what megatron_normformer computes too)."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def norm(config: NormFormerConfig, size: int) -> nn.Module:
+    """The configured normalisation over ``size`` features."""
+    if config.normalization.lower() == "rmsnorm":
+        return RMSNorm(size, config.layer_norm_eps)
+    return nn.LayerNorm(size, eps=config.layer_norm_eps)
+
+
+class Rotary(nn.Module):
+    """cos/sin of the rotary angles for integer positions: inverse frequencies base^(-2j/rot),
+    angles in float32, cast to the activations' dtype (as transformers' Llama does). Held as no
+    buffer for the reason given at SinusoidalPositions."""
+
+    def __init__(self, head_dim: int, percent: float, base: float):
+        super().__init__()
+        self.dim = int(head_dim * percent)
+        self.base = base
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        steps = torch.arange(0, self.dim, 2, dtype=torch.int64, device=positions.device).float()
+        inv_freq = 1.0 / (self.base ** (steps / self.dim))
+        angles = positions.float()[..., None] * inv_freq  # [batch|1, seq, rot/2]
+        angles = torch.cat([angles, angles], dim=-1)[:, None]  # [batch|1, 1, seq, rot]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotary rotation of x's first cos.size(-1) dims (rotate-half pairing); the rest pass."""
+    rot = cos.size(-1)
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    first, second = x_rot[..., : rot // 2], x_rot[..., rot // 2:]
+    rotated = x_rot * cos + torch.cat([-second, first], dim=-1) * sin
+    return torch.cat([rotated, x_pass], dim=-1) if x_pass.numel() else rotated
 
 
 def sinusoidal_table(rows: int, dim: int) -> torch.Tensor:
@@ -94,23 +150,36 @@ def attention_mask_for(mask: Optional[torch.Tensor], new: int, past: int, bidire
 class NormFormerAttention(nn.Module):
     def __init__(self, config: NormFormerConfig, layer_idx: int):
         super().__init__()
-        d = config.hidden_size
+        d, bias = config.hidden_size, config.add_bias_linear
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
+        self.num_groups = config.num_query_groups or self.num_heads
         self.head_dim = d // self.num_heads
         self.dropout = config.attention_dropout
         self.post_proj = config.head_scale_position == "post-proj"
-        self.qkv = nn.Linear(d, 3 * d)  # output rows [heads, (q, k, v), head_dim]
-        self.dense = nn.Linear(d, d)
+        # output rows group-major: per group its query heads, its key head, its value head
+        self.qkv = nn.Linear(d, (self.num_heads + 2 * self.num_groups) * self.head_dim, bias=bias)
+        self.dense = nn.Linear(d, d, bias=bias)
         self.head_scale = nn.Parameter(torch.ones(self.num_heads)) if config.scale_heads else None
+        self.q_layernorm = norm(config, self.head_dim) if config.qk_layernorm else None
+        self.k_layernorm = norm(config, self.head_dim) if config.qk_layernorm else None
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor], is_causal: bool,
-                cache: Optional[Cache]) -> torch.Tensor:
+                cache: Optional[Cache], rotary: Optional[Tuple[torch.Tensor, torch.Tensor]]
+                ) -> torch.Tensor:
         b, s, d = x.shape
-        qkv = self.qkv(x).view(b, s, self.num_heads, 3, self.head_dim)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # [b, heads, s, head_dim]
+        per_group = self.num_heads // self.num_groups
+        qkv = self.qkv(x).view(b, s, self.num_groups, per_group + 2, self.head_dim)
+        q = qkv[:, :, :, :per_group].reshape(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = (qkv[:, :, :, per_group + i].transpose(1, 2) for i in (0, 1))  # [b, groups, s, hd]
+        if self.q_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        if rotary is not None:
+            q, k = rotate(q, *rotary), rotate(k, *rotary)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
+        if per_group > 1:  # query head h reads group h // per_group
+            k, v = k.repeat_interleave(per_group, dim=1), v.repeat_interleave(per_group, dim=1)
         context = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal)
         context = context.transpose(1, 2).reshape(b, s, d)
@@ -126,14 +195,20 @@ class NormFormerAttention(nn.Module):
 class NormFormerMLP(nn.Module):
     def __init__(self, config: NormFormerConfig):
         super().__init__()
-        self.activation = ACTIVATIONS[config.activation_fn]
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.ffn_layernorm = (nn.LayerNorm(config.intermediate_size, eps=config.layer_norm_eps)
-                              if config.scale_fc else None)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        f, bias = config.intermediate_size, config.add_bias_linear
+        self.swiglu = config.swiglu
+        self.activation = None if self.swiglu else ACTIVATIONS[config.activation_fn]
+        # with swiglu, rows 2i and 2i+1 are gate unit i and up unit i
+        self.fc1 = nn.Linear(config.hidden_size, 2 * f if self.swiglu else f, bias=bias)
+        self.ffn_layernorm = norm(config, f) if config.scale_fc else None
+        self.fc2 = nn.Linear(f, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = self.activation(self.fc1(x))
+        if self.swiglu:
+            h = self.fc1(x).unflatten(-1, (-1, 2))
+            u = F.silu(h[..., 0]) * h[..., 1]
+        else:
+            u = self.activation(self.fc1(x))
         if self.ffn_layernorm is not None:
             u = self.ffn_layernorm(u)
         return self.fc2(u)
@@ -142,18 +217,19 @@ class NormFormerMLP(nn.Module):
 class NormFormerLayer(nn.Module):
     def __init__(self, config: NormFormerConfig, layer_idx: int):
         super().__init__()
-        d, eps = config.hidden_size, config.layer_norm_eps
+        d = config.hidden_size
         self.dropout = config.hidden_dropout
-        self.input_layernorm = nn.LayerNorm(d, eps=eps)
+        self.input_layernorm = norm(config, d)
         self.attention = NormFormerAttention(config, layer_idx)
-        self.post_attention_layernorm = nn.LayerNorm(d, eps=eps) if config.scale_attn else None
-        self.pre_mlp_layernorm = nn.LayerNorm(d, eps=eps)
+        self.post_attention_layernorm = norm(config, d) if config.scale_attn else None
+        self.pre_mlp_layernorm = norm(config, d)
         self.mlp = NormFormerMLP(config)
         self.resid_scale = nn.Parameter(torch.ones(d)) if config.scale_resids else None
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor], is_causal: bool,
-                cache: Optional[Cache]) -> torch.Tensor:
-        a = self.attention(self.input_layernorm(x), mask, is_causal, cache)
+                cache: Optional[Cache], rotary: Optional[Tuple[torch.Tensor, torch.Tensor]]
+                ) -> torch.Tensor:
+        a = self.attention(self.input_layernorm(x), mask, is_causal, cache, rotary)
         if self.post_attention_layernorm is not None:
             a = self.post_attention_layernorm(a)
         x = x + F.dropout(a, self.dropout, self.training)
@@ -179,6 +255,8 @@ class NormFormerPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
         elif isinstance(module, NormFormerAttention) and module.head_scale is not None:
             nn.init.ones_(module.head_scale)
         elif isinstance(module, NormFormerLayer) and module.resid_scale is not None:
@@ -197,11 +275,13 @@ class NormFormerModel(NormFormerPreTrainedModel):
         self.position_offset = config.position_embedding_offset
         rows = config.max_position_embeddings + config.position_embedding_offset
         self.embed_tokens = nn.Embedding(config.vocab_size, d)
-        self.embed_positions = (nn.Embedding(rows, d) if config.position_embedding_type == "learned"
-                                else SinusoidalPositions(rows, d))
+        kind = config.position_embedding_type
+        self.embed_positions = (nn.Embedding(rows, d) if kind == "learned"
+                                else SinusoidalPositions(rows, d) if kind == "sinusoidal" else None)
+        self.rotary = (Rotary(d // config.num_attention_heads, config.rotary_percent, config.rotary_base)
+                       if kind == "rope" else None)
         self.layers = nn.ModuleList(NormFormerLayer(config, i) for i in range(config.num_hidden_layers))
-        self.final_layernorm = (nn.LayerNorm(d, eps=config.layer_norm_eps)
-                                if config.final_layernorm else None)
+        self.final_layernorm = norm(config, d) if config.final_layernorm else None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -236,17 +316,21 @@ class NormFormerModel(NormFormerPreTrainedModel):
         if position_ids is None:
             padding = attention_mask if causal else None  # the masked LM counts every position
             position_ids = self._position_ids(padding, new, past, inputs_embeds.device)
-        if int(position_ids.max()) >= self.config.max_position_embeddings:
-            raise ValueError(f"position {int(position_ids.max())} is past max_position_embeddings "
-                             f"({self.config.max_position_embeddings})")
         x = inputs_embeds * self.embed_scale if self.embed_scale != 1.0 else inputs_embeds
-        x = x + self.embed_positions(position_ids + self.position_offset).to(x.dtype)
+        rotary = None
+        if self.rotary is not None:  # rotary positions have no table, hence no bound
+            rotary = self.rotary(position_ids, x.dtype)
+        else:
+            if int(position_ids.max()) >= self.config.max_position_embeddings:
+                raise ValueError(f"position {int(position_ids.max())} is past max_position_embeddings "
+                                 f"({self.config.max_position_embeddings})")
+            x = x + self.embed_positions(position_ids + self.position_offset).to(x.dtype)
         x = F.dropout(x, self.config.hidden_dropout, self.training)
 
         mask, is_causal = attention_mask_for(attention_mask, new, past, not causal)
         hidden_states = (x,) if output_hidden_states else None
         for layer in self.layers:
-            x = layer(x, mask, is_causal, cache)
+            x = layer(x, mask, is_causal, cache, rotary)
             if output_hidden_states:
                 hidden_states += (x,)
         if self.final_layernorm is not None:
@@ -317,7 +401,7 @@ class NormFormerLMHead(nn.Module):
     def __init__(self, config: NormFormerConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm = norm(config, config.hidden_size)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
