@@ -45,18 +45,11 @@ from megatron_normformer.checkpoint.atomic import save_safetensors
 from megatron_normformer.checkpoint.shards import cut_for, layout_of
 from megatron_normformer.config import ConfigError, ModelConfig
 from megatron_normformer.deepspeed_repairs import link_optimizer_state
-from megatron_normformer.model.pipeline import is_tied_copy
+from megatron_normformer.model.pipeline import counted_here
 
 UNIVERSAL_DIR = "universal"
 MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's; --optimizer sgd keeps its momentum buffer instead
 _FILE = re.compile(r"^tp(\d+)_pp(\d+)(?:_dp(\d+))?\.safetensors$")
-
-
-def _tp_writer(name: str, param, pstate) -> bool:
-    """Whether this (TP, PP) coordinate writes ``name`` (one writer per distinct TP shard)."""
-    if is_tied_copy(name, pstate):
-        return False
-    return pstate.tp_rank == 0 or getattr(param, "tensor_model_parallel", False)
 
 
 # -- where the fp32 master weights and moments live --------------------------------------------
@@ -200,7 +193,7 @@ def save_universal(engine, module: torch.nn.Module, pstate, cfg: ModelConfig, ta
     masters = MasterState(engine, pstate)
     tensors, layout = {}, {}
     for name, param in module.named_parameters():
-        if name in layout or not _tp_writer(name, param, pstate):
+        if name in layout or not counted_here(name, param, pstate):
             continue
         piece = masters.piece(param)
         if piece is None:

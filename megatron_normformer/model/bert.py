@@ -30,7 +30,7 @@ from megatron_normformer.model.norms import LayerNorm
 from megatron_normformer.model.pipeline import Flow, Piece, Wire, build_pieces, build_pipeline, run_pieces
 from megatron_normformer.parallel.cross_entropy import vocab_parallel_correct, vocab_parallel_cross_entropy
 from megatron_normformer.parallel.init import fill_shard
-from megatron_normformer.parallel.layers import mark_parallel, mark_vocab
+from megatron_normformer.parallel.layers import mark_parallel, mark_vocab, vocab_range
 from megatron_normformer.parallel.mappings import gather_from_tensor_parallel, gather_sequence
 
 
@@ -56,7 +56,7 @@ class RobertaLMHead(nn.Module):
     def __init__(self, cfg: ModelConfig, pstate, seed: int, device=None):
         super().__init__()
         padded = cfg.padded_vocab_size(pstate.tp_size)
-        self.vocab_start = pstate.tp_rank * (padded // pstate.tp_size)
+        self.vocab_start, _ = vocab_range(padded, pstate.tp_rank, pstate.tp_size)
         d = cfg.hidden_size
         self.dense = _Dense(cfg, seed, device)
         self.layernorm = LayerNorm(d, cfg.layernorm_epsilon, device)
@@ -84,7 +84,8 @@ class MaskedLMLoss:
 
     def __init__(self, cfg: ModelConfig, pstate):
         self.vocab_size, self.group = cfg.vocab_size, pstate.tp_group
-        self.vocab_start = pstate.tp_rank * (cfg.padded_vocab_size(pstate.tp_size) // pstate.tp_size)
+        self.vocab_start, _ = vocab_range(cfg.padded_vocab_size(pstate.tp_size), pstate.tp_rank,
+                                          pstate.tp_size)
         self.accuracies: List[torch.Tensor] = []
 
     def __call__(self, local_logits, labels):

@@ -26,7 +26,7 @@ from megatron_normformer.model.norms import LayerNorm
 from megatron_normformer.model.pipeline import Flow, Piece, Wire, build_pieces, build_pipeline, run_pieces
 from megatron_normformer.parallel.cross_entropy import masked_mean, vocab_parallel_cross_entropy
 from megatron_normformer.parallel.init import fill_shard
-from megatron_normformer.parallel.layers import mark_vocab
+from megatron_normformer.parallel.layers import mark_vocab, vocab_range
 from megatron_normformer.parallel.mappings import gather_from_tensor_parallel, gather_sequence
 
 
@@ -70,7 +70,8 @@ class VocabParallelLoss:
 
     def __init__(self, cfg: ModelConfig, pstate):
         self.vocab_size, self.group = cfg.vocab_size, pstate.tp_group
-        self.vocab_start = pstate.tp_rank * (cfg.padded_vocab_size(pstate.tp_size) // pstate.tp_size)
+        self.vocab_start, _ = vocab_range(cfg.padded_vocab_size(pstate.tp_size), pstate.tp_rank,
+                                          pstate.tp_size)
 
     def per_token(self, local_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_cross_entropy(local_logits, labels, self.vocab_start, self.vocab_size,

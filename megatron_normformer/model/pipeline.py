@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from megatron_normformer.model.layer import LayerRecompute, forward_layers
+from megatron_normformer.parallel.layers import counted_on_tp_rank
 from megatron_normformer.parallel.state import init_deepspeed_comm
 
 TIED_KEY = "embedding"  # DeepSpeed's key for the tied word embedding: the piece's name
@@ -82,6 +83,13 @@ def is_tied_copy(name: str, pstate) -> bool:
     """Whether parameter ``name`` is the last stage's copy of the tied word embedding (counted,
     saved and reported by the first stage only)."""
     return name.startswith(TIED_KEY + ".") and not pstate.is_first_stage
+
+
+def counted_here(name: str, param, pstate) -> bool:
+    """Whether this rank's copy of parameter ``name`` is the one counted in a sum over the model
+    (norms) and written once (the layout-independent checkpoint): not the tied embedding's
+    second copy, and of a TP-replicated parameter TP rank 0's."""
+    return not is_tied_copy(name, pstate) and counted_on_tp_rank(param, pstate.tp_rank)
 
 
 def _place(root: nn.Module, name: str, module: nn.Module, stack: type) -> None:

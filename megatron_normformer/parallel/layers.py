@@ -10,7 +10,7 @@ Replicated parameters have ``tensor_model_parallel = False``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -38,6 +38,19 @@ def mark_parallel(param: torch.Tensor, partition_dim: Optional[int]) -> torch.Te
     param.tensor_model_parallel = partition_dim is not None
     param.partition_dim = partition_dim
     return param
+
+
+def counted_on_tp_rank(param: torch.Tensor, tp_rank: int) -> bool:
+    """Whether TP rank ``tp_rank`` counts ``param`` in what the TP group adds up or writes once:
+    every rank its own shard of a split parameter, rank 0 alone a replicated one."""
+    return getattr(param, "tensor_model_parallel", False) or tp_rank == 0
+
+
+def vocab_range(padded_vocab_size: int, tp_rank: int, tp_size: int) -> Tuple[int, int]:
+    """The rows [start, end) of the padded vocabulary that TP rank ``tp_rank`` holds: equal
+    contiguous slices in rank order (embedding, output layer, output bias, their logits)."""
+    per_rank = padded_vocab_size // tp_size
+    return tp_rank * per_rank, (tp_rank + 1) * per_rank
 
 
 def mark_vocab(param: torch.Tensor) -> torch.Tensor:
@@ -154,9 +167,9 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.tp_group = tp_group
         self.vocab_size, self.padded_vocab_size = vocab_size, padded_vocab_size
-        per_rank = padded_vocab_size // tp_size
-        self.vocab_start, self.vocab_end = tp_rank * per_rank, (tp_rank + 1) * per_rank
-        self.weight = mark_vocab(nn.Parameter(torch.empty(per_rank, hidden_size, device=device)))
+        self.vocab_start, self.vocab_end = vocab_range(padded_vocab_size, tp_rank, tp_size)
+        rows = self.vocab_end - self.vocab_start
+        self.weight = mark_vocab(nn.Parameter(torch.empty(rows, hidden_size, device=device)))
         fill_shard(self.weight, init, (padded_vocab_size, hidden_size), 0, tp_rank, tp_size)
         if self.weight.device.type != "meta":
             padded_from = max(0, vocab_size - self.vocab_start)

@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from megatron_normformer.checkpoint.shards import full_tensor
 from megatron_normformer.model.layer import NormFormerLayer
-from megatron_normformer.model.pipeline import is_tied_copy
+from megatron_normformer.model.pipeline import counted_here
+from megatron_normformer.parallel.layers import counted_on_tp_rank
 
 
 def _grad(p: torch.Tensor, zero_stage: int):
@@ -32,9 +33,7 @@ def grad_norm(model, pstate, zero_stage: int, pipeline: bool = False) -> float:
     total = torch.zeros(1, dtype=torch.float64)
     for name, p in model.named_parameters():
         g = _grad(p, zero_stage)
-        if g is None or (pipeline and is_tied_copy(name, pstate)):
-            continue
-        if getattr(p, "tensor_model_parallel", False) or pstate.tp_rank == 0:
+        if g is not None and counted_here(name, p, pstate):
             total += g.detach().double().pow(2).sum().cpu()
     for group, size in ((pstate.tp_group, pstate.tp_size), (pstate.pp_group, pstate.pp_size if pipeline else 1)):
         if size > 1:
@@ -48,7 +47,7 @@ def grad_zeros(model, pstate, zero_stage: int) -> int:
     total = torch.zeros(1, dtype=torch.float64)
     for p in model.parameters():
         g = _grad(p, zero_stage)
-        if g is not None and (getattr(p, "tensor_model_parallel", False) or pstate.tp_rank == 0):
+        if g is not None and counted_on_tp_rank(p, pstate.tp_rank):
             total += (g.detach() == 0).sum().cpu()
     if pstate.tp_size > 1:
         dist.all_reduce(total, group=pstate.tp_group)
@@ -60,9 +59,7 @@ def params_norm(model, pstate, zero_stage: int, pipeline: bool) -> float:
     the tied embedding of a pipeline counted once. Collective over TP, PP (and DP at ZeRO-3)."""
     total = torch.zeros(1, dtype=torch.float64)
     for name, p in model.named_parameters():
-        if is_tied_copy(name, pstate):
-            continue
-        if not (getattr(p, "tensor_model_parallel", False) or pstate.tp_rank == 0):
+        if not counted_here(name, p, pstate):
             continue
         data = p.ds_tensor if zero_stage == 3 else p  # ZeRO-3: this rank's partition (zero-padded)
         total += data.detach().double().pow(2).sum().cpu()
@@ -93,8 +90,7 @@ def optimizer_state_norms(engine, model, pstate) -> Dict[str, float]:
     largest = torch.zeros(len(names), dtype=torch.float64)
     masters = MasterState(engine, pstate)
     for name, p in model.named_parameters():
-        if is_tied_copy(name, pstate) or not (getattr(p, "tensor_model_parallel", False)
-                                              or pstate.tp_rank == 0):
+        if not counted_here(name, p, pstate):
             continue
         piece = masters.piece(p)
         if piece is None:
