@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from megatron_normformer.config import ConfigError, ModelConfig, RunConfig
+from megatron_normformer.config import ds_config as dsc
+from megatron_normformer.config.data import MASKING_PROB
+from megatron_normformer.config.parallel import stage_layer_counts
 
 GIB = 2 ** 30
-MASKED_LM_FRACTION = 0.15  # data/masked_lm_dataset.py's masking probability: the positions scored
 
 # DeepSpeed's defaults for the ZeRO settings our generated config leaves unset
 # (deepspeed/runtime/zero/config.py).
@@ -76,12 +78,6 @@ def head_parameters(cfg: ModelConfig, tp: int = 1) -> int:
         return 2 * h + (h * h + h) + 2 * h + vocab_rows
     final_ln = 2 * h if cfg.final_layernorm else 0
     return final_ln + (vocab_rows * h if cfg.untie_embeddings_and_output_weights else 0)
-
-
-def stage_layer_counts(num_layers: int, num_stages: int) -> List[int]:
-    """model/pipeline.py's rule: as even as possible, earlier stages take the remainder."""
-    base, extra = divmod(num_layers, num_stages)
-    return [base + (1 if s < extra else 0) for s in range(num_stages)]
 
 
 def stage_parameters(cfg: ModelConfig, tp: int = 1, pp: int = 1) -> List[int]:
@@ -150,9 +146,7 @@ class Layout:
 def resolve_layout(run: RunConfig, world_size: int, device: str = "cuda",
                    user_ds_config: Optional[Dict] = None) -> Layout:
     """The layout of ``run`` on ``world_size`` ranks, with the DeepSpeed settings our generated
-    config (training/ds_config.py) gives on ``device``, and a user's config laid over them."""
-    from megatron_normformer.training import ds_config as dsc
-
+    config (config/ds_config.py) gives on ``device``, and a user's config laid over them."""
     if device not in ("cuda", "cpu"):
         raise ConfigError(f"--device must be cuda or cpu, got {device!r}")
     dp, gas, _ = run.batch_layout(world_size)
@@ -304,7 +298,7 @@ def head_activations(cfg: ModelConfig, lay: Layout) -> int:
     if cfg.final_layernorm:
         n += local * h * p + local * 8
     if cfg.bidirectional:  # RoBERTa's head transform on the scored positions: dense, gelu, LN
-        scored = int(tokens * MASKED_LM_FRACTION)
+        scored = int(tokens * MASKING_PROB)
         n += scored * h * p * 3 + scored * 8
     return n
 
@@ -315,7 +309,7 @@ def logits_bytes(cfg: ModelConfig, lay: Layout) -> int:
     the padding, the shifted logits that become the kept fp32 softmax."""
     tokens = lay.micro_batch * lay.seq_length
     if cfg.bidirectional:
-        tokens = int(tokens * MASKED_LM_FRACTION)
+        tokens = int(tokens * MASKING_PROB)
     padded = cfg.padded_vocab_size(lay.tp)
     local = padded // lay.tp
     per_column = lay.dtype_bytes + (4 if lay.dtype_bytes < 4 else 0) + 4

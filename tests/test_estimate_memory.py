@@ -193,12 +193,3 @@ def test_estimates_match_real_training_runs():
     for name, result in summary["results"].items():
         for r in result["per_rank"]:
             assert abs(r["error"]) <= 0.15, (name, r)
-
-
-def test_stage_rule_is_the_pipelines():
-    """memory.py keeps model/pipeline.py's stage rule without importing torch: the same split."""
-    from megatron_normformer import memory
-    from megatron_normformer.model import pipeline
-
-    for layers, stages in ((5, 2), (24, 4), (7, 3), (40, 8)):
-        assert memory.stage_layer_counts(layers, stages) == pipeline.stage_layer_counts(layers, stages)

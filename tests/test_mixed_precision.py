@@ -134,7 +134,7 @@ def test_bf16_fp32_accumulation_tracks_fp32(runs):
 def _ds(*extra, world=2, on_gpu=False, **kw):
     """The DeepSpeed config generated for these flags on ``world`` ranks."""
     from megatron_normformer.arguments import build_pretrain_parser
-    from megatron_normformer.training import ds_config as dsc
+    from megatron_normformer.config import ds_config as dsc
     from megatron_normformer.training.pretrain import resolve
 
     _, run, user, explicit = resolve(build_pretrain_parser(), flags("--mock-data", *extra, train_iters=1, **kw))

@@ -97,6 +97,8 @@ def test_uneven_split_rule():
     assert stage_layer_counts(5, 2) == [3, 2]
     assert stage_layer_counts(10, 4) == [3, 3, 2, 2]
     assert stage_layer_counts(24, 4) == [6, 6, 6, 6]
+    assert stage_layer_counts(7, 3) == [3, 2, 2]
+    assert stage_layer_counts(40, 8) == [5] * 8
     with pytest.raises(ValueError, match="--num-layers"):
         stage_layer_counts(1, 2)
 

@@ -6,6 +6,7 @@ from typing import List, Optional
 
 DATA_IMPLS = ("mmap", "infer", "lazy", "cached")
 TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "HFTokenizer", "NullTokenizer")
+MASKING_PROB = 0.15  # RoBERTa's: the fraction of a masked-LM sample's positions that are predicted
 
 
 @dataclass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import List
 
 from megatron_normformer.config.base import ConfigError
 
@@ -28,3 +29,13 @@ class ParallelConfig:
                 f"({self.tensor_model_parallel_size}) x --pipeline-model-parallel-size "
                 f"({self.pipeline_model_parallel_size})")
         return world_size // model_parallel
+
+
+def stage_layer_counts(num_layers: int, num_stages: int) -> List[int]:
+    """Transformer layers per pipeline stage: as even as possible, earlier stages take the
+    remainder (``model/pipeline.py`` cuts the model so; ``memory.py`` counts so)."""
+    if num_layers < num_stages:
+        raise ConfigError(f"--num-layers ({num_layers}) must be at least "
+                          f"--pipeline-model-parallel-size ({num_stages})")
+    base, extra = divmod(num_layers, num_stages)
+    return [base + (1 if s < extra else 0) for s in range(num_stages)]

@@ -24,6 +24,8 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from megatron_normformer.config.data import MASKING_PROB
+
 from .index_cache import Barrier, cached_arrays
 from .indexed_dataset import IndexedDataset
 
@@ -104,7 +106,7 @@ class MaskedLMDataset(torch.utils.data.Dataset):
 
     def __init__(self, indexed: IndexedDataset, first_doc: int, end_doc: int, seq_length: int,
                  special: SpecialTokens, seed: int = 1234, num_samples: Optional[int] = None,
-                 masking_prob: float = 0.15, split_name: str = "train",
+                 masking_prob: float = MASKING_PROB, split_name: str = "train",
                  cache_dir: Optional[str] = None, barrier: Optional[Barrier] = None) -> None:
         self.indexed = indexed
         self.seq_length = seq_length
@@ -200,7 +202,7 @@ class MockMaskedLMDataset(MaskedLMDataset):
     """
 
     def __init__(self, num_samples: int, seq_length: int, vocab_size: int, seed: int = 0,
-                 masking_prob: float = 0.15) -> None:
+                 masking_prob: float = MASKING_PROB) -> None:
         if vocab_size is None or vocab_size < 8:
             raise ValueError("--mock-data for masked LM needs --vocab-size of at least 8")
         if seq_length < 4:

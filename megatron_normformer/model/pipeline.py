@@ -31,6 +31,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from megatron_normformer.config.parallel import stage_layer_counts
 from megatron_normformer.model.layer import LayerRecompute, forward_layers
 from megatron_normformer.parallel.layers import counted_on_tp_rank
 from megatron_normformer.parallel.state import init_deepspeed_comm
@@ -134,15 +135,6 @@ def run_pieces(root: nn.Module, pieces: Sequence[Piece], flow: Flow,
             for piece in run:
                 flow = piece.forward(root.get_submodule(piece.name), flow)
     return flow
-
-
-def stage_layer_counts(num_layers: int, num_stages: int) -> List[int]:
-    """Transformer layers per stage: as even as possible, earlier stages take the remainder."""
-    if num_layers < num_stages:
-        raise ValueError(f"--num-layers ({num_layers}) must be at least "
-                         f"--pipeline-model-parallel-size ({num_stages})")
-    base, extra = divmod(num_layers, num_stages)
-    return [base + (1 if s < extra else 0) for s in range(num_stages)]
 
 
 def stage_bounds(pieces: Sequence[Piece], num_stages: int) -> List[int]:

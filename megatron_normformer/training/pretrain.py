@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from megatron_normformer.arguments import build_pretrain_parser, run_config_from_args
 from megatron_normformer.config import ConfigError
+from megatron_normformer.config import ds_config as dsc
 from megatron_normformer.data import TokenizerError, build_tokenizer
 from megatron_normformer.data.loader import DataError
 from megatron_normformer.parallel.state import (
@@ -41,7 +42,6 @@ from megatron_normformer.parallel.state import (
     initialize_distributed,
     read_launch_env,
 )
-from megatron_normformer.training import ds_config as dsc
 from megatron_normformer.training import interrupts
 from megatron_normformer.training.loop import TrainingError, train
 from megatron_normformer.training.tasks import get_task

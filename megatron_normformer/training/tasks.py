@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_normformer.config import ConfigError, ModelConfig
+from megatron_normformer.config.data import MASKING_PROB
 from megatron_normformer.data import (
     SpecialTokens,
     build_masked_lm_datasets,
@@ -152,7 +153,7 @@ class MaskedLMTask:
     name = "bert"
     bidirectional = True
     description = "NormFormer masked-LM (RoBERTa-style) pretraining on DeepSpeed"
-    masking_prob = 0.15  # RoBERTa's; the FLOP count expects this fraction of positions in the head
+    masking_prob = MASKING_PROB  # the FLOP count expects this fraction of positions in the head
 
     def validate(self, run) -> None:
         if not run.model.bidirectional:

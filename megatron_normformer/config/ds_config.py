@@ -6,7 +6,8 @@ import math
 import os
 from typing import Dict, Optional, Set
 
-from megatron_normformer.config import ConfigError, RunConfig
+from megatron_normformer.config.base import ConfigError
+from megatron_normformer.config.run import RunConfig
 
 
 def fp32_grad_accumulation(run: RunConfig) -> bool:
