@@ -9,6 +9,7 @@
     logs       LoggingConfig: intervals, evaluation, TensorBoard, the metrics file
     deepspeed  DeepSpeedConfig: ZeRO stage, offload, a user's DeepSpeed config file
     run        RunConfig: all of the above and the checks that span them
+    ds_config  the JSON config DeepSpeed reads, generated from a RunConfig (or a user's, checked)
 
 Field docstrings are the reference documentation of the command-line flags (``arguments.py`` turns
 them into ``--help``). No module reads global arguments; every builder takes the config it needs.
