@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_normformer.checkpoint.shards import full_tensor
+from megatron_normformer.checkpoint.universal import MasterState
 from megatron_normformer.model.layer import NormFormerLayer
 from megatron_normformer.model.pipeline import counted_here
 from megatron_normformer.parallel.layers import counted_on_tp_rank
@@ -78,8 +79,6 @@ def optimizer_state_norms(engine, model, pstate) -> Dict[str, float]:
     each rank reads the piece it owns (its ZeRO partition, or data-parallel rank 0 the replicated
     state, as the layout-independent checkpoint does), each TP-replicated parameter and the tied
     embedding once. Collective over the world."""
-    from megatron_normformer.checkpoint.universal import MasterState
-
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)
     moments = {"momentum": "momentum_buffer"} if isinstance(base, torch.optim.SGD) else \
         {"momentum": "exp_avg", "variance": "exp_avg_sq"}
