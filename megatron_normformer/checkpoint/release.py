@@ -5,8 +5,11 @@
                        (exactly ``vocab_size``); the config also sits in the file's metadata
     PATH.json          the ModelConfig as JSON (``model_config.json`` style, for other tools)
 
-Layouts inside the tensors: the fused QKV weight is ``[heads, (q, k, v), head_dim, hidden]`` flattened
-to ``[3 * hidden, hidden]``; linear weights are ``[out, in]`` (torch convention).
+Layouts inside the tensors: the fused QKV weight is group-major, ``[groups, (heads / groups query
+heads, k, v), head_dim, hidden]`` flattened to ``[(heads + 2 groups) * head_dim, hidden]`` (with one
+group per head, ``[heads, (q, k, v), head_dim, hidden]``); a SwiGLU ``fc1`` is ``[2F, hidden]`` with
+gate and up rows interleaved (row 2i gate unit i, row 2i+1 up unit i); linear weights are
+``[out, in]`` (torch convention). Contiguous row blocks of both are what a TP rank holds.
 
 ``full_state_dict`` gathers a TP-sharded model into this form (a collective over the TP group);
 ``load_into`` cuts it back into a model of any TP degree, and ``build_model`` builds that model.

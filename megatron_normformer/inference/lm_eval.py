@@ -15,7 +15,8 @@ flag works unchanged. From Python, ``import megatron_normformer.inference.lm_eva
 Model arguments (``--model_args key=value,...``): ``checkpoint`` (consolidated ``.safetensors`` or
 training checkpoint dir; ``tag`` picks an iteration), the tokenizer flags of preprocessing
 (``tokenizer_type``, ``tokenizer_model``, ``vocab_file``, ``merge_file``, ``vocab_size``),
-``max_length`` (default: the model's ``max_position_embeddings``), ``max_gen_toks`` (256),
+``max_length`` (default: the model's ``max_position_embeddings``, which bounds it unless the
+positions are rotary), ``max_gen_toks`` (256),
 ``rolling_stride`` (loglikelihood_rolling window stride; default ``max_length``, disjoint windows),
 ``dtype`` (float32 / bfloat16 / float16). ``--device`` and ``--batch_size`` are lm-eval's flags.
 Under ``torchrun`` with N processes the model is split N-way by tensor parallelism; every rank runs
@@ -79,7 +80,8 @@ class MegatronLM(LM):
                               "end-of-document token to condition empty contexts on")
         self.batch_size = int(batch_size)
         self.max_length = _int_or_none(max_length) or self.cfg.max_position_embeddings
-        if self.max_length > self.cfg.max_position_embeddings:
+        if (self.max_length > self.cfg.max_position_embeddings
+                and self.cfg.position_embedding_type != "rope"):  # rotary positions have no table
             raise ConfigError(f"model_args max_length ({self.max_length}) exceeds the checkpoint's "
                               f"max_position_embeddings ({self.cfg.max_position_embeddings})")
         self.max_gen_toks = int(max_gen_toks)

@@ -394,6 +394,10 @@ def continuation_flags(cfg: ModelConfig) -> List[str]:
             flags.append("--no-decoder-final-norm")
         elif name == "scale_embedding":
             flags.append("--scale-embedding" if value else "--no-scale-embedding")
+        elif name == "add_bias_linear":
+            flags.append("--disable-bias-linear")
+        elif name == "num_query_groups":
+            flags += ["--group-query-attention", "--num-query-groups", str(value)]
         elif value is True:
             flags.append(_flag(name))
         else:
