@@ -9,10 +9,12 @@ pretrain_gpt.py. See docs/bert.md, docs/training.md and examples/pretrain_bert_b
 """
 if __name__ == "__main__":
     # First, before torch and DeepSpeed load: a signal during start-up then ends the process
-    # with one line (training/interrupts.py).
-    from megatron_normformer.training import interrupts
+    # with one line (runtime/signals.py). The deepspeed runner forwards no signal: its exit
+    # counts as a SIGTERM (deepspeed_repairs.deepspeed_runner).
+    from megatron_normformer.deepspeed_repairs import deepspeed_runner
+    from megatron_normformer.runtime import signals
 
-    interrupts.install("pretrain_bert.py")
+    signals.install("pretrain_bert.py", deepspeed_runner)
     from megatron_normformer.training.pretrain import launch
 
     launch(task="bert")

@@ -23,8 +23,8 @@ private hooks ``model/pipeline.py`` overrides in ``PipelineModule`` (``_partitio
 ``_build``, ``_is_checkpointable``, the ``tied_modules`` registration) and the optimizer fields
 ``checkpoint/universal.py`` reads the fp32 masters from.
 
-Only the standard library and ``config`` are imported here: ``training/interrupts.py`` uses
-``deepspeed_runner`` before torch loads. torch and DeepSpeed are imported by the functions that
+Only the standard library and ``config`` are imported here: the entry scripts hand
+``deepspeed_runner`` to ``runtime/signals.install`` before torch loads. torch and DeepSpeed are imported by the functions that
 need them.
 """
 from __future__ import annotations
@@ -281,7 +281,7 @@ def deepspeed_runner(cmdline: Callable[[int], str], parent_of: Callable[[int], O
     On one node the runner starts ``python -m deepspeed.launcher.launch`` and installs no signal
     handler (``deepspeed/launcher/runner.py``, ``main``: only a multi-node pdsh launch forwards
     SIGINT/SIGTERM): SIGTERM to the runner kills it alone and the training under launch.py goes on
-    unaware. ``training/interrupts.py`` watches the runner and takes its exit for a SIGTERM.
+    unaware. ``runtime/signals.py`` watches the runner and takes its exit for a SIGTERM.
     Upstream: deepspeedai/DeepSpeed issue 4098, closed by pull request 4160, which forwards SIGTERM
     for pdsh launches only. Unneeded once the single-node runner forwards signals (the canary sees
     it install no handler).

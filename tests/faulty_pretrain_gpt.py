@@ -16,9 +16,10 @@ import sys
 import time
 
 if __name__ == "__main__":
-    from megatron_normformer.training import interrupts
+    from megatron_normformer.deepspeed_repairs import deepspeed_runner
+    from megatron_normformer.runtime import signals
 
-    interrupts.install("pretrain_gpt.py")
+    signals.install("pretrain_gpt.py", deepspeed_runner)
     import torch.distributed as dist
 
     from megatron_normformer.training import loop

@@ -133,7 +133,7 @@ def test_srun(reference, tmp_path):
 
 
 def test_slurm_environment_is_read(monkeypatch):
-    from megatron_normformer.parallel.state import expand_hostlist, read_launch_env
+    from megatron_normformer.runtime.launch_env import expand_hostlist, read_launch_env
 
     assert expand_hostlist("node[01-03,7],gpu-a[1-2]") == [
         "node01", "node02", "node03", "node7", "gpu-a1", "gpu-a2"]

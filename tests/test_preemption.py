@@ -229,9 +229,9 @@ def test_stale_build_lock_is_named(tmp_path):
     lock = tmp_path / "op" / "lock"
     lock.parent.mkdir()
     lock.write_text("")
-    code = ("from megatron_normformer.training import interrupts\n"
-            "interrupts.install('t')\n"
-            "interrupts.report_build_lock_waits()\n"
+    code = ("from megatron_normformer.runtime import build_locks, signals\n"
+            "signals.install('t')\n"
+            "build_locks.report_build_lock_waits()\n"
             "from torch.utils.cpp_extension import FileBaton\n"
             f"FileBaton({str(lock)!r}).wait()\n"
             "print('went on', flush=True)\n")
@@ -255,7 +255,7 @@ def test_stale_build_lock_is_named(tmp_path):
 
 
 def test_build_lock_held_by_a_live_build(tmp_path):
-    from megatron_normformer.training.interrupts import build_lock_report
+    from megatron_normformer.runtime.build_locks import build_lock_report
 
     lock = tmp_path / "lock"
     fd = os.open(lock, os.O_CREAT | os.O_EXCL)  # as torch's FileBaton holds it while it builds

@@ -16,7 +16,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
-from megatron_normformer.training import interrupts
+from megatron_normformer.runtime import phases
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def cached_arrays(cache_dir: Optional[str], name: str, description: dict, keys: 
     if _is_rank_zero() and not all(os.path.isfile(p) for p in paths.values()):
         os.makedirs(cache_dir, exist_ok=True)
         logger.info("building %s index arrays into %s", name, cache_dir)
-        with interrupts.waiting(f"building the {name} index arrays in {cache_dir}"):
+        with phases.waiting(f"building the {name} index arrays in {cache_dir}"):
             arrays = build()
             for key in keys:
                 _save_atomic(paths[key], arrays[key])
@@ -85,7 +85,7 @@ def cached_arrays(cache_dir: Optional[str], name: str, description: dict, keys: 
     else:
         wait = (f"waiting for rank 0 to write the {name} index arrays to {cache_dir}",
                 "every other rank waits here while rank 0 builds them")
-    with interrupts.waiting(*wait):
+    with phases.waiting(*wait):
         barrier()
     missing = [p for p in paths.values() if not os.path.isfile(p)]
     if missing:

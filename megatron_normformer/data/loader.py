@@ -9,7 +9,7 @@ The worker processes stop when the batches do: exhausted, or closed by the calle
 loop closes its batches however it ends). Stopping them cannot be left to the DataLoader's own
 finalizer: an exception's traceback keeps the iterator alive until the interpreter exits, where
 that finalizer does nothing and multiprocessing ends its children with SIGTERM, which these
-workers ignore (``interrupts.quiet_worker_init``), then waits for them forever.
+workers ignore (``runtime/workers.quiet_worker_init``), then waits for them forever.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from megatron_normformer.data.samplers import MegatronPretrainingSampler
-from megatron_normformer.training import interrupts
+from megatron_normformer.runtime import workers
 
 
 class DataError(RuntimeError):
@@ -42,8 +42,8 @@ def micro_batches(dataset, consumed: int, total: int, micro_batch_size: int, pst
                                          generator=torch.Generator().manual_seed(seed),
                                          # SIGTERM to the process group must not kill the workers:
                                          # the trainer stops them after its last step
-                                         worker_init_fn=interrupts.quiet_worker_init if num_workers else None)
-    batches = interrupts.quiet_workers_iter(loader)
+                                         worker_init_fn=workers.quiet_worker_init if num_workers else None)
+    batches = workers.quiet_workers_iter(loader)
     try:
         yield from within_vocabulary(batches, vocab_size, data_flags)
     finally:

@@ -20,7 +20,8 @@ from megatron_normformer.checkpoint import training as checkpointing
 from megatron_normformer.config import RunConfig
 from megatron_normformer.data import loader
 from megatron_normformer.parallel.random import get_all_rng_states, set_all_rng_states
-from megatron_normformer.training import diagnostics, interrupts
+from megatron_normformer.runtime import phases, signals
+from megatron_normformer.training import diagnostics
 from megatron_normformer.training.engine import Engine, build_engine
 from megatron_normformer.training.metrics import (
     MetricsSink,
@@ -74,9 +75,9 @@ class StopFlag:
 
     def __init__(self):
         self.signal_name: Optional[str] = None
-        interrupts.trainer_takes_signals()
+        signals.trainer_takes_signals()
         self._previous = {}
-        for sig in interrupts.SIGNALS:
+        for sig in signals.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
@@ -86,17 +87,17 @@ class StopFlag:
         """Why to stop, the same on every rank: a signal any rank got (every rank then names the
         same one), else ``out_of_time`` on any rank ("exit-duration"), else None. One collective
         per iteration for both."""
-        mine = self.signal_name or interrupts.received_during_training()
-        flag = torch.tensor([interrupts.STOP_REASONS.index(mine) + 1 if mine else 0,
+        mine = self.signal_name or signals.received_during_training()
+        flag = torch.tensor([signals.STOP_REASONS.index(mine) + 1 if mine else 0,
                              int(out_of_time)], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag[0]:
-            self.signal_name = interrupts.STOP_REASONS[int(flag[0]) - 1]
+            self.signal_name = signals.STOP_REASONS[int(flag[0]) - 1]
             return self.signal_name
         return "exit-duration" if flag[1] else None
 
     def restore(self):
-        interrupts.finishing()
+        signals.finishing()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -279,11 +280,11 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
     writer_rank = world - 1
     run_dict = run.to_dict()
     if run.ckpt.save:  # an unwritable --save stops the run now, not at the first save
-        interrupts.phase(f"checking --save {run.ckpt.save}")
+        phases.phase(f"checking --save {run.ckpt.save}")
         for line in checkpointing.prepare_save_dir(run.ckpt.save):
             print_rank(f"> --save {run.ckpt.save}: {line}")
 
-    interrupts.phase("building the model and the DeepSpeed engine")
+    phases.phase("building the model and the DeepSpeed engine")
     e = build_engine(run, pstate, ds_config, task)
     state = dict(iteration=0, consumed_samples=0, consumed_tokens=0)
     load = run.ckpt.load
@@ -293,7 +294,7 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
         print_rank(f"> --load {load}: no checkpoint yet; starting from scratch")
         load = None
     if load:
-        interrupts.phase(f"loading the checkpoint in {run.ckpt.load}")
+        phases.phase(f"loading the checkpoint in {run.ckpt.load}")
     if load and run.ckpt.finetune:
         # Megatron's --finetune: the weights only; iteration, data position, optimizer, schedule
         # and RNG streams start as in a new run.
@@ -307,7 +308,7 @@ def train(run: RunConfig, pstate, ds_config: Dict, vocab_size: int, task=None) -
         print_rank(f"> resumed from {run.ckpt.load} at iteration {state['iteration']}")
     last_checkpoint = (f"{run.ckpt.load} (iteration {state['iteration']})"
                        if load and not run.ckpt.finetune else None)
-    interrupts.phase("building the datasets")
+    phases.phase("building the datasets")
     datasets = build_datasets(run, total_samples, run.log.eval_iters * global_batch,
                               vocab_size, task)
     train_ds, valid_ds, test_ds = datasets

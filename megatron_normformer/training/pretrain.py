@@ -37,12 +37,9 @@ from megatron_normformer.config import ConfigError
 from megatron_normformer.config import ds_config as dsc
 from megatron_normformer.data import TokenizerError, build_tokenizer
 from megatron_normformer.data.loader import DataError
-from megatron_normformer.parallel.state import (
-    ParallelState,
-    initialize_distributed,
-    read_launch_env,
-)
-from megatron_normformer.training import interrupts
+from megatron_normformer.parallel.state import ParallelState, initialize_distributed
+from megatron_normformer.runtime import phases, signals
+from megatron_normformer.runtime.launch_env import read_launch_env
 from megatron_normformer.training.loop import TrainingError, train
 from megatron_normformer.training.tasks import get_task
 
@@ -127,7 +124,7 @@ def main(argv: Optional[List[str]] = None, task=None) -> Dict:
     task = get_task(task)
     parser = one_line_errors(build_pretrain_parser(task.description))
     try:
-        interrupts.phase("reading the flags and the tokenizer")
+        phases.phase("reading the flags and the tokenizer")
         args, run, user, explicit = resolve(parser, argv, task)
         if args.dry_run:
             world = read_launch_env().world_size
@@ -168,14 +165,14 @@ def fail(program: str, message: str, exit_code: int, every_rank_knows: bool = Tr
     above it) and ``exit_code``, in the order the module docstring gives."""
     rank, world = _rank_and_world()
     if world > 1 and rank != 0 and every_rank_knows:
-        interrupts.failing(exit_code)  # the launcher ending this rank now follows rank 0's report
+        signals.failing(exit_code)  # the launcher ending this rank now follows rank 0's report
         if _reported_by_rank_0():
             _exit(exit_code)
         every_rank_knows = False  # rank 0 did not report it: this rank does
     who = program if world == 1 or every_rank_knows else f"{program} (rank {rank})"
     sys.stdout.flush()
     print(f"{details}{who}: error: {message}", file=sys.stderr, flush=True)
-    interrupts.failing(exit_code)
+    signals.failing(exit_code)
     if world > 1 and every_rank_knows and dist.is_initialized():
         _tell_the_other_ranks(world)
     _exit(exit_code)
@@ -206,7 +203,7 @@ def _reported_by_rank_0() -> bool:
     """Wait up to REPORT_WAIT seconds for rank 0's report; False without it."""
     if not dist.is_initialized():
         # Before the rendezvous there is no store: rank 0's exit makes the launcher end this
-        # process (interrupts.failing) before the wait is over.
+        # process (signals.failing) before the wait is over.
         time.sleep(REPORT_WAIT)
         return False
     deadline = time.monotonic() + REPORT_WAIT
@@ -249,7 +246,7 @@ def launch(task=None) -> NoReturn:
     process therefore leaves with os._exit once its output is flushed.
     """
     main(task=task)
-    interrupts.finishing()
+    signals.finishing()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
