@@ -15,7 +15,8 @@ import sys
 import typing
 
 from megatron_normformer.config import (ACTIVATIONS, CONFIG_CLASSES, HEAD_SCALE_POSITIONS,
-                                        INIT_SCHEMES, MODEL_SIZE_PRESETS, POSITION_EMBEDDING_TYPES,
+                                        INIT_SCHEMES, MODEL_SIZE_PRESETS, NORMALIZATIONS,
+                                        POSITION_EMBEDDING_TYPES,
                                         CheckpointConfig, ConfigError, DataConfig, DeepSpeedConfig,
                                         LoggingConfig, ModelConfig, OptimizerConfig, ParallelConfig,
                                         RunConfig, TrainingConfig, field_help)
@@ -25,22 +26,61 @@ def _help(name: str) -> str:
     return field_help(ModelConfig, name)
 
 
+def _normalization(name: str) -> str:
+    return {n.lower(): n for n in NORMALIZATIONS}.get(name.lower(), name)
+
+
+def _query_groups(args: argparse.Namespace):
+    """G from Megatron-LM's --group-query-attention --num-query-groups G or Megatron-DeepSpeed's
+    --num-key-value-heads G; None when neither asks for grouped-query attention."""
+    lm, ds = getattr(args, "num_query_groups", None), getattr(args, "num_key_value_heads", None)
+    if lm is not None and ds is not None and lm != ds:
+        raise ConfigError(f"--num-query-groups {lm} contradicts --num-key-value-heads {ds}")
+    if lm is not None and not getattr(args, "group_query_attention", False):
+        raise ConfigError("--num-query-groups needs --group-query-attention")
+    if ds is not None:
+        return ds
+    if getattr(args, "group_query_attention", False):
+        return 1 if lm is None else lm
+    return None
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("model")
     g.add_argument("--model-size", choices=sorted(MODEL_SIZE_PRESETS), default=None,
-                   help="Size preset (layers, hidden, heads; ffn = 4 x hidden). Explicit flags override it.")
+                   help="Size preset: the paper's GPT-3 shapes (ffn = 4 x hidden), bert-*, and "
+                        "llama-* (Llama's shape and architecture: rope, SwiGLU, grouped-query "
+                        "attention, RMSNorm, no linear biases, untied output). Explicit flags "
+                        "override it.")
     for name, type_ in (("num_layers", int), ("hidden_size", int), ("num_attention_heads", int),
                         ("ffn_hidden_size", int), ("max_position_embeddings", int),
                         ("position_embedding_offset", int),
                         ("make_vocab_size_divisible_by", int), ("hidden_dropout", float),
                         ("attention_dropout", float), ("layernorm_epsilon", float),
-                        ("init_method_std", float)):
+                        ("init_method_std", float), ("rotary_percent", float)):
         g.add_argument("--" + name.replace("_", "-"), type=type_, default=None, help=_help(name))
     g.add_argument("--vocab-size", type=int, default=None,
                    help="Vocabulary size for the NullTokenizer / mock data (other tokenizers tell it).")
     g.add_argument("--activation-fn", choices=ACTIVATIONS, default=None, help=_help("activation_fn"))
     g.add_argument("--position-embedding-type", choices=POSITION_EMBEDDING_TYPES, default=None,
                    help=_help("position_embedding_type"))
+    g.add_argument("--use-rotary-position-embeddings", action="store_const", const="rope",
+                   dest="position_embedding_type",
+                   help="Megatron-DeepSpeed's spelling of --position-embedding-type rope.")
+    g.add_argument("--rotary-base", "--rotary-position-embeddings-theta", type=int, default=None,
+                   dest="rotary_base", help=_help("rotary_base"))
+    g.add_argument("--swiglu", action="store_true", default=None, help=_help("swiglu"))
+    g.add_argument("--group-query-attention", action="store_true", default=False,
+                   help="Grouped-query attention with --num-query-groups key/value heads "
+                        "(Megatron-LM's switch; 1 group, multi-query, when the count is not given).")
+    g.add_argument("--num-query-groups", type=int, default=None, help=_help("num_query_groups"))
+    g.add_argument("--num-key-value-heads", type=int, default=None,
+                   help="Megatron-DeepSpeed's spelling of --group-query-attention --num-query-groups.")
+    g.add_argument("--normalization", type=_normalization, choices=NORMALIZATIONS, default=None,
+                   help=_help("normalization"))
+    g.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear",
+                   default=None, help=_help("add_bias_linear"))
+    g.add_argument("--qk-layernorm", action="store_true", default=None, help=_help("qk_layernorm"))
     g.add_argument("--head-scale-position", choices=HEAD_SCALE_POSITIONS, default=None,
                    help=_help("head_scale_position"))
     g.add_argument("--init-scheme", choices=INIT_SCHEMES, default=None, help=_help("init_scheme"))
@@ -79,14 +119,17 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int | None = No
     values = {}
     size = getattr(args, "model_size", None)
     if size:
-        values.update(dataclasses.asdict(MODEL_SIZE_PRESETS[size]))
+        values.update(MODEL_SIZE_PRESETS[size].fields())
     if bidirectional or (size or "").startswith("bert"):
         values.update(bidirectional=True, position_embedding_type="learned",
                       max_position_embeddings=512)
     for name in _MODEL_FIELDS:
-        given = getattr(args, name, None)
+        given = _query_groups(args) if name == "num_query_groups" else getattr(args, name, None)
         if given is not None:
             values[name] = given
+    if getattr(args, "swiglu", None) and getattr(args, "activation_fn", None) is not None:
+        raise ConfigError(f"--swiglu gates with silu; --activation-fn {args.activation_fn} "
+                          "contradicts it")
     if vocab_size is not None:
         values["vocab_size"] = vocab_size
     cfg = ModelConfig(**values)

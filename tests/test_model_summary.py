@@ -41,8 +41,8 @@ def test_normformer_125m_adds_about_point_one_million():
     # 12 layers x (12 gammas + 2x768 post-attn LN + 2x3072 FFN LN + 768 lambdas) = 101,520;
     # the paper rounds NormFormer-125M to 124.49M (we count 124.48M: it does not say what the
     # extra ~10K are), and says "adds only 100,000 parameters".
-    base = summarize(ModelConfig(**vars(MODEL_SIZE_PRESETS["125M"])))
-    nf = summarize(ModelConfig(**vars(MODEL_SIZE_PRESETS["125M"]), scale_attn=True, scale_fc=True,
+    base = summarize(ModelConfig(**MODEL_SIZE_PRESETS["125M"].fields()))
+    nf = summarize(ModelConfig(**MODEL_SIZE_PRESETS["125M"].fields(), scale_attn=True, scale_fc=True,
                                scale_heads=True, scale_resids=True))
     assert nf["total_parameters"] - base["total_parameters"] == nf["normformer_extra_parameters"]
     assert nf["normformer_extra_parameters"] == 101_520
@@ -52,7 +52,7 @@ def test_huge_presets_summarise_in_seconds():
     start = time.perf_counter()
     big = _summary("--model-size", "2.7B", "--activation-fn", "relu_squared", "--scale-attn",
                    "--scale-fc", "--scale-heads")
-    gpt3 = summarize(ModelConfig(**vars(MODEL_SIZE_PRESETS["175B"]), vocab_size=51200))
+    gpt3 = summarize(ModelConfig(**MODEL_SIZE_PRESETS["175B"].fields(), vocab_size=51200))
     assert time.perf_counter() - start < 60
     assert big["activation_fn"] == "relu_squared" and big["num_layers"] == 32
     # 12 l h^2 + 13 l h + V h + 2h for the plain GPT-3 175B: the textbook 174.59B.

@@ -85,7 +85,7 @@ def config_from_args(args, vocab_size: int) -> ModelConfig:
     if getattr(args, "max_position_embeddings", None) is None:
         args.max_position_embeddings = max(args.seq_length, 16)
     cfg = model_config_from_args(args, vocab_size=vocab_size)
-    if args.seq_length > cfg.max_position_embeddings:
+    if cfg.max_sequence_length is not None and args.seq_length > cfg.max_sequence_length:
         raise ConfigError(f"--seq-length ({args.seq_length}) exceeds --max-position-embeddings "
                           f"({cfg.max_position_embeddings})")
     return cfg

@@ -23,11 +23,14 @@ from megatron_normformer.config.model import (
     ACTIVATIONS,
     HEAD_SCALE_POSITIONS,
     INIT_SCHEMES,
+    LLAMA_ARCHITECTURE,
     MODEL_SIZE_PRESETS,
+    NORMALIZATIONS,
     POSITION_EMBEDDING_TYPES,
     ModelConfig,
     SizePreset,
     normformer_extra_parameters,
+    swiglu_ffn_hidden_size,
 )
 from megatron_normformer.config.optim import LR_DECAY_STYLES, OptimizerConfig
 from megatron_normformer.config.parallel import ParallelConfig
@@ -42,7 +45,8 @@ from megatron_normformer.config.training import (
 __all__ = [
     "ACTIVATIONS", "BatchRamp", "CONFIG_CLASSES", "CheckpointConfig", "ConfigError", "DATA_IMPLS",
     "DataConfig", "DeepSpeedConfig", "HEAD_SCALE_POSITIONS", "INIT_SCHEMES", "LR_DECAY_STYLES",
-    "LoggingConfig", "MODEL_SIZE_PRESETS", "ModelConfig", "OptimizerConfig", "POSITION_EMBEDDING_TYPES",
+    "LLAMA_ARCHITECTURE", "LoggingConfig", "MODEL_SIZE_PRESETS", "ModelConfig", "NORMALIZATIONS", "OptimizerConfig", "POSITION_EMBEDDING_TYPES",
     "ParallelConfig", "RECOMPUTE_GRANULARITIES", "RECOMPUTE_METHODS", "Recompute", "RunConfig",
     "SizePreset", "TOKENIZER_TYPES", "TrainingConfig", "field_help", "normformer_extra_parameters",
+    "swiglu_ffn_hidden_size",
 ]

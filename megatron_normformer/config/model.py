@@ -9,7 +9,8 @@ from typing import Optional
 from megatron_normformer.config.base import ConfigError
 
 ACTIVATIONS = ("gelu", "relu", "relu_squared")
-POSITION_EMBEDDING_TYPES = ("sinusoidal", "learned")
+POSITION_EMBEDDING_TYPES = ("sinusoidal", "learned", "rope")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 HEAD_SCALE_POSITIONS = ("pre-proj", "post-proj")
 INIT_SCHEMES = ("fairseq", "megatron")
 
@@ -34,12 +35,38 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     """Largest sequence length the position embedding covers (``--max-position-embeddings``)."""
     position_embedding_type: str = "sinusoidal"
-    """``sinusoidal`` (the paper's runs, no parameters) or ``learned`` (``--position-embedding-type``)."""
+    """``sinusoidal`` (the paper's runs, no parameters), ``learned``, or ``rope``: rotary positions
+    applied to q and k in every layer, no position table, and ``--max-position-embeddings`` does not
+    bound the sequence length (``--position-embedding-type``; ``--use-rotary-position-embeddings``)."""
+    rotary_base: int = 10000
+    """Base theta of the rotary frequencies, inv_freq_j = base^(-2j / rotary_dim)
+    (``--rotary-base``, Megatron-DeepSpeed's ``--rotary-position-embeddings-theta``)."""
+    rotary_percent: float = 1.0
+    """Fraction of each head's dims that rotate (``--rotary-percent``): rotary_dim =
+    int(head_dim * rotary_percent), which must be even and positive; the rest pass unrotated."""
     position_embedding_offset: int = 0
     """Position p reads row p + offset of the position table (``--position-embedding-offset``); a
     learned table has that many extra rows. fairseq's positions start at its padding index + 1 (2)."""
     activation_fn: str = "gelu"
-    """FFN activation: ``gelu`` (exact erf form), ``relu`` or ``relu_squared`` (``--activation-fn``)."""
+    """FFN activation: ``gelu`` (exact erf form), ``relu`` or ``relu_squared`` (``--activation-fn``);
+    unused with ``--swiglu``, whose gate is silu."""
+    swiglu: bool = False
+    """Gated FFN (silu(x W_gate) * (x W_up)) W_2 (``--swiglu``). fc1 holds gate and up interleaved
+    (row 2i gate unit i, row 2i+1 up unit i); without ``--ffn-hidden-size``, F is Megatron-LM's
+    int(4 * hidden * 2/3 / 64) * 64 (two thirds of 4 x hidden, rounded down to a multiple of 64)."""
+    num_query_groups: Optional[int] = None
+    """Key/value heads G of grouped-query attention, each shared by H / G query heads
+    (``--group-query-attention --num-query-groups G``, or ``--num-key-value-heads G``); None is
+    multi-head attention (G = H), 1 multi-query. G must divide the heads and be divisible by TP."""
+    normalization: str = "LayerNorm"
+    """Kind of every norm of the model, NormFormer's included: ``LayerNorm`` or ``RMSNorm``
+    (``--normalization``; lower-case accepted). RMSNorm has a weight and no bias."""
+    add_bias_linear: bool = True
+    """Biases in the attention (qkv, dense) and FFN (fc1, fc2) linears; ``--disable-bias-linear``
+    removes them (LayerNorms keep theirs)."""
+    qk_layernorm: bool = False
+    """A norm of the ``--normalization`` kind over head_dim on each query and key head, before the
+    rotary positions (``--qk-layernorm``)."""
     scale_attn: bool = False
     """NormFormer Post-Attn LN: LayerNorm on the attention output (``--scale-attn``)."""
     scale_fc: bool = False
@@ -78,7 +105,10 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.ffn_hidden_size is None:
-            self.ffn_hidden_size = 4 * self.hidden_size
+            self.ffn_hidden_size = (swiglu_ffn_hidden_size(self.hidden_size) if self.swiglu
+                                    else 4 * self.hidden_size)
+        self.normalization = _NORMALIZATION_NAMES.get(str(self.normalization).lower(),
+                                                      self.normalization)
         if self.init_scheme is None:
             self.init_scheme = "megatron" if self.bidirectional else "fairseq"
         if self.scale_embedding is None:
@@ -87,6 +117,22 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        """G, the key/value heads (H for multi-head attention)."""
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that rotary positions rotate."""
+        return int(self.head_dim * self.rotary_percent)
+
+    @property
+    def max_sequence_length(self) -> Optional[int]:
+        """The longest sequence the model can take: the position table's rows, None for rotary
+        positions (they have no table)."""
+        return None if self.position_embedding_type == "rope" else self.max_position_embeddings
 
     def padded_vocab_size(self, tensor_parallel_size: int) -> int:
         multiple = self.make_vocab_size_divisible_by * tensor_parallel_size
@@ -121,11 +167,13 @@ class ModelConfig:
                 f"--tensor-model-parallel-size ({tensor_parallel_size})")
         for flag, value, choices in (
                 ("--activation-fn", self.activation_fn, ACTIVATIONS),
+                ("--normalization", self.normalization, NORMALIZATIONS),
                 ("--position-embedding-type", self.position_embedding_type, POSITION_EMBEDDING_TYPES),
                 ("--head-scale-position", self.head_scale_position, HEAD_SCALE_POSITIONS),
                 ("--init-scheme", self.init_scheme, INIT_SCHEMES)):
             if value not in choices:
                 raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+        self._validate_modern(tensor_parallel_size)
         if self.position_embedding_offset is None or self.position_embedding_offset < 0:
             raise ConfigError("--position-embedding-offset must be a non-negative integer, got "
                               f"{self.position_embedding_offset}")
@@ -141,6 +189,33 @@ class ModelConfig:
                 raise ConfigError(f"{flag} must be in [0, 1), got {p}")
         return self
 
+    def _validate_modern(self, tensor_parallel_size: int) -> None:
+        """The issue-24 options: rotary positions, SwiGLU, grouped-query attention."""
+        groups = self.num_query_groups
+        if groups is not None:
+            if groups <= 0 or self.num_attention_heads % groups:
+                raise ConfigError(f"--num-query-groups ({groups}) must be a positive divisor of "
+                                  f"--num-attention-heads ({self.num_attention_heads})")
+            if groups % tensor_parallel_size:
+                raise ConfigError(f"--num-query-groups ({groups}) must be divisible by "
+                                  f"--tensor-model-parallel-size ({tensor_parallel_size}): each rank "
+                                  "holds whole key/value groups")
+        if self.swiglu and self.activation_fn != "gelu":
+            raise ConfigError(f"--swiglu gates with silu; --activation-fn {self.activation_fn} "
+                              "contradicts it")
+        if self.position_embedding_type == "rope":
+            if self.rotary_base is None or self.rotary_base <= 0:
+                raise ConfigError(f"--rotary-base must be positive, got {self.rotary_base}")
+            if not 0.0 < self.rotary_percent <= 1.0:
+                raise ConfigError(f"--rotary-percent must be in (0, 1], got {self.rotary_percent}")
+            if self.rotary_dim <= 0 or self.rotary_dim % 2:
+                raise ConfigError(
+                    f"--rotary-percent {self.rotary_percent} of head_dim {self.head_dim} rotates "
+                    f"{self.rotary_dim} dims; rotary positions need an even, positive number")
+            if self.position_embedding_offset:
+                raise ConfigError("--position-embedding-offset offsets a position table; "
+                                  "--position-embedding-type rope has none")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -155,14 +230,47 @@ class ModelConfig:
         return cls(**{"init_scheme": "megatron", **d})
 
 
+_NORMALIZATION_NAMES = {name.lower(): name for name in NORMALIZATIONS}
+
+
+def swiglu_ffn_hidden_size(hidden_size: int) -> int:
+    """Megatron-LM's SwiGLU width: two thirds of 4 x hidden (same parameters as a 4 x hidden
+    two-matrix FFN), rounded down to a multiple of 64."""
+    return int(4 * hidden_size * 2 / 3 / 64) * 64
+
+
+# What a Llama-style preset sets besides its shape: Llama's architecture, Megatron's initialisation
+# (normal, no embedding scale) and Llama 3's rotary base.
+LLAMA_ARCHITECTURE = dict(position_embedding_type="rope", rotary_base=500000, swiglu=True,
+                          normalization="RMSNorm", add_bias_linear=False,
+                          untie_embeddings_and_output_weights=True, init_scheme="megatron")
+
+
 @dataclass(frozen=True)
 class SizePreset:
     num_layers: int
     hidden_size: int
     num_attention_heads: int
+    ffn_hidden_size: Optional[int] = None
+    num_query_groups: Optional[int] = None
+    llama: bool = False
+    """Llama's architecture (:data:`LLAMA_ARCHITECTURE`) rather than GPT-3's."""
+
+    def fields(self) -> dict:
+        """The ModelConfig fields this preset sets."""
+        values = dict(num_layers=self.num_layers, hidden_size=self.hidden_size,
+                      num_attention_heads=self.num_attention_heads)
+        if self.ffn_hidden_size is not None:
+            values["ffn_hidden_size"] = self.ffn_hidden_size
+        if self.num_query_groups is not None:
+            values["num_query_groups"] = self.num_query_groups
+        if self.llama:
+            values.update(LLAMA_ARCHITECTURE)
+        return values
 
 
-# fairseq's gpt3 presets (ffn = 4 x hidden) and the RoBERTa/BERT encoders.
+# fairseq's gpt3 presets (ffn = 4 x hidden), the RoBERTa/BERT encoders, and a Llama-style family:
+# llama-1B/3B/8B are Llama 3.2 1B / 3.2 3B / 3.1 8B's shapes, llama-160M a small sibling of 125M.
 MODEL_SIZE_PRESETS = {
     "125M": SizePreset(12, 768, 12),
     "355M": SizePreset(24, 1024, 16),
@@ -174,6 +282,10 @@ MODEL_SIZE_PRESETS = {
     "175B": SizePreset(96, 12288, 96),
     "bert-base": SizePreset(12, 768, 12),
     "bert-large": SizePreset(24, 1024, 16),
+    "llama-160M": SizePreset(12, 768, 12, ffn_hidden_size=2048, num_query_groups=4, llama=True),
+    "llama-1B": SizePreset(16, 2048, 32, ffn_hidden_size=8192, num_query_groups=8, llama=True),
+    "llama-3B": SizePreset(28, 3072, 24, ffn_hidden_size=8192, num_query_groups=8, llama=True),
+    "llama-8B": SizePreset(32, 4096, 32, ffn_hidden_size=14336, num_query_groups=8, llama=True),
 }
 
 
@@ -182,10 +294,11 @@ def normformer_extra_parameters(cfg: ModelConfig) -> int:
     per_layer = 0
     if cfg.scale_heads:
         per_layer += cfg.num_attention_heads
+    norm = 2 if cfg.normalization == "LayerNorm" else 1  # RMSNorm has no bias
     if cfg.scale_attn:
-        per_layer += 2 * cfg.hidden_size
+        per_layer += norm * cfg.hidden_size
     if cfg.scale_fc:
-        per_layer += 2 * cfg.ffn_hidden_size
+        per_layer += norm * cfg.ffn_hidden_size
     if cfg.scale_resids:
         per_layer += cfg.hidden_size
     return per_layer * cfg.num_layers

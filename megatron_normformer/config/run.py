@@ -138,7 +138,8 @@ class RunConfig:
             raise ConfigError(f"--sequence-parallel splits the sequence over the {tp} tensor-parallel "
                               f"ranks: --seq-length ({t.seq_length}) must be divisible by "
                               f"--tensor-model-parallel-size ({tp})")
-        if t.seq_length > self.model.max_position_embeddings:
+        longest = self.model.max_sequence_length  # None: rotary positions, no table to run off
+        if longest is not None and t.seq_length > longest:
             raise ConfigError(f"--seq-length ({t.seq_length}) exceeds --max-position-embeddings "
                               f"({self.model.max_position_embeddings})")
         if t.bf16 and t.fp16:
