@@ -16,8 +16,9 @@
     python tools/convert_checkpoint.py --load checkpoint_best.pt --fairseq-dict data-bin/dict.txt \
         --save runs/from_fairseq --target-tp 2 --target-pp 2
 
-    # anything above -> a Hugging Face transformers directory (remote code, or a native GPT-2 where
-    # the layout is GPT-2's), with the tokenizer as a fast tokenizer; and such a directory back
+    # anything above -> a Hugging Face transformers directory (remote code, or a native Llama or
+    # GPT-2 where the layout is theirs), with the tokenizer as a fast tokenizer; and such a
+    # directory (or any transformers Llama / GPT-2) back
     python tools/convert_checkpoint.py --load runs/ckpt --output-hf hf/model \
         --tokenizer-type SentencePieceTokenizer --tokenizer-model tok/sp.model
     python tools/convert_checkpoint.py --load hf/model --save runs/from_hf --target-tp 2
@@ -55,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     hf.add_argument("--output-hf", default=None, metavar="DIR",
                     help="Write a transformers directory: config, weights, modeling code, tokenizer.")
     hf.add_argument("--hf-native", action=argparse.BooleanOptionalAction, default=None,
-                    help="Export as a native GPT2LMHeadModel (no remote code); by default that "
-                         "happens exactly when the model's layout is GPT-2's.")
+                    help="Export as a native LlamaForCausalLM or GPT2LMHeadModel (no remote "
+                         "code); by default that happens exactly when the model's layout is "
+                         "Llama's or GPT-2's.")
     hf.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
                     help="The model's tokenizer, exported as a fast tokenizer (none: no tokenizer).")
     hf.add_argument("--tokenizer-model", help="SentencePiece .model or HF tokenizer.json")
@@ -117,7 +119,7 @@ def to_hf(args) -> None:
                                     args.merge_file, cfg.vocab_size)
         check_tokenizer(tokenizer, cfg)
     done = export_hf(full, cfg, args.output_hf, tokenizer, files, args.hf_native)
-    kind = "a native GPT-2" if done.native else "NormFormer remote code (trust_remote_code=True)"
+    kind = f"a native {done.native}" if done.native else "NormFormer remote code (trust_remote_code=True)"
     print(f"wrote {args.output_hf}: {kind}")
     if done.special_tokens is None:
         why = "a NullTokenizer's ids are the text" if tokenizer else "no --tokenizer-type given"

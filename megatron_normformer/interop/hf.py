@@ -10,17 +10,19 @@ installed:
     generation_config.json        eos / bos / pad ids, when a tokenizer says what they are
     tokenizer.json, tokenizer_config.json, special_tokens_map.json   (hf_tokenizer.py)
 
-and loads with ``trust_remote_code=True``. A model whose layout is GPT-2's (:func:`gpt2_refusal`
-says why one is not) goes out as a native ``GPT2LMHeadModel`` instead, which needs no remote code.
+and loads with ``trust_remote_code=True``. A model whose layout is Llama's (:func:`llama_refusal`
+says why one is not) goes out as a native ``LlamaForCausalLM`` instead, one whose layout is GPT-2's
+(:func:`gpt2_refusal`) as a native ``GPT2LMHeadModel``; neither needs remote code.
 
 The way back (:func:`load_hf_directory`) reads either kind, however it was fine-tuned and saved
-since (any float dtype, one or several safetensors files, or ``pytorch_model.bin``), into full fp32
-tensors by this project's TP=1 names and a ``ModelConfig``: what ``checkpoint.inference
-.load_full_state`` returns for any checkpoint.
+since (any float dtype, one or several safetensors files, or ``pytorch_model.bin``), and any Llama
+or GPT-2 checkpoint of transformers, into full fp32 tensors by this project's TP=1 names and a
+``ModelConfig``: what ``checkpoint.inference.load_full_state`` returns for any checkpoint.
 
 Tensor names: ours (``checkpoint/release.py``) with the embeddings, the final LayerNorm and the
 output layer renamed (:func:`renames`); every other tensor keeps its name under ``model.``. The fused
-QKV keeps our [heads, (q, k, v), head_dim] rows, so the round trip is a renaming, bit for bit.
+QKV keeps our group-major rows and a SwiGLU fc1 its interleaved gate/up rows, so the round trip is a
+renaming, bit for bit. The native layouts split them (row slices, bit for bit as well).
 """
 from __future__ import annotations
 
@@ -117,6 +119,28 @@ def gpt2_refusal(cfg: ModelConfig) -> Optional[str]:
     GPT-2 is the plain Pre-LN layer with learned positions from row 0, biases everywhere, a final
     LayerNorm, the output tied to the unscaled token embedding and attention scaled by
     1/sqrt(head_dim); layer count, widths, vocabulary, epsilon and dropouts may be anything."""
+    common = _plain_transformer_refusal(cfg)
+    if common:
+        return common
+    if cfg.swiglu:
+        return "a gated FFN (--swiglu)"
+    if cfg.query_groups != cfg.num_attention_heads:
+        return "grouped-query attention (--num-query-groups)"
+    if cfg.normalization != "LayerNorm":
+        return f"{cfg.normalization} (GPT-2's norms are LayerNorm)"
+    if not cfg.add_bias_linear:
+        return "linears without biases (--disable-bias-linear)"
+    if cfg.position_embedding_type != "learned":
+        return f"{cfg.position_embedding_type} positions (GPT-2 learns them)"
+    if cfg.activation_fn not in GPT2_ACTIVATIONS:
+        return f"activation {cfg.activation_fn}"
+    if cfg.untie_embeddings_and_output_weights:
+        return "a separate output layer"
+    return None
+
+
+def _plain_transformer_refusal(cfg: ModelConfig) -> Optional[str]:
+    """What GPT-2 and Llama both lack: a masked LM, the NormFormer operations, and the rest."""
     ops = [flag for flag, on in (("--scale-attn", cfg.scale_attn), ("--scale-fc", cfg.scale_fc),
                                  ("--scale-heads", cfg.scale_heads), ("--scale-resids", cfg.scale_resids))
            if on]
@@ -124,18 +148,14 @@ def gpt2_refusal(cfg: ModelConfig) -> Optional[str]:
         return "a masked LM"
     if ops:
         return f"NormFormer operations ({', '.join(ops)})"
-    if cfg.position_embedding_type != "learned":
-        return f"{cfg.position_embedding_type} positions (GPT-2 learns them)"
-    if cfg.position_embedding_offset:
-        return f"position offset {cfg.position_embedding_offset}"
-    if cfg.activation_fn not in GPT2_ACTIVATIONS:
-        return f"activation {cfg.activation_fn}"
+    if cfg.qk_layernorm:
+        return "norms on queries and keys (--qk-layernorm)"
     if cfg.scale_embedding:
         return "scaled token embeddings"
-    if cfg.untie_embeddings_and_output_weights:
-        return "a separate output layer"
+    if cfg.position_embedding_offset:
+        return f"position offset {cfg.position_embedding_offset}"
     if not cfg.final_layernorm:
-        return "no final LayerNorm"
+        return "no final norm"
     return None
 
 
@@ -237,14 +257,160 @@ def _from_gpt2(path: str, tensors: Dict[str, torch.Tensor], cfg: ModelConfig) ->
     return full
 
 
+# -- native Llama --------------------------------------------------------------------------------
+def llama_refusal(cfg: ModelConfig) -> Optional[str]:
+    """Why ``cfg``'s model is not a Llama (None: it is one, and exports as LlamaForCausalLM).
+
+    Llama is the Pre-RMSNorm layer with rotary positions over every head dim, a SwiGLU FFN, no
+    biases, a final RMSNorm, an unscaled token embedding and attention scaled by 1/sqrt(head_dim);
+    layer count, widths, query groups, vocabulary, epsilon, rotary base and a tied or separate
+    output layer may be anything."""
+    common = _plain_transformer_refusal(cfg)
+    if common:
+        return common
+    if cfg.position_embedding_type != "rope":
+        return f"{cfg.position_embedding_type} positions (Llama's are rotary)"
+    if cfg.rotary_percent != 1.0:
+        return f"rotary_percent {cfg.rotary_percent} (Llama rotates every dim)"
+    if not cfg.swiglu:
+        return f"a {cfg.activation_fn} FFN (Llama's is --swiglu)"
+    if cfg.normalization != "RMSNorm":
+        return f"{cfg.normalization} (Llama's norms are RMSNorm)"
+    if cfg.add_bias_linear:
+        return "linears with biases (Llama's have none: --disable-bias-linear)"
+    return None
+
+
+def _llama_pairs(layer: int) -> List[Tuple[str, str]]:
+    ours, theirs = f"layers.{layer}.", f"model.layers.{layer}."
+    return [(f"{ours}input_layernorm.weight", f"{theirs}input_layernorm.weight"),
+            (f"{ours}attention.dense.weight", f"{theirs}self_attn.o_proj.weight"),
+            (f"{ours}pre_mlp_layernorm.weight", f"{theirs}post_attention_layernorm.weight"),
+            (f"{ours}mlp.fc2.weight", f"{theirs}mlp.down_proj.weight")]
+
+
+LLAMA_GLOBAL = (("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
+                ("head.final_layernorm.weight", "model.norm.weight"))
+LLAMA_KEPT = ("init_scheme", "make_vocab_size_divisible_by", "hidden_dropout", "init_method_std")
+"""ModelConfig fields Llama's config has no place for, kept under ``megatron_normformer``."""
+
+
+def llama_config(cfg: ModelConfig) -> dict:
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "torch_dtype": "float32",
+            "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.ffn_hidden_size, "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.query_groups,
+            "head_dim": cfg.head_dim, "hidden_act": "silu",
+            "max_position_embeddings": cfg.max_position_embeddings,
+            "initializer_range": cfg.init_method_std, "rms_norm_eps": cfg.layernorm_epsilon,
+            "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rotary_base)},
+            "rope_theta": float(cfg.rotary_base),  # where transformers 4 reads it
+            "attention_bias": False, "mlp_bias": False, "attention_dropout": cfg.attention_dropout,
+            "pretraining_tp": 1, "use_cache": True,
+            "tie_word_embeddings": not cfg.untie_embeddings_and_output_weights,
+            "megatron_normformer": {k: getattr(cfg, k) for k in LLAMA_KEPT}}
+
+
+def _qkv_rows(cfg: ModelConfig) -> Tuple[int, int, int]:
+    """(query heads per group, groups, head_dim) of our group-major fused QKV."""
+    groups = cfg.query_groups
+    return cfg.num_attention_heads // groups, groups, cfg.head_dim
+
+
+def llama_tensors(full: Dict[str, torch.Tensor], cfg: ModelConfig) -> Dict[str, torch.Tensor]:
+    per_group, groups, head_dim = _qkv_rows(cfg)
+    out = {theirs: full[ours] for ours, theirs in LLAMA_GLOBAL}
+    if cfg.untie_embeddings_and_output_weights:
+        out["lm_head.weight"] = full["head.weight"]
+    for layer in range(cfg.num_layers):
+        out.update({theirs: full[ours] for ours, theirs in _llama_pairs(layer)})
+        prefix = f"model.layers.{layer}."
+        qkv = full[f"layers.{layer}.attention.qkv.weight"].view(groups, per_group + 2, head_dim, -1)
+        out[prefix + "self_attn.q_proj.weight"] = qkv[:, :per_group].reshape(-1, cfg.hidden_size)
+        out[prefix + "self_attn.k_proj.weight"] = qkv[:, per_group].reshape(-1, cfg.hidden_size)
+        out[prefix + "self_attn.v_proj.weight"] = qkv[:, per_group + 1].reshape(-1, cfg.hidden_size)
+        fc1 = full[f"layers.{layer}.mlp.fc1.weight"]
+        out[prefix + "mlp.gate_proj.weight"] = fc1[0::2]
+        out[prefix + "mlp.up_proj.weight"] = fc1[1::2]
+    return out
+
+
+def _rope_theta(path: str, config: dict) -> float:
+    """rope_theta of a transformers 5 (``rope_parameters``) or 4 (``rope_theta``, ``rope_scaling``)
+    config; a scaled rope (Llama 3.1's "llama3", "linear", "yarn", ...) has no equivalent here."""
+    params = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or {}
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise ConfigError(f"{path}: rope_type {kind!r}; only unscaled rotary positions convert")
+    if params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ConfigError(f"{path}: a partial_rotary_factor; Llama rotates every dim")
+    return params.get("rope_theta", config.get("rope_theta", 10000.0))
+
+
+def _model_config_from_llama(path: str, config: dict) -> ModelConfig:
+    problems = [f"{key}={config[key]!r}" for key, ok in (
+        ("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False), ("pretraining_tp", 1))
+        if config.get(key, ok) != ok]
+    d, heads = config.get("hidden_size", 4096), config.get("num_attention_heads", 32)
+    if config.get("head_dim") not in (None, d // heads):
+        problems.append(f"head_dim={config['head_dim']} (hidden_size / num_attention_heads here)")
+    if problems:
+        raise ConfigError(f"{path}: this Llama has no equivalent here: {', '.join(problems)}")
+    theta = _rope_theta(path, config)
+    kept = config.get("megatron_normformer", {})
+    return ModelConfig(
+        num_layers=config.get("num_hidden_layers", 32), hidden_size=d, num_attention_heads=heads,
+        num_query_groups=None if config.get("num_key_value_heads") in (None, heads)
+        else config["num_key_value_heads"],
+        ffn_hidden_size=config.get("intermediate_size", 11008), vocab_size=config.get("vocab_size", 32000),
+        max_position_embeddings=config.get("max_position_embeddings", 2048),
+        position_embedding_type="rope", rotary_base=int(theta) if float(theta).is_integer() else theta,
+        swiglu=True, normalization="RMSNorm", add_bias_linear=False,
+        layernorm_epsilon=config.get("rms_norm_eps", 1e-6),
+        hidden_dropout=kept.get("hidden_dropout", 0.0),  # Llama trains without it
+        attention_dropout=config.get("attention_dropout", 0.0) or 0.0,
+        init_method_std=kept.get("init_method_std", config.get("initializer_range", 0.02)),
+        scale_embedding=False, init_scheme=kept.get("init_scheme", "megatron"),
+        untie_embeddings_and_output_weights=not config.get("tie_word_embeddings", False),
+        make_vocab_size_divisible_by=kept.get("make_vocab_size_divisible_by", 128)).validate()
+
+
+def _from_llama(path: str, tensors: Dict[str, torch.Tensor], cfg: ModelConfig) -> Dict[str, torch.Tensor]:
+    # A bare LlamaModel's checkpoint has no "model." prefix.
+    tensors = {("" if k.startswith(("model.", "lm_head.")) else "model.") + k: v
+               for k, v in tensors.items() if not k.endswith(".rotary_emb.inv_freq")}
+
+    def get(name: str) -> torch.Tensor:
+        if name not in tensors:
+            raise ConfigError(f"{path}: Llama tensor {name} is missing")
+        return tensors[name]
+
+    per_group, groups, head_dim = _qkv_rows(cfg)
+    full = {ours: get(theirs) for ours, theirs in LLAMA_GLOBAL}
+    if cfg.untie_embeddings_and_output_weights:
+        full["head.weight"] = get("lm_head.weight")
+    for layer in range(cfg.num_layers):
+        full.update({ours: get(theirs) for ours, theirs in _llama_pairs(layer)})
+        prefix = f"model.layers.{layer}."
+        q, k, v = (get(f"{prefix}self_attn.{n}_proj.weight").view(groups, -1, head_dim, cfg.hidden_size)
+                   for n in "qkv")
+        full[f"layers.{layer}.attention.qkv.weight"] = torch.cat([q, k, v], dim=1).reshape(
+            (per_group + 2) * groups * head_dim, cfg.hidden_size)
+        gate, up = get(f"{prefix}mlp.gate_proj.weight"), get(f"{prefix}mlp.up_proj.weight")
+        full[f"layers.{layer}.mlp.fc1.weight"] = torch.stack([gate, up], dim=1).flatten(0, 1)
+    return {name: t.contiguous() for name, t in full.items()}
+
+
 # -- writing -------------------------------------------------------------------------------------
 @dataclass
 class HFExport:
     """What :func:`export_hf` wrote."""
 
     directory: str
-    native: bool
-    """A native GPT2LMHeadModel (no remote code)."""
+    native: Optional[str]
+    """The native transformers class written (``LlamaForCausalLM``, ``GPT2LMHeadModel``), None
+    for the NormFormer remote code."""
     special_tokens: Optional[Dict[str, str]]
     """The tokenizer's special tokens by role; None when no tokenizer was written."""
 
@@ -254,15 +420,24 @@ def export_hf(full: Dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str,
               native: Optional[bool] = None) -> HFExport:
     """Write the transformers directory of the model ``(full, cfg)`` (``load_full_state``'s form).
 
-    ``native``: None exports as GPT-2 when the layout allows it (:func:`gpt2_refusal`), True
-    insists (a ConfigError says why not), False always writes the NormFormer remote code."""
-    reason = gpt2_refusal(cfg)
-    if native and reason:
-        raise ConfigError(f"--hf-native: this model is no GPT-2: {reason}")
-    native = reason is None if native is None else native
+    ``native``: None exports as Llama or GPT-2 when the layout allows it (:func:`llama_refusal`,
+    :func:`gpt2_refusal`), True insists (a ConfigError says why not), False always writes the
+    NormFormer remote code."""
+    llama_reason, gpt2_reason = llama_refusal(cfg), gpt2_refusal(cfg)
+    if native and llama_reason and gpt2_reason:
+        modern = cfg.swiglu or cfg.position_embedding_type == "rope" or cfg.normalization == "RMSNorm"
+        family, reason = ("Llama", llama_reason) if modern else ("GPT-2", gpt2_reason)
+        raise ConfigError(f"--hf-native: this model is no {family}: {reason}")
+    kind = None
+    if native is not False:
+        kind = ("LlamaForCausalLM" if llama_reason is None
+                else "GPT2LMHeadModel" if gpt2_reason is None else None)
     os.makedirs(out_dir, exist_ok=True)
-    if native:
-        tensors, config = gpt2_tensors(full, cfg), gpt2_config(cfg)
+    if kind:
+        if kind == "LlamaForCausalLM":
+            tensors, config = llama_tensors(full, cfg), llama_config(cfg)
+        else:
+            tensors, config = gpt2_tensors(full, cfg), gpt2_config(cfg)
         for name in REMOTE_FILES:  # an earlier export's code would now be wrong
             if os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
@@ -286,7 +461,7 @@ def export_hf(full: Dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str,
     generation = {k: v for k, v in ids.items() if v is not None}
     if generation and not cfg.bidirectional:
         _write_json(os.path.join(out_dir, "generation_config.json"), generation)
-    return HFExport(out_dir, native, specials)
+    return HFExport(out_dir, kind, specials)
 
 
 def _write_json(path: str, content: dict) -> None:
@@ -349,10 +524,13 @@ def load_hf_directory(path: str) -> Tuple[Dict[str, torch.Tensor], ModelConfig]:
     elif model_type == "gpt2":
         cfg = _model_config_from_gpt2(path, config)
         full = _from_gpt2(path, _read_weights(path), cfg)
+    elif model_type == "llama":
+        cfg = _model_config_from_llama(path, config)
+        full = _from_llama(path, _read_weights(path), cfg)
     else:
         architectures = ", ".join(config.get("architectures") or []) or "no architectures listed"
         raise ConfigError(f"{path}: a transformers {model_type or 'untyped'} model ({architectures}); "
-                          "only NormFormer exports (--output-hf) and GPT-2 convert")
+                          "only NormFormer exports (--output-hf), Llama and GPT-2 convert")
     rows = full["embedding.word_embeddings.weight"].shape[0]
     if rows != cfg.vocab_size:
         raise ConfigError(f"{path}: the token embedding has {rows} rows, config.json says "
