@@ -23,22 +23,12 @@ import uuid
 
 import pytest
 
+from launch_utils import deepspeed, launch_env, mpirun_2, torchrun
 from megatron_normformer.testing import free_port, spawn
 from train_utils import PYTHON, ROOT, flags, train_many
 
-VENV_BIN = os.path.dirname(PYTHON)
 MARKER = "MEGATRON_NORMFORMER_TEST_LAUNCH"
 PARALLEL = 6  # launches at a time (2 ranks each, ~350 MB a rank)
-
-
-def _env(**extra):
-    env = dict(os.environ)
-    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    env.update(extra)
-    return env
 
 
 class Launch:
@@ -53,7 +43,8 @@ class Launch:
 
     def start(self):
         with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=_env(**self.env, **{MARKER: self.marker}),
+            self.proc = subprocess.Popen(self.cmd, cwd=ROOT,
+                                         env=launch_env(**self.env, **{MARKER: self.marker}),
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
@@ -114,21 +105,9 @@ def _run_all(launches, timeout=240, parallel=PARALLEL, watch=None):
     return launches
 
 
-def _torchrun(*argv, script="pretrain_gpt.py"):
-    return [os.path.join(VENV_BIN, "torchrun"), "--nproc-per-node", "2", "--master-port",
-            str(free_port()), script, *argv]
-
-
-def _deepspeed(*argv, script="pretrain_gpt.py"):
-    return [os.path.join(VENV_BIN, "deepspeed"), "--num_gpus", "2", "--master_port",
-            str(free_port()), script, *argv]
-
-
 def _mpirun(*argv, script="pretrain_gpt.py", env=()):
-    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     exported = [x for name in ("PATH", MARKER, "OMP_NUM_THREADS", *env) for x in ("-x", name)]
-    return [shutil.which("mpirun"), *root, "--oversubscribe", "-np", "2", *exported, PYTHON, script,
-            *argv]
+    return [*mpirun_2(), *exported, PYTHON, script, *argv]
 
 
 # -- an exception in the training loop ----------------------------------------------------------
@@ -143,9 +122,9 @@ def test_exception_in_the_loop_ends_every_launch(tmp_path):
     script = "tests/faulty_pretrain_gpt.py"
     launches = [
         Launch("python", [PYTHON, script, *argv], tmp, dict(CRASH_AT_ITERATION="3", CRASH_ON_RANKS="0")),
-        Launch("torchrun", _torchrun(*argv, script=script), tmp,
+        Launch("torchrun", torchrun(*argv, script=script), tmp,
                dict(CRASH_AT_ITERATION="3", CRASH_ON_RANKS="1")),
-        Launch("deepspeed", _deepspeed(*argv, script=script), tmp,
+        Launch("deepspeed", deepspeed(*argv, script=script), tmp,
                dict(CRASH_AT_ITERATION="3", CRASH_ON_RANKS="0"))]
     line = {"python": "pretrain_gpt.py: error: RuntimeError: injected failure at iteration 3",
             "torchrun": "pretrain_gpt.py (rank 1): error: RuntimeError: injected failure at iteration 3",
@@ -208,7 +187,7 @@ def test_start_up_errors_reach_the_terminal_under_every_launcher(start_up_cases,
     slow, faulty = dict(SLOW_RANK_0="5"), "tests/faulty_pretrain_gpt.py"
     expected = {}
     for case, (argv, line) in start_up_cases.items():
-        for name, launcher in (("torchrun", _torchrun), ("deepspeed", _deepspeed)):
+        for name, launcher in (("torchrun", torchrun), ("deepspeed", deepspeed)):
             expected[Launch(f"{name}-{case}", launcher(*argv), tmp)] = line
             for i in (1, 2):
                 expected[Launch(f"{name}-{case}-slow-rank-0-{i}", launcher(*argv, script=faulty),
@@ -243,7 +222,7 @@ def test_flag_errors_are_one_line():
     """argparse's own errors and the checks of the flags alone: one line, (see --help), and no
     usage text in front of it (argparse's ~100 lines)."""
     def stderr(*argv):
-        done = subprocess.run([PYTHON, "pretrain_gpt.py", *argv], cwd=ROOT, env=_env(),
+        done = subprocess.run([PYTHON, "pretrain_gpt.py", *argv], cwd=ROOT, env=launch_env(),
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 2
         return done.stderr.strip()

@@ -47,7 +47,8 @@ def _modules():
         for name in sorted(files):
             if name.endswith(".py"):
                 rel = os.path.relpath(os.path.join(folder, name), top)[:-3].replace(os.sep, ".")
-                yield rel.removesuffix(".__init__").removesuffix("__init__"), os.path.join(folder, name)
+                module = rel.removesuffix(".__init__").removesuffix("__init__")
+                yield module, os.path.join(folder, name)
 
 
 def _imports(path):
@@ -108,7 +109,8 @@ def test_entry_scripts_install_the_handlers_before_torch_loads():
         with open(os.path.join(ROOT, script)) as f:
             main = f.read().split('if __name__ == "__main__":\n', 1)[1]
         first = textwrap.dedent(main[:main.index("\n", main.index(".install("))])
-        code = first + "\nimport sys\nprint(sorted({'torch', 'deepspeed', 'numpy'} & set(sys.modules)))\n"
+        code = (first + "\nimport sys\n"
+                "print(sorted({'torch', 'deepspeed', 'numpy'} & set(sys.modules)))\n")
         out = subprocess.run([PYTHON, "-c", code], cwd=ROOT, capture_output=True, text=True,
                              check=True)
         assert out.stdout == "[]\n", (script, out.stdout)

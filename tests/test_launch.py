@@ -3,29 +3,19 @@ this machine) and mpirun. Each run's per-iteration losses (from --metrics-file) 
 single-process reference run's to 1e-4 relative. Nothing is set in the environment by hand."""
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
 
+from launch_utils import VENV_BIN, deepspeed, launch_env, mpirun_2, torchrun
 from megatron_normformer.testing import free_port
 from train_utils import PYTHON, ROOT, flags
 
-VENV_BIN = os.path.dirname(PYTHON)
 ITERS = 3
 
 
 def _argv(metrics, **kw):
     return flags("--mock-data", train_iters=ITERS, global_batch_size=4, metrics_file=metrics, **kw)
-
-
-def _env():
-    env = dict(os.environ)
-    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
 
 
 def _losses(metrics):
@@ -37,7 +27,7 @@ def _losses(metrics):
 def _run(cmds, timeout=240, envs=None):
     """Run the commands side by side (``envs``: extra variables per command); kill them all if
     one does not finish in time."""
-    procs = [subprocess.Popen(c, cwd=ROOT, env={**_env(), **(e or {})}, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen(c, cwd=ROOT, env=launch_env(**(e or {})), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
              for c, e in zip(cmds, envs or [None] * len(cmds))]
     try:
@@ -68,16 +58,14 @@ def _assert_same(got, ref):
 
 def test_deepspeed_launcher(reference, tmp_path):
     m = str(tmp_path / "m.jsonl")
-    out = _run([[os.path.join(VENV_BIN, "deepspeed"), "--num_gpus", "2", "--master_port",
-                 str(free_port()), "pretrain_gpt.py", *_argv(m, tensor_model_parallel_size=2)]])
+    out = _run([deepspeed(*_argv(m, tensor_model_parallel_size=2))])
     assert "TP 2" in out[0]
     _assert_same(_losses(m), reference)
 
 
 def test_torchrun_single_node_data_parallel(reference, tmp_path):
     m = str(tmp_path / "m.jsonl")
-    _run([[os.path.join(VENV_BIN, "torchrun"), "--nproc-per-node", "2", "--master-port",
-           str(free_port()), "pretrain_gpt.py", *_argv(m, zero_stage=2)]])
+    _run([torchrun(*_argv(m, zero_stage=2))])
     _assert_same(_losses(m), reference)
 
 
@@ -92,12 +80,9 @@ def test_torchrun_two_nodes(reference, tmp_path):
 
 
 def test_mpirun(reference, tmp_path):
-    mpirun = shutil.which("mpirun")
-    assert mpirun, "mpirun not found: apt-get install -y openmpi-bin"
     m = str(tmp_path / "m.jsonl")
-    env_flags = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    _run([[mpirun, *env_flags, "--oversubscribe", "-np", "2", "-x", "PATH",
-           PYTHON, "pretrain_gpt.py", *_argv(m, tensor_model_parallel_size=2, zero_stage=1)]])
+    _run([[*mpirun_2(), "-x", "PATH", PYTHON, "pretrain_gpt.py",
+           *_argv(m, tensor_model_parallel_size=2, zero_stage=1)]])
     _assert_same(_losses(m), reference)
 
 

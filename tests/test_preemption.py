@@ -8,35 +8,21 @@ which file to remove.
 """
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
-import pytest
-
+from launch_utils import deepspeed, launch_env, mpirun_2, torchrun
 from megatron_normformer.testing import free_port, spawn
 from train_utils import PYTHON, ROOT, flags, train_many
 
-VENV_BIN = os.path.dirname(PYTHON)
 ITERS = 100000  # never reached: the runs are stopped by a signal, the references by --exit-interval
 
 
 def _argv(tp, workers=2, **kw):
     return flags("--mock-data", train_iters=ITERS, global_batch_size=2,
                  tensor_model_parallel_size=tp, num_workers=workers, **kw)
-
-
-def _env(**extra):
-    env = dict(os.environ)
-    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    env.update(extra)
-    return env
 
 
 def _rows(metrics):
@@ -66,7 +52,7 @@ def _interrupt(cmd, tmp, to="launcher", twice=False, env=None):
     output, the launcher's pid)."""
     metrics, log = os.path.join(tmp, "m.jsonl"), os.path.join(tmp, "out.log")
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env or _env(), stdout=out,
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env or launch_env(), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 300
@@ -120,7 +106,7 @@ def test_process_group_sigterm_twice_with_stale_build_lock(tmp_path):
     tmp = str(tmp_path)
     argv = _argv(1, save=os.path.join(tmp, "ckpt"), metrics_file=os.path.join(tmp, "m.jsonl"))
     rc, seconds, _, out, _ = _interrupt([PYTHON, "pretrain_gpt.py", *argv], tmp, to="group",
-                                     twice=True, env=_env(TORCH_EXTENSIONS_DIR=str(ext)))
+                                        twice=True, env=launch_env(TORCH_EXTENSIONS_DIR=str(ext)))
     assert rc == 0, out[-3000:]
     assert seconds < 10
     _check_stop(tmp, out, 1)
@@ -135,9 +121,7 @@ def test_torchrun_sigterm(tmp_path):
     waits up to --shutdown-timeout (30 s) before SIGKILL, then exits 1 re-raising the signal."""
     tmp = str(tmp_path)
     argv = _argv(2, save=os.path.join(tmp, "ckpt"), metrics_file=os.path.join(tmp, "m.jsonl"))
-    rc, seconds, _, out, _ = _interrupt([os.path.join(VENV_BIN, "torchrun"), "--nproc-per-node", "2",
-                                      "--master-port", str(free_port()), "pretrain_gpt.py", *argv],
-                                     tmp)
+    rc, seconds, _, out, _ = _interrupt(torchrun(*argv), tmp)
     assert rc == 1 and "SignalException" in out, out[-3000:]
     assert seconds < 15 and "forcefully exiting" not in out, out[-3000:]
     _check_stop(tmp, out, 2)
@@ -149,9 +133,7 @@ def test_deepspeed_launcher_sigterm(tmp_path):
     deepspeed.launcher.launch."""
     tmp = str(tmp_path)
     argv = _argv(2, save=os.path.join(tmp, "ckpt"), metrics_file=os.path.join(tmp, "m.jsonl"))
-    rc, _, seconds, out, _ = _interrupt([os.path.join(VENV_BIN, "deepspeed"), "--num_gpus", "2",
-                                      "--master_port", str(free_port()), "pretrain_gpt.py", *argv],
-                                     tmp)
+    rc, _, seconds, out, _ = _interrupt(deepspeed(*argv), tmp)
     assert rc == -signal.SIGTERM
     assert seconds < 15, out[-3000:]
     _check_stop(tmp, out, 2, reason="exit of the deepspeed launcher")
@@ -162,9 +144,7 @@ def test_deepspeed_launcher_process_group_sigterm(tmp_path):
     under it (DataLoader workers too), waits up to 30 s, then exits 1."""
     tmp = str(tmp_path)
     argv = _argv(2, save=os.path.join(tmp, "ckpt"), metrics_file=os.path.join(tmp, "m.jsonl"))
-    rc, _, seconds, out, _ = _interrupt([os.path.join(VENV_BIN, "deepspeed"), "--num_gpus", "2",
-                                      "--master_port", str(free_port()), "pretrain_gpt.py", *argv],
-                                     tmp, to="group")
+    rc, _, seconds, out, _ = _interrupt(deepspeed(*argv), tmp, to="group")
     assert rc == -signal.SIGTERM
     assert seconds < 15, out[-3000:]
     _check_stop(tmp, out, 2)
@@ -174,16 +154,12 @@ def test_mpirun_sigterm(tmp_path):
     """mpirun (OpenMPI 4) sends SIGCONT, SIGTERM odls_base_sigkill_timeout seconds later (default
     1; 5 here), SIGKILL as long again, then exits 1; it forwards no output meanwhile, so each rank
     writes its own log, as docs/training.md advises."""
-    mpirun = shutil.which("mpirun")
-    assert mpirun, "mpirun not found: apt-get install -y openmpi-bin"
     tmp = str(tmp_path)
     argv = _argv(2, save=os.path.join(tmp, "ckpt"), metrics_file=os.path.join(tmp, "m.jsonl"))
-    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     rank_log = os.path.join(tmp, "rank")
     script = f"exec {PYTHON} pretrain_gpt.py {' '.join(argv)} > {rank_log}$OMPI_COMM_WORLD_RANK.log 2>&1"
-    rc, seconds, _, out, _ = _interrupt([mpirun, *root, "--oversubscribe", "-np", "2",
-                                         "--mca", "odls_base_sigkill_timeout", "5", "-x", "PATH",
-                                         "bash", "-c", script], tmp)
+    rc, seconds, _, out, _ = _interrupt([*mpirun_2(), "--mca", "odls_base_sigkill_timeout", "5",
+                                         "-x", "PATH", "bash", "-c", script], tmp)
     out += "".join(open(f"{rank_log}{r}.log").read() for r in (0, 1))
     assert rc == 1, out[-3000:]
     assert 5 <= seconds < 15, out[-3000:]  # SIGTERM reached the ranks 5 s after mpirun got it
@@ -197,8 +173,8 @@ def test_signal_during_rendezvous_exits_with_one_line(tmp_path):
     log = str(tmp_path / "out.log")
     with open(log, "w") as out:
         proc = subprocess.Popen([PYTHON, "pretrain_gpt.py", *_argv(1)], cwd=ROOT,
-                                env=_env(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                                         MASTER_PORT=str(port)),
+                                env=launch_env(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                               MASTER_PORT=str(port)),
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
         waiting = (f"pretrain_gpt.py (rank 0): rendezvous of 2 processes at 127.0.0.1:{port} for 5 s:"
@@ -237,7 +213,7 @@ def test_stale_build_lock_is_named(tmp_path):
             "print('went on', flush=True)\n")
     log = str(tmp_path / "out.log")
     with open(log, "w") as out:
-        proc = subprocess.Popen([PYTHON, "-c", code], cwd=ROOT, env=_env(), stdout=out,
+        proc = subprocess.Popen([PYTHON, "-c", code], cwd=ROOT, env=launch_env(), stdout=out,
                                 stderr=subprocess.STDOUT)
     try:
         report = (f"t: waiting for the C++ extension build lock {lock} for 5 s: no process on this "

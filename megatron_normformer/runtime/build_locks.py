@@ -23,7 +23,8 @@ def build_lock_report(path: str) -> str:
 def report_build_lock_waits() -> None:
     """Make a wait on torch's build lock a start-up phase the watchdog reports, with the lock's
     holder or its absence (only once ``signals.install`` ran). Nothing this project runs
-    JIT-builds an op (``deepspeed_repairs.skip_shm_comm_op``); this covers a DeepSpeed that would."""
+    JIT-builds an op (``deepspeed_repairs.skip_shm_comm_op``); this covers a DeepSpeed that
+    would."""
     if lifecycle.current() is None:
         return
     from torch.utils import file_baton  # late: the entry scripts import runtime before torch

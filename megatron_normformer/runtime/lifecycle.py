@@ -19,7 +19,8 @@ MODES = ("start-up", "training", "finishing", "failing")
 
 @dataclass
 class Lifecycle:
-    """The state the signal watcher and the start-up watchdog act on; the main thread moves it on."""
+    """The state the signal watcher and the start-up watchdog act on; the main thread moves it
+    on."""
 
     program: str
     """The entry script's name, first on every line printed."""
