@@ -26,7 +26,7 @@ from megatron_normformer.config import ModelConfig
 from megatron_normformer.model.embeddings import Embedding, vocab_projection
 from megatron_normformer.model.initialization import WeightInit
 from megatron_normformer.model.layer import NormFormerLayer
-from megatron_normformer.model.norms import LayerNorm
+from megatron_normformer.model.norms import Norm
 from megatron_normformer.model.pipeline import Flow, Piece, Wire, build_pieces, build_pipeline, run_pieces
 from megatron_normformer.parallel.cross_entropy import vocab_parallel_correct, vocab_parallel_cross_entropy
 from megatron_normformer.parallel.init import fill_shard
@@ -59,7 +59,7 @@ class RobertaLMHead(nn.Module):
         self.vocab_start, _ = vocab_range(padded, pstate.tp_rank, pstate.tp_size)
         d = cfg.hidden_size
         self.dense = _Dense(cfg, seed, device)
-        self.layernorm = LayerNorm(d, cfg.layernorm_epsilon, device)
+        self.layernorm = Norm(cfg, d, device)
         self.bias = mark_vocab(nn.Parameter(torch.zeros(padded // pstate.tp_size, device=device)))
 
     def transform(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -151,8 +151,8 @@ def bert_pieces(cfg: ModelConfig, pstate, seed: int, device=None) -> List[Piece]
     pieces = [Piece("embedding", Embedding, (cfg, pstate, seed, device), _embed, tied=True)]
     pieces += [Piece(f"layers.{i}", NormFormerLayer, (cfg, i, pstate, seed, device), _layer,
                      transformer_layer=True) for i in range(cfg.num_layers)]
-    pieces += [Piece("final_layernorm", LayerNorm,
-                     (cfg.hidden_size, cfg.layernorm_epsilon, device, pstate.sp_group), _final_layernorm),
+    pieces += [Piece("final_layernorm", Norm, (cfg, cfg.hidden_size, device, pstate.sp_group),
+                     _final_layernorm),
                Piece("lm_head", RobertaLMHead, (cfg, pstate, seed, device), _head_transform),
                Piece("embedding", Embedding, (cfg, pstate, seed, device), _tied_output,
                      reuses=True, tied=True)]

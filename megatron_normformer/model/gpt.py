@@ -22,7 +22,7 @@ from megatron_normformer.model.attention import document_causal_mask
 from megatron_normformer.model.embeddings import Embedding, vocab_projection
 from megatron_normformer.model.initialization import WeightInit
 from megatron_normformer.model.layer import LayerRecompute, NormFormerLayer
-from megatron_normformer.model.norms import LayerNorm
+from megatron_normformer.model.norms import Norm
 from megatron_normformer.model.pipeline import Flow, Piece, Wire, build_pieces, build_pipeline, run_pieces
 from megatron_normformer.parallel.cross_entropy import masked_mean, vocab_parallel_cross_entropy
 from megatron_normformer.parallel.init import fill_shard
@@ -41,7 +41,7 @@ class LMHead(nn.Module):
         super().__init__()
         self.tp_group, self.sp_group = pstate.tp_group, pstate.sp_group
         padded = cfg.padded_vocab_size(pstate.tp_size)
-        self.final_layernorm = (LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, device, self.sp_group)
+        self.final_layernorm = (Norm(cfg, cfg.hidden_size, device, self.sp_group)
                                 if cfg.final_layernorm else None)
         if cfg.untie_embeddings_and_output_weights:
             self.weight = mark_vocab(nn.Parameter(

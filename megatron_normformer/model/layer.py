@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from megatron_normformer.config import ModelConfig
 from megatron_normformer.model.attention import ParallelAttention
 from megatron_normformer.model.mlp import ParallelMLP
-from megatron_normformer.model.norms import LayerNorm
+from megatron_normformer.model.norms import Norm
 from megatron_normformer.parallel.layers import mark_parallel, sequence_parallel_param
 from megatron_normformer.parallel.random import get_rng_tracker
 
@@ -33,14 +33,14 @@ from megatron_normformer.parallel.random import get_rng_tracker
 class NormFormerLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_number: int, pstate, seed: int, device=None):
         super().__init__()
-        eps, d, sp = cfg.layernorm_epsilon, cfg.hidden_size, pstate.sp_group
+        d, sp = cfg.hidden_size, pstate.sp_group
         self.layer_number = layer_number
         self.hidden_dropout = cfg.hidden_dropout
         self.sp_group = sp
-        self.input_layernorm = LayerNorm(d, eps, device, sp)
+        self.input_layernorm = Norm(cfg, d, device, sp)
         self.attention = ParallelAttention(cfg, layer_number, pstate, seed, device)
-        self.post_attention_layernorm = LayerNorm(d, eps, device, sp) if cfg.scale_attn else None
-        self.pre_mlp_layernorm = LayerNorm(d, eps, device, sp)
+        self.post_attention_layernorm = Norm(cfg, d, device, sp) if cfg.scale_attn else None
+        self.pre_mlp_layernorm = Norm(cfg, d, device, sp)
         self.mlp = ParallelMLP(cfg, layer_number, pstate, seed, device)
         if cfg.scale_resids:
             self.resid_scale = mark_parallel(nn.Parameter(torch.ones(d, device=device)), None)

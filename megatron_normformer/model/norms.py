@@ -1,4 +1,6 @@
-"""LayerNorms: the replicated one (apex's fused kernel when importable) and the partitioned FFN LN.
+"""The model's norms, of the kind ``--normalization`` picks: LayerNorm (apex's fused kernel when
+importable) or RMSNorm, replicated, and the partitioned FFN norm. Modules get theirs from
+:func:`Norm` and :func:`PartitionedNorm`, so no call site chooses the kind.
 
 The FFN LN normalises the FFN inner activation u of size F. Under tensor parallelism u is split along
 F, so a per-shard LayerNorm would make the model depend on the TP degree (what metaseq and NeMo do).
@@ -13,8 +15,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatron_normformer.config import ModelConfig
 from megatron_normformer.parallel.layers import mark_parallel, sequence_parallel_param
-from megatron_normformer.parallel.mappings import all_reduce_no_grad
+from megatron_normformer.parallel.mappings import (all_reduce_no_grad, copy_to_tensor_parallel,
+                                                   reduce_from_tensor_parallel)
 
 try:  # apex is optional: used when importable, never required
     from apex.normalization import FusedLayerNorm as _ApexLayerNorm  # type: ignore
@@ -113,3 +117,70 @@ class PartitionedLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return partitioned_layer_norm(x, self.weight, self.bias, self.eps, self.tp_group)
+
+
+# -- RMSNorm ------------------------------------------------------------------------------------
+
+def _rms_normalise(x: torch.Tensor, weight: torch.Tensor, mean_square: torch.Tensor,
+                   eps: float) -> torch.Tensor:
+    """weight * (x / rms) with the division in float32 (or wider) and the product in x's dtype,
+    transformers' LlamaRMSNorm semantics."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    normed = x.to(compute) * torch.rsqrt(mean_square + eps)
+    return weight * normed.to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    compute = torch.promote_types(x.dtype, torch.float32)
+    return _rms_normalise(x, weight, x.to(compute).square().mean(dim=-1, keepdim=True), eps)
+
+
+class RMSNorm(nn.Module):
+    """Replicated RMSNorm: a weight, no bias. With ``sp_group`` it sees this rank's tokens and sums
+    its weight's gradient over the group, like :class:`SequenceParallelLayerNorm`."""
+
+    def __init__(self, hidden_size: int, eps: float, device=None, sp_group=None):
+        super().__init__()
+        self.eps, self.sp_group = eps, sp_group
+        self.weight = mark_parallel(nn.Parameter(torch.ones(hidden_size, device=device)), None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, sequence_parallel_param(self.weight, self.sp_group), self.eps)
+
+
+def partitioned_rms_norm(x, weight, eps: float, group) -> torch.Tensor:
+    """Exact RMSNorm over the last dimension of ``x`` concatenated across ``group``: the sum of
+    squares is all-reduced forward, and its gradient (every rank's output depends on it) all-reduced
+    backward: reduce_from (sum forward) composed with copy_to (sum backward)."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    square_sum = x.to(compute).square().sum(dim=-1, keepdim=True)
+    square_sum = copy_to_tensor_parallel(reduce_from_tensor_parallel(square_sum, group), group)
+    return _rms_normalise(x, weight, square_sum / (x.size(-1) * _group_size(group)), eps)
+
+
+class PartitionedRMSNorm(nn.Module):
+    """RMSNorm over a dimension split across the TP group; its weight split the same way."""
+
+    def __init__(self, local_size: int, eps: float, tp_group, device=None):
+        super().__init__()
+        self.eps, self.tp_group = eps, tp_group
+        self.weight = mark_parallel(nn.Parameter(torch.ones(local_size, device=device)), 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return partitioned_rms_norm(x, self.weight, self.eps, self.tp_group)
+
+
+# -- the kind --normalization picks ----------------------------------------------------------------
+
+def Norm(cfg: ModelConfig, size: int, device=None, sp_group=None) -> nn.Module:
+    """A replicated norm over ``size`` features of the model's kind (``cfg.normalization``)."""
+    if cfg.normalization == "RMSNorm":
+        return RMSNorm(size, cfg.layernorm_epsilon, device, sp_group)
+    return LayerNorm(size, cfg.layernorm_epsilon, device, sp_group)
+
+
+def PartitionedNorm(cfg: ModelConfig, local_size: int, tp_group, device=None) -> nn.Module:
+    """The model's kind of norm over a dimension split across ``tp_group`` (``local_size`` here),
+    exact over the whole dimension at any TP degree."""
+    kind = PartitionedRMSNorm if cfg.normalization == "RMSNorm" else PartitionedLayerNorm
+    return kind(local_size, cfg.layernorm_epsilon, tp_group, device=device)
