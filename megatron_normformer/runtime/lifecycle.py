@@ -14,8 +14,6 @@ from typing import Callable, Optional, Union
 Hint = Union[str, Callable[[], str], None]
 """What a start-up phase waits for: text, or a function the watchdog calls when it reports."""
 
-MODES = ("start-up", "training", "finishing", "failing")
-
 
 @dataclass
 class Lifecycle:
@@ -25,7 +23,7 @@ class Lifecycle:
     program: str
     """The entry script's name, first on every line printed."""
     mode: str = "start-up"
-    """One of MODES: start-up, then training, then finishing; failing once an error is reported."""
+    """start-up, then training, then finishing; failing once an error is reported."""
     phase: str = "importing"
     """What start-up does now."""
     hint: Hint = None
