@@ -231,3 +231,30 @@ def test_full_width_script_compares_layouts(tmp_path, capsys):
     assert sorted(out["results"]["tp2_sp"]["losses"]) == [1, 2]
     assert json.loads((tmp_path / "fw.json").read_text())["max_rel_diff"] == out["max_rel_diff"]
     assert "within 1e-4" in capsys.readouterr().out
+
+
+def test_quality_llama_pair_sweeps_lrs(tmp_path, capsys):
+    """bench/quality.py --lrs: the Llama-style pair through the real trainer at two LRs, at most one
+    training at a time; each variant's loss per LR, its best LR and the difference at the best."""
+    from bench.quality import llama_flags, build_parser
+    from bench.quality import run as quality
+    from train_utils import make_null_dataset
+
+    prefix = make_null_dataset(str(tmp_path), vocab=128, docs=200)
+    out = quality(["--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", "128",
+                   "--split", "90,10,0", "--num-layers", "1", "--hidden-size", "32",
+                   "--num-attention-heads", "4", "--seq-length", "16", "--micro-batch-size", "4",
+                   "--iters", "4", "--lr-warmup-iters", "1", "--lrs", "1e-3,3e-3", "--jobs", "1",
+                   "--variants", "llama,llama_normformer", "--output-dir", str(tmp_path / "q")])
+    assert set(out["valid_loss"]) == {f"{v}_lr{lr}" for v in ("llama", "llama_normformer")
+                                      for lr in ("0.001", "0.003")}
+    for v in ("llama", "llama_normformer"):
+        losses = out["valid_loss_by_lr"][v]
+        assert set(losses) == {"0.001", "0.003"} and all(0 < x < 10 for x in losses.values())
+        assert out["best"][v]["loss"] == min(losses.values())
+    d = out["normformer_minus_baseline_at_best"]["llama_normformer"]
+    assert d == pytest.approx(out["best"]["llama_normformer"]["loss"] - out["best"]["llama"]["loss"])
+    assert "--num-query-groups 2" in " ".join(llama_flags(build_parser().parse_args(["--num-attention-heads", "4"])))
+    log = (tmp_path / "q" / "llama_normformer_lr0.003.log").read_text()
+    assert "error" not in log.lower()
+    assert "llama_normformer - llama at their best LRs" in capsys.readouterr().out
