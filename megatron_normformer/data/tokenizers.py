@@ -22,6 +22,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import regex
 
+from megatron_normformer.config.base import ConfigError
+
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPT2BPETokenizer", "HFTokenizer", "NullTokenizer")
 
 
@@ -37,6 +39,16 @@ def add_tokenizer_args(parser) -> None:
 
 class TokenizerError(ValueError):
     """A tokenizer that cannot be built; the message names the flag and the path."""
+
+
+def tokenizer_from_args(args) -> "Tokenizer":
+    """The tokenizer that parsed flags name (``add_tokenizer_args``'s, or the pretraining
+    parser's); a file that cannot be read is a ConfigError naming the flag and the path."""
+    try:
+        return build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file,
+                               args.merge_file, args.vocab_size)
+    except (TokenizerError, OSError) as error:
+        raise ConfigError(str(error)) from None
 
 
 class Tokenizer(ABC):

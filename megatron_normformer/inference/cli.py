@@ -9,8 +9,10 @@ import torch
 
 from megatron_normformer.checkpoint.inference import build_inference_model
 from megatron_normformer.config import ConfigError, ModelConfig
-from megatron_normformer.data.tokenizers import TokenizerError, build_tokenizer
-from megatron_normformer.data.tokenizers import add_tokenizer_args  # noqa: F401 - the tools take it from here
+from megatron_normformer.data.tokenizers import (  # noqa: F401 - the tools take them from here
+    add_tokenizer_args,
+    tokenizer_from_args,
+)
 from megatron_normformer.parallel.state import (
     ParallelState,
     SingleProcessState,
@@ -29,14 +31,6 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
                    help="Iteration tag inside a training checkpoint directory (default: latest).")
     g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N.")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="Inference precision.")
-
-
-def tokenizer_from_args(args):
-    try:
-        return build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file,
-                               args.merge_file, args.vocab_size)
-    except (TokenizerError, OSError) as error:
-        raise ConfigError(str(error)) from None
 
 
 def parallel_state_from_env():
