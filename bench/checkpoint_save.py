@@ -63,6 +63,7 @@ def _measure(argv, out_dir):
     from megatron_normformer.arguments import build_pretrain_parser
     from megatron_normformer.parallel.state import ParallelState
     from megatron_normformer.training.engine import build_engine
+    from megatron_normformer.training.tasks import get_task
     from megatron_normformer.training.loop import warmup_step
     from megatron_normformer.training.pretrain import layout, resolve
     from megatron_normformer.checkpoint.universal import save_universal
@@ -71,17 +72,18 @@ def _measure(argv, out_dir):
     ds, _, gas = layout(run, user, explicit, dist.get_world_size())
     pstate = ParallelState(run.parallel.tensor_model_parallel_size,
                            run.parallel.pipeline_model_parallel_size)
-    e = build_engine(run, pstate, ds)
-    warmup_step(e, run, gas, pstate)  # creates the optimizer state (learning rate 0 or not)
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in e.model.parameters())
-    largest = max(getattr(p, "ds_numel", p.numel()) for p in e.model.parameters())
+    gpt = get_task("gpt")
+    e = build_engine(run, pstate, ds, gpt)
+    warmup_step(e, run, gas, pstate, gpt)  # creates the optimizer state
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in e.module.parameters())
+    largest = max(getattr(p, "ds_numel", p.numel()) for p in e.module.parameters())
     tag_dir = os.path.join(out_dir, "tag")
     dist.barrier()
     with PeakRSS() as ds_save:
-        e.engine.save_checkpoint(out_dir, tag="tag", save_latest=False)
+        e.deepspeed.save_checkpoint(out_dir, tag="tag", save_latest=False)
         dist.barrier()
     with PeakRSS() as universal:
-        save_universal(e.engine, e.model, pstate, run.model, tag_dir)
+        save_universal(e.deepspeed, e.module, pstate, run.model, tag_dir)
         dist.barrier()  # every rank's file written before rank 0 sums their sizes
     files = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in
                 os.walk(os.path.join(tag_dir, "universal")) for f in fs)

@@ -57,8 +57,8 @@ def _train(argv: list) -> dict:
 
     t0 = time.time()
     summary = train_from_argv(argv)
-    return {"losses": summary["losses"], "seconds": time.time() - t0,
-            "zero3": summary.get("zero3"), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"losses": summary.losses, "seconds": time.time() - t0,
+            "zero3": summary.zero3, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def run(argv=None) -> dict:

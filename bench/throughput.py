@@ -195,6 +195,7 @@ def build_deepspeed(cfg: ModelConfig, args):
     from megatron_normformer.arguments import build_pretrain_parser
     from megatron_normformer.parallel.state import ParallelState, initialize_distributed
     from megatron_normformer.training.engine import build_engine
+    from megatron_normformer.training.tasks import get_task
     from megatron_normformer.training.pretrain import layout, resolve
 
     argv = ["--num-layers", str(cfg.num_layers), "--hidden-size", str(cfg.hidden_size),
@@ -215,7 +216,7 @@ def build_deepspeed(cfg: ModelConfig, args):
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     initialize_distributed()
     ds, _, _ = layout(run, user, explicit, 1)
-    return build_engine(run, ParallelState(1, 1), ds).engine
+    return build_engine(run, ParallelState(1, 1), ds, get_task("gpt")).deepspeed
 
 
 def deepspeed_step(engine, tokens, labels) -> Callable[[], None]:

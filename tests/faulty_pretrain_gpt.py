@@ -29,15 +29,15 @@ if __name__ == "__main__":
     if "CRASH_AT_ITERATION" in os.environ:
         at = int(os.environ["CRASH_AT_ITERATION"])
         ranks = {int(r) for r in os.environ["CRASH_ON_RANKS"].split(",")}
-        real_step, started = loop.train_step, [0]
+        real_step, started = loop.train_iteration, [0]
 
-        def train_step(*args, **kwargs):
+        def failing_step(*args, **kwargs):
             started[0] += 1
             if started[0] == at and dist.get_rank() in ranks:
                 raise RuntimeError(f"injected failure at iteration {at}")
             return real_step(*args, **kwargs)
 
-        loop.train_step = train_step
+        loop.train_iteration = failing_step
     if "SLOW_RANK_0" in os.environ:
         def held_back(step):
             def step_on_rank_0_later(*args, **kwargs):

@@ -24,8 +24,8 @@ def _train(argv):
     from megatron_normformer.training.pretrain import train_from_argv
 
     s = train_from_argv(argv, task="bert")
-    return dict(losses=s["losses"], acc={k: v["mlm_accuracy"] for k, v in s["extra"].items()},
-                val=s["val"], val_extra=s["val_extra"])
+    return dict(losses=s.losses, acc={k: v["mlm_accuracy"] for k, v in s.extra.items()},
+                val=s.val, val_extra=s.val_extra)
 
 
 def _accuracy_matches_argmax():

@@ -282,7 +282,7 @@ def test_another_series_is_one_line_at_the_engine_build(monkeypatch):
     monkeypatch.delenv(repairs.ANY_DEEPSPEED_ENV, raising=False)
     monkeypatch.setattr(repairs.importlib.metadata, "version", lambda name: "0.20.1")
     with pytest.raises(ConfigError) as e:
-        build_engine(None, None, {})  # refused before the run is read
+        build_engine(None, None, {}, None)  # refused before the run is read
     assert str(e.value) == (
         "DeepSpeed 0.20.1 is installed, but this package's DeepSpeed repairs "
         "(megatron_normformer/deepspeed_repairs.py) were checked against 0.19.x only: "

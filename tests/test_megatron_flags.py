@@ -147,8 +147,8 @@ def _catching(runs):
         except ConfigError as e:
             out.append({"error": str(e)})
             continue
-        out.append({k: s[k] for k in ("losses", "lrs", "global_batches", "params_norms",
-                                      "stopped_by", "iteration", "consumed_samples")})
+        out.append({k: getattr(s, k) for k in ("losses", "lrs", "global_batches", "params_norms",
+                                               "stopped_by", "iteration", "consumed_samples")})
     return out
 
 
@@ -268,7 +268,7 @@ def _logged_runs(runs):
         with contextlib.redirect_stdout(captured):
             s = train_from_argv(argv)
         out.append({"stdout": captured.getvalue(),
-                    **{k: s[k] for k in ("losses", "lrs", "num_zeros_in_grad", "iteration")}})
+                    **{k: getattr(s, k) for k in ("losses", "lrs", "num_zeros_in_grad", "iteration")}})
     return out
 
 

@@ -70,7 +70,7 @@ def _fp16_runs(runs):
     for argv in runs:
         try:
             s = train_from_argv(argv)
-            out.append({"skipped": s["skipped_iters"], "losses": s["losses"]})
+            out.append({"skipped": s.skipped_iters, "losses": s.losses})
         except TrainingError as e:
             out.append({"error": str(e)})
     return out + [_decisions()]

@@ -73,11 +73,13 @@ def _engine(tp, pp, zero):
 
 def _run(tp, pp, zero, steps, save_dir=None, load_dir=None, first_step=0):
     from megatron_normformer.checkpoint.universal import load_universal, save_universal
+    from megatron_normformer.training.step import zero_learning_rate
 
     engine, module, pstate, train_step = _engine(tp, pp, zero)
     if load_dir:
-        load_universal(engine, module, pstate, CFG, load_dir,
-                       materialize_optimizer_state=lambda: train_step(10_000))
+        with zero_learning_rate(engine.optimizer):
+            train_step(10_000)  # DeepSpeed creates the optimizer state that the load overwrites
+        load_universal(engine, module, pstate, CFG, load_dir, with_optimizer=True)
     losses = [train_step(first_step + s) for s in range(steps)]
     if save_dir:
         save_universal(engine, module, pstate, CFG, save_dir)

@@ -34,10 +34,9 @@ def train_many(runs):
     out = []
     for argv in runs:
         s = train_from_argv(argv)
-        out.append(dict(losses=s["losses"], grad_norms=s["grad_norms"], val=s["val"],
-                        test=s["test"], fc2=s["fc2_grad_mean_abs"], gas=s["gas"], dp=s["dp"],
-                        zero3=s.get("zero3"), ds_config=s.get("ds_config"),
-                        skipped=s.get("skipped_iters")))
+        out.append(dict(losses=s.losses, grad_norms=s.grad_norms, val=s.val, test=s.test,
+                        fc2=s.fc2_grad_mean_abs, gas=s.gas, dp=s.dp, zero3=s.zero3,
+                        ds_config=s.ds_config, skipped=s.skipped_iters))
     return out
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -77,12 +78,25 @@ def prepare_save_dir(save_dir: str) -> List[str]:
     return done
 
 
-def save_checkpoint(engine, run_dict: Dict, state: Dict, save_dir: str, universal=None,
-                    optim: bool = True, rng: bool = True) -> str:
+@dataclass
+class UniversalSource:
+    """What the layout-independent part of a save reads (``checkpoint/universal.py``)."""
+
+    module: torch.nn.Module
+    """The model, or this stage's PipelineModule."""
+    pstate: object
+    """The parallel layout the module is cut by (``parallel/state.py``)."""
+    model_config: object
+    """The run's ModelConfig, stored so that any layout can rebuild the full tensors."""
+
+
+def save_checkpoint(engine, run_dict: Dict, state: Dict, save_dir: str,
+                    universal: Optional[UniversalSource] = None, optim: bool = True,
+                    rng: bool = True) -> str:
     """Save on every rank; ``state`` holds iteration / consumed_samples / consumed_tokens.
 
-    ``universal`` = (module, pstate, model config) also writes the layout-independent state that
-    lets the checkpoint resume into another (TP, PP, ZeRO) layout. Raises CheckpointError on every
+    ``universal`` also writes the layout-independent state that lets the checkpoint resume into
+    another (TP, PP, ZeRO) layout. Raises CheckpointError on every
     rank if the save failed on any; the previous checkpoints are then as they were.
     ``optim`` False (``--no-save-optim``): the weights only, in the layout-independent form (which
     ``universal`` must then give), no DeepSpeed files; ``rng`` False (``--no-save-rng``): no RNG
@@ -102,7 +116,8 @@ def save_checkpoint(engine, run_dict: Dict, state: Dict, save_dir: str, universa
         if rng:
             torch.save(get_all_rng_states(), os.path.join(tmp, f"rng_rank{rank:05d}.pt"))
         if universal is not None:
-            save_universal(engine, *universal, tmp, optimizer=optim)
+            save_universal(engine, universal.module, universal.pstate, universal.model_config,
+                           tmp, optimizer=optim)
         if rank == 0:
             meta = dict(state, run=run_dict, world_size=world)
             if not optim:
@@ -188,22 +203,46 @@ def layout_differences(meta: Dict, run_dict: Dict, world_size: int, load_dir: st
     return diffs
 
 
-def load_checkpoint(e, run, pstate, load_dir: str, load_optim: bool = True, load_rng: bool = True,
-                    materialize_optimizer_state=None) -> Optional[Dict]:
-    """Restore everything; return the saved iteration / consumed_samples / consumed_tokens.
+@dataclass
+class LoadPlan:
+    """A checkpoint about to be loaded, read and checked before anything changes in the engine."""
 
-    In the layout that wrote it, DeepSpeed's files are loaded and the resume is bit-exact. In any
-    other layout the layout-independent state is loaded instead (weights, Adam moments and step,
-    LR schedule position, data position); RNG streams restart from the seed, since dropout
-    streams are per-rank.
-    """
+    load_dir: str
+    tag: str
+    meta: Dict
+    """The checkpoint's run.json."""
+    diffs: List[str]
+    """Why DeepSpeed's own files cannot be loaded here; empty when they can."""
+    load_optim: bool
+    load_rng: bool
+    optimizer_saved: bool
+    notes: List[str] = field(default_factory=list)
+    """What the load does instead of what was asked, said once by rank 0."""
+
+    @property
+    def tag_dir(self) -> str:
+        return os.path.join(self.load_dir, self.tag)
+
+    @property
+    def state(self) -> Dict:
+        """The saved iteration / consumed_samples / consumed_tokens."""
+        return {k: self.meta[k] for k in ("iteration", "consumed_samples", "consumed_tokens")}
+
+    @property
+    def needs_optimizer_state(self) -> bool:
+        """Whether the engine must hold optimizer state before ``load_checkpoint``: the
+        layout-independent load overwrites that state but cannot create it. One optimizer step at
+        learning rate 0 makes DeepSpeed create it (``training/loop.py``, ``warmup_step``)."""
+        return bool(self.diffs) and self.load_optim and self.optimizer_saved
+
+
+def plan_load(run, load_dir: str, load_optim: bool = True, load_rng: bool = True) -> LoadPlan:
+    """Read and check the newest checkpoint in ``load_dir`` against this run: a model that differs,
+    or another ``--optimizer``, is a ConfigError before the engine is touched."""
     tag = read_latest(load_dir)
-    tag_dir = os.path.join(load_dir, tag)
-    with open(os.path.join(tag_dir, "run.json")) as f:
+    with open(os.path.join(load_dir, tag, "run.json")) as f:
         meta = json.load(f)
-    engine = e.engine
     diffs = layout_differences(meta, run.to_dict(), dist.get_world_size(), load_dir)
-    state = {k: meta[k] for k in ("iteration", "consumed_samples", "consumed_tokens")}
     saved = meta["run"].get("ckpt", {})
     optimizer_saved = not saved.get("no_save_optim", False)
     kind = meta["run"].get("optim", {}).get("optimizer", "adam")
@@ -211,33 +250,47 @@ def load_checkpoint(e, run, pstate, load_dir: str, load_optim: bool = True, load
         raise ConfigError(f"--load {load_dir}: the checkpoint holds the state of --optimizer {kind}, "
                           f"this run's is {run.optim.optimizer}; add --no-load-optim to start the "
                           "optimizer afresh")
-    notes = []
+    plan = LoadPlan(load_dir, tag, meta, diffs, load_optim, load_rng, optimizer_saved)
     if load_optim and not optimizer_saved:
-        notes.append("saved with --no-save-optim: the optimizer starts afresh (no moments, step 0), "
-                     f"the learning rate going on from iteration {state['iteration']}")
+        plan.notes.append("saved with --no-save-optim: the optimizer starts afresh (no moments, "
+                          f"step 0), the learning rate going on from iteration {meta['iteration']}")
     if load_rng and saved.get("no_save_rng", False):
-        notes.append(f"saved with --no-save-rng: the RNG streams start from --seed {run.train.seed}")
-        load_rng = False
-    for note in notes if dist.get_rank() == 0 else ():
+        plan.notes.append(f"saved with --no-save-rng: the RNG streams start from --seed {run.train.seed}")
+        plan.load_rng = False
+    return plan
+
+
+def load_checkpoint(e, run, pstate, plan: LoadPlan) -> Dict:
+    """Restore everything ``plan`` says; return the saved iteration / consumed_samples /
+    consumed_tokens.
+
+    In the layout that wrote it, DeepSpeed's files are loaded and the resume is bit-exact. In any
+    other layout the layout-independent state is loaded instead (weights, Adam moments and step,
+    LR schedule position, data position); RNG streams restart from the seed, since dropout
+    streams are per-rank. There the engine must already hold optimizer state when
+    ``plan.needs_optimizer_state``.
+    """
+    load_dir, tag, tag_dir = plan.load_dir, plan.tag, plan.tag_dir
+    engine, state = e.deepspeed, plan.state
+    for note in plan.notes if dist.get_rank() == 0 else ():
         print(f"> --load {load_dir}: {note}", flush=True)
-    if diffs:
+    if plan.diffs:
         if dist.get_rank() == 0:
-            print(f"> --load {load_dir}: layout changed ({'; '.join(diffs)}); loading the "
+            print(f"> --load {load_dir}: layout changed ({'; '.join(plan.diffs)}); loading the "
                   "layout-independent state", flush=True)
-        load_universal(engine, e.model, pstate, run.model, tag_dir,
-                       materialize_optimizer_state if load_optim and optimizer_saved else None)
-        if load_optim:
+        load_universal(engine, e.module, pstate, run.model, tag_dir, plan.needs_optimizer_state)
+        if plan.load_optim:
             e.schedule.load_state_dict({"num_steps": state["iteration"],
                                         "num_samples": state["consumed_samples"]})
         engine.global_steps = state["iteration"]
         engine.global_samples = state["consumed_samples"]
         return state
-    path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optim,
-                                     load_lr_scheduler_states=load_optim,
-                                     load_module_only=not load_optim)
+    path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=plan.load_optim,
+                                     load_lr_scheduler_states=plan.load_optim,
+                                     load_module_only=not plan.load_optim)
     if path is None:
         raise ConfigError(f"--load {load_dir}: DeepSpeed found no checkpoint files under {tag}")
-    if load_rng:
+    if plan.load_rng:
         rng_file = os.path.join(tag_dir, f"rng_rank{dist.get_rank():05d}.pt")
         if not os.path.isfile(rng_file):
             raise ConfigError(f"--load {load_dir}: {rng_file} missing (saved with another world "

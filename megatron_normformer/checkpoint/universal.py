@@ -330,24 +330,17 @@ def _set_lp(param, value: torch.Tensor) -> None:
 
 
 def load_universal(engine, module: torch.nn.Module, pstate, cfg: ModelConfig, tag_dir: str,
-                   materialize_optimizer_state: Optional[Callable[[], None]]) -> int:
-    """Load weights and Adam moments of any source layout into this engine. Returns the step.
+                   with_optimizer: bool) -> int:
+    """Load weights and, ``with_optimizer``, Adam moments of any source layout into this engine.
+    Returns the step.
 
-    ``materialize_optimizer_state`` must run one optimizer step of the engine (any batch): it is
-    called with every learning rate at 0, so weights do not move, and lets DeepSpeed create and link
-    its optimizer state, which is then overwritten. None loads the weights only (fresh optimizer).
+    ``with_optimizer`` needs the engine's optimizer state to exist already, which DeepSpeed creates
+    at its first step: the caller runs one at learning rate 0 (any batch; the weights do not move),
+    and that state is overwritten here. Without, the weights only are loaded (fresh optimizer).
     """
     reader = UniversalReader(tag_dir)
     check_same_model(reader.meta["model_config"], cfg.to_dict(), tag_dir)
-    with_optimizer = materialize_optimizer_state is not None
     if with_optimizer:
-        groups = engine.optimizer.param_groups
-        saved_lrs = [g["lr"] for g in groups]
-        for g in groups:
-            g["lr"] = 0.0
-        materialize_optimizer_state()
-        for g, lr in zip(groups, saved_lrs):
-            g["lr"] = lr
         if not _base_optimizer(engine).state:
             raise ConfigError(f"--load {tag_dir}: DeepSpeed created no optimizer state in the "
                               "warm-up step (fp16 overflow?); resume in the saving layout, or pass "

@@ -16,13 +16,18 @@ from megatron_normformer.parallel import random as tp_random
 from megatron_normformer.parallel.state import init_deepspeed_comm
 from megatron_normformer.training import diagnostics
 from megatron_normformer.training.schedule import LRSchedule
-from megatron_normformer.training.tasks import get_task
+from megatron_normformer.training.tasks import Task
 
 
 @dataclass
 class Engine:
-    engine: object  # deepspeed.DeepSpeedEngine
-    model: torch.nn.Module  # the task's model, or the stage's PipelineModule when pipelined
+    """What ``build_engine`` made for a run."""
+
+    deepspeed: object
+    """DeepSpeed's engine (``DeepSpeedEngine``, or ``PipelineEngine`` when pipelined): forward,
+    backward, step, checkpoints."""
+    module: torch.nn.Module
+    """The task's model, or this stage's PipelineModule when pipelined (the engine wraps it)."""
     schedule: LRSchedule
     ds_config: Dict
     zero_stage: int
@@ -106,12 +111,11 @@ def apply_recompute(model: torch.nn.Module, recompute, checkpoint, pipeline: boo
         model.recompute = LayerRecompute(checkpoint, recompute.method, recompute.num_layers)
 
 
-def build_engine(run: RunConfig, pstate, ds_config: Dict, task=None) -> Engine:
-    """``task`` (``training/tasks.py``, GPT when None) says which model to build."""
+def build_engine(run: RunConfig, pstate, ds_config: Dict, task: Task) -> Engine:
+    """``task`` (``training/tasks.py``) says which model to build."""
     import deepspeed
 
     check_deepspeed_version()
-    task = get_task(task)
     task.validate(run)
     check_precision(run)
     # Adopt the process group we already created (zero.Init and friends read deepspeed.comm).

@@ -28,20 +28,20 @@ import os
 import sys
 import time
 import traceback
-from typing import Dict, List, NoReturn, Optional, Set, Tuple
+from typing import Dict, List, NoReturn, Optional, Set, Tuple, Union
 
 import torch.distributed as dist
 
 from megatron_normformer.arguments import build_pretrain_parser, run_config_from_args
 from megatron_normformer.config import ConfigError
 from megatron_normformer.config import ds_config as dsc
-from megatron_normformer.data import TokenizerError, build_tokenizer
+from megatron_normformer.data.tokenizers import tokenizer_from_args
 from megatron_normformer.data.loader import DataError
 from megatron_normformer.parallel.state import ParallelState, initialize_distributed
 from megatron_normformer.runtime import phases, signals
 from megatron_normformer.runtime.launch_env import read_launch_env
-from megatron_normformer.training.loop import TrainingError, train
-from megatron_normformer.training.tasks import get_task
+from megatron_normformer.training.loop import RunSummary, TrainingError, train
+from megatron_normformer.training.tasks import Task, get_task
 
 
 def explicit_dests(parser, argv: List[str]) -> Set[str]:
@@ -56,21 +56,17 @@ def explicit_dests(parser, argv: List[str]) -> Set[str]:
 
 
 def _tokenizer_vocab(args) -> Optional[int]:
-    kind = args.tokenizer_type
-    if kind is None:
+    if args.tokenizer_type is None:
         if args.mock_data or args.vocab_size is not None:
             return None  # NullTokenizer semantics: --vocab-size sizes the model
         raise ConfigError("--tokenizer-type is required with --data-path (or give --vocab-size for "
                           "data made with the NullTokenizer)")
-    try:
-        return build_tokenizer(kind, args.tokenizer_model, args.vocab_file, args.merge_file,
-                               args.vocab_size).vocab_size
-    except (TokenizerError, OSError) as e:
-        raise ConfigError(str(e)) from None
+    return tokenizer_from_args(args).vocab_size
 
 
-def resolve(parser, argv: List[str], task=None):
-    """(args, run config, user DeepSpeed config or None); ConfigError on a bad combination."""
+def resolve(parser, argv: List[str], task: Union[None, str, Task] = None):
+    """(args, run config, user DeepSpeed config or None, the destinations of the flags written on
+    the command line); ConfigError on a bad combination."""
     task = get_task(task)
     args = parser.parse_args(argv)
     if args.tokenizer_type is None and args.vocab_file and args.merge_file:
@@ -93,7 +89,7 @@ def layout(run, user, explicit, world_size: int):
     return dsc.build(run, dp, gas, user), dp, gas
 
 
-def train_resolved(run, user=None, explicit=(), task=None):
+def train_resolved(run, user, explicit, task: Task) -> RunSummary:
     """Train on the already-initialised world; return the loop's summary."""
     ds, _, _ = layout(run, user, explicit, dist.get_world_size())
     pstate = ParallelState(run.parallel.tensor_model_parallel_size,
@@ -101,7 +97,7 @@ def train_resolved(run, user=None, explicit=(), task=None):
     return train(run, pstate, ds, run.model.vocab_size, task)
 
 
-def train_from_argv(argv: List[str], task=None) -> Dict:
+def train_from_argv(argv: List[str], task: Union[None, str, Task] = None) -> RunSummary:
     """In-process training from flags (tests, notebooks): ConfigError propagates. ``task``:
     ``"gpt"`` (default) or ``"bert"``."""
     task = get_task(task)
@@ -119,7 +115,10 @@ def one_line_errors(parser):
     return parser
 
 
-def main(argv: Optional[List[str]] = None, task=None) -> Dict:
+def main(argv: Optional[List[str]] = None, task: Union[None, str, Task] = None
+         ) -> Union[RunSummary, Dict]:
+    """The entry points' body; the summary of the run, or {} after ``--dry-run``. ``task``
+    (a name or a task; GPT when None) is resolved here, once."""
     argv = list(sys.argv[1:] if argv is None else argv)
     task = get_task(task)
     parser = one_line_errors(build_pretrain_parser(task.description))

@@ -66,6 +66,21 @@ class PlainBackend:
         self.optimizer.zero_grad(set_to_none=True)
 
 
+@contextlib.contextmanager
+def zero_learning_rate(optimizer):
+    """Every parameter group's learning rate at 0 inside, as it was after: a step there creates
+    the optimizer state (Adam's moments) without moving the weights."""
+    groups = optimizer.param_groups
+    saved = [g["lr"] for g in groups]
+    for g in groups:
+        g["lr"] = 0.0
+    try:
+        yield
+    finally:
+        for g, lr in zip(groups, saved):
+            g["lr"] = lr
+
+
 def loss_scale_exhausted(error: BaseException) -> bool:
     """Whether ``error`` is DeepSpeed's fp16 loss scaler giving up: gradients that overflow again
     at the minimum scale raise a bare ``Exception`` (``deepspeed/runtime/fp16/loss_scaler.py``,

@@ -15,7 +15,7 @@ data-parallel ranks and logs next to the loss.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Protocol, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,52 @@ from megatron_normformer.parallel.cross_entropy import masked_mean
 from megatron_normformer.training.metrics import flops_per_iteration
 
 Batch = Dict[str, torch.Tensor]
+
+
+class Task(Protocol):
+    """What a pretraining objective supplies to the shared engine, loop and checkpoints."""
+
+    name: str
+    """``gpt`` or ``bert``: the summary and the ``--dry-run`` output name it."""
+    bidirectional: bool
+    """Whether the model attends both ways (the masked-LM encoder)."""
+    description: str
+    """The entry point's ``--help`` description."""
+
+    def validate(self, run) -> None:
+        """Raise ConfigError naming the flag for a setting this objective cannot train with."""
+
+    def build_model(self, cfg: ModelConfig, pstate, seed: int, device) -> torch.nn.Module:
+        """The model of this rank's tensor-parallel slice, on ``device``."""
+
+    def external_parameters(self, model) -> List[torch.nn.Parameter]:
+        """Weights read outside their own module's forward (ZeRO-3 must gather them)."""
+
+    def build_datasets(self, run, num_samples: List[int], vocab_size: int):
+        """The train, validation and test datasets of ``num_samples`` samples each."""
+
+    def collate(self, run) -> Callable:
+        """The DataLoader's collate function."""
+
+    def loss(self, model, batch: Batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The micro-batch's loss to backpropagate and its extra metrics (scalar tensors)."""
+
+    def build_pipeline(self, cfg: ModelConfig, pstate, seed: int, activation_checkpoint_interval: int,
+                       run=None):
+        """This stage's PipelineModule for DeepSpeed's pipeline engine."""
+
+    def pipeline_batch(self, batch: Batch):
+        """The micro-batch as (inputs, labels), the form DeepSpeed's pipeline engine reads."""
+
+    def pipeline_extra(self, module, pstate) -> Dict[str, torch.Tensor]:
+        """The extra metrics of the micro-batches pipelined since the last call, on every rank."""
+
+    def dummy_batch(self, run) -> Batch:
+        """A micro-batch of zeros of the right shapes (the optimizer-state warm-up step)."""
+
+    def flops(self, cfg: ModelConfig, global_batch: int, seq: int, padded_vocab: int,
+              recompute: bool) -> float:
+        """Floating-point operations of one iteration of ``global_batch`` sequences."""
 
 
 def _to_device(tensor: torch.Tensor) -> torch.Tensor:
@@ -234,11 +280,12 @@ class MaskedLMTask:
                                    head_fraction=self.masking_prob, head_dense=True)
 
 
-TASKS = {"gpt": GPTTask(), "bert": MaskedLMTask()}
+TASKS: Dict[str, Task] = {"gpt": GPTTask(), "bert": MaskedLMTask()}
 
 
-def get_task(task: Optional[object]):
-    """A task object from its name (``gpt``, ``bert``) or itself; GPT when None."""
+def get_task(task: Union[None, str, Task]) -> Task:
+    """For the entry points: a task from its name (``gpt``, ``bert``) or itself; GPT when None.
+    Everything below them takes the resolved task."""
     if task is None:
         return TASKS["gpt"]
     if isinstance(task, str):
