@@ -43,16 +43,26 @@ ALLREDUCE_BUCKET_SIZE = int(5e8)  # the engine's gradient all-reduce buckets wit
 
 # -- parameters -------------------------------------------------------------------------------
 
+def _norm_parameters(cfg: ModelConfig, size: int) -> int:
+    """A norm's parameters: LayerNorm's weight and bias, RMSNorm's weight."""
+    return size * (2 if cfg.normalization == "LayerNorm" else 1)
+
+
 def layer_parameters(cfg: ModelConfig, tp: int = 1) -> Dict[str, int]:
-    """Parameters of one NormFormer layer on one TP rank, by tensor group."""
+    """Parameters of one NormFormer layer on one TP rank, by tensor group. Grouped-query attention
+    shrinks K and V to G heads; SwiGLU's fc1 holds gate and up (2F rows)."""
     h, f, heads = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads
+    qkv_rows = (heads + 2 * cfg.query_groups) * cfg.head_dim
+    fc1_rows = 2 * f if cfg.swiglu else f
+    bias = 1 if cfg.add_bias_linear else 0
     counts = {
-        "layernorms": 2 * h * (2 + (1 if cfg.scale_attn else 0)),  # input, pre-MLP[, post-attn]
-        "qkv": 3 * h * h // tp + 3 * h // tp,
-        "attention_output": h * h // tp + h,
-        "fc1": f * h // tp + f // tp,
-        "fc2": h * f // tp + h,
-        "ffn_layernorm": 2 * f // tp if cfg.scale_fc else 0,
+        "layernorms": _norm_parameters(cfg, h) * (2 + (1 if cfg.scale_attn else 0)),  # in, pre-MLP[, post-attn]
+        "qk_layernorms": 2 * _norm_parameters(cfg, cfg.head_dim) if cfg.qk_layernorm else 0,
+        "qkv": qkv_rows * h // tp + bias * qkv_rows // tp,
+        "attention_output": h * h // tp + bias * h,
+        "fc1": fc1_rows * h // tp + bias * fc1_rows // tp,
+        "fc2": h * f // tp + bias * h,
+        "ffn_layernorm": _norm_parameters(cfg, f) // tp if cfg.scale_fc else 0,
         "head_scale": (heads // tp if cfg.head_scale_position == "pre-proj" else heads)
         if cfg.scale_heads else 0,
         "resid_scale": h if cfg.scale_resids else 0,
@@ -62,21 +72,22 @@ def layer_parameters(cfg: ModelConfig, tp: int = 1) -> Dict[str, int]:
 
 def embedding_parameters(cfg: ModelConfig, tp: int = 1) -> int:
     """The word embedding shard (padded vocabulary / TP rows) and learned positions if any (with
-    their offset rows)."""
+    their offset rows); sinusoidal and rotary positions have no parameters."""
     rows = cfg.max_position_embeddings + cfg.position_embedding_offset
     positions = rows * cfg.hidden_size if cfg.position_embedding_type == "learned" else 0
     return cfg.padded_vocab_size(tp) // tp * cfg.hidden_size + positions
 
 
 def head_parameters(cfg: ModelConfig, tp: int = 1) -> int:
-    """What follows the last layer: final LayerNorm and the output layer (GPT), or the final
-    LayerNorm and RoBERTa's LM head (dense, LayerNorm, vocabulary bias) of the masked LM. The tied
+    """What follows the last layer: final norm and the output layer (GPT), or the final
+    norm and RoBERTa's LM head (dense, norm, vocabulary bias) of the masked LM. The tied
     projection is the embedding's and not counted here."""
     h = cfg.hidden_size
     vocab_rows = cfg.padded_vocab_size(tp) // tp
+    norm = _norm_parameters(cfg, h)
     if cfg.bidirectional:
-        return 2 * h + (h * h + h) + 2 * h + vocab_rows
-    final_ln = 2 * h if cfg.final_layernorm else 0
+        return norm + (h * h + h) + norm + vocab_rows
+    final_ln = norm if cfg.final_layernorm else 0
     return final_ln + (vocab_rows * h if cfg.untie_embeddings_and_output_weights else 0)
 
 
@@ -194,6 +205,23 @@ def _fused_attention(cfg: ModelConfig, lay: Layout, masked: bool) -> bool:
     return cfg.attention_dropout == 0.0 and not masked
 
 
+def _norm_kept(cfg: ModelConfig, lay: Layout, size: int) -> int:
+    """Bytes per token a norm over ``size`` features keeps besides its input (or the input's copy,
+    ``_norm_keeps_copy``). A LayerNorm: mean and rstd, fp32 on GPUs, the input's dtype on CPUs. An
+    RMSNorm (model/norms.py, autograd over torch ops): rstd in fp32 and the normalised tensor
+    before the weight."""
+    p = lay.dtype_bytes
+    if cfg.normalization == "LayerNorm":
+        return 2 * (4 if lay.device == "cuda" else p)
+    return 4 + size * p
+
+
+def _norm_keeps_copy(cfg: ModelConfig, lay: Layout) -> bool:
+    """Whether a norm keeps an fp32 copy of its input rather than the input: an RMSNorm of a 16-bit
+    one (a LayerNorm, and any norm in fp32, keeps the input itself)."""
+    return cfg.normalization == "RMSNorm" and lay.dtype_bytes < 4
+
+
 def layer_activations(cfg: ModelConfig, lay: Layout, masked: bool = False) -> Dict[str, int]:
     """Bytes one NormFormer layer keeps for its backward pass, per micro-batch, on one rank, by
     what keeps them (model/layer.py, attention.py, mlp.py, norms.py), without recomputation or
@@ -205,8 +233,7 @@ def layer_activations(cfg: ModelConfig, lay: Layout, masked: bool = False) -> Di
     h, f = cfg.hidden_size, cfg.ffn_hidden_size
     heads = cfg.num_attention_heads // t
     mask = 1 if lay.device == "cuda" else p  # dropout keeps a bool mask on GPU, a scaled one on CPU
-    # A LayerNorm keeps mean and rstd per token: fp32 on GPUs, the input's dtype on CPUs.
-    stats = 2 * (4 if lay.device == "cuda" else p)
+    stats = _norm_kept(cfg, lay, h)
     norms = 3 if cfg.scale_attn else 2
 
     out: Dict[str, int] = {}
@@ -215,11 +242,23 @@ def layer_activations(cfg: ModelConfig, lay: Layout, masked: bool = False) -> Di
     # under sequence parallelism, which gathers it again in the backward pass), the attention
     # output if the post-attention LN takes it, the residual after attention (kept by the pre-MLP
     # LN and ResScale), the LNs' statistics, two dropout masks.
-    out["residual_stream"] = local * h * p * (4 + (1 if cfg.scale_attn else 0)) + local * stats * norms
+    # An RMSNorm of a 16-bit input keeps an fp32 copy instead, and then the residual after attention
+    # is kept only by ResScale.
+    if _norm_keeps_copy(cfg, lay):
+        inputs = local * h * 4 * norms + (local * h * p if cfg.scale_resids else 0)
+    else:
+        inputs = local * h * p * norms
+    out["residual_stream"] = 2 * local * h * p + inputs + local * stats * norms
     out["dropout_masks"] = 2 * local * h * mask if cfg.hidden_dropout > 0 else 0
 
     selective = lay.recompute is not None and lay.recompute.granularity == "selective"
-    qkv = 3 * tokens * h // t * p
+    qkv_features = (cfg.num_attention_heads + 2 * cfg.query_groups) * cfg.head_dim  # K, V: G heads
+    qkv = tokens * qkv_features // t * p
+    if cfg.position_embedding_type == "rope":
+        # Rotated q and k are new tensors, which SDPA keeps; the rotation keeps the layer's cos and
+        # sin, [seq, rotary_dim] each (per row of the batch under --reset-position-ids, not counted).
+        qkv += tokens * (cfg.num_attention_heads + cfg.query_groups) * cfg.head_dim // t * p
+    cos_sin = 2 * s * cfg.rotary_dim * p if cfg.position_embedding_type == "rope" else 0
     context = tokens * h // t * p
     if _fused_attention(cfg, lay, masked):
         # q, k, v are views of the QKV output; SDPA's output is W_O's input (a view of it).
@@ -235,6 +274,7 @@ def layer_activations(cfg: ModelConfig, lay: Layout, masked: bool = False) -> Di
         score_mask = 1 if lay.device == "cuda" else 4
         score_bytes = scores * 4 + (scores * (score_mask + 4) if cfg.attention_dropout > 0 else 0)
         out["attention"] = 3 * tokens * h // t * 4 + score_bytes + context
+    out["attention"] += cos_sin
     if cfg.scale_heads and cfg.head_scale_position == "pre-proj":
         # HeadScale scales the smaller of W_O's input and W_O (parallel/layers.py): the scaled
         # copy is what W_O's matmul keeps, the multiply the per-feature gammas.
@@ -244,13 +284,26 @@ def layer_activations(cfg: ModelConfig, lay: Layout, masked: bool = False) -> Di
     # relu and relu^2 the relu output), the activation output if its consumer keeps its input
     # (fc2, or the TP=1 FFN LN; the partitioned FFN LN keeps x-hat in fp32 instead), the FFN LN
     # output (fc2's input).
+    # SwiGLU keeps fc1's 2F outputs (gate for silu, up for the product) and silu's output.
     ff = tokens * f // t
-    keeps_input = not (cfg.scale_fc and t > 1)
-    mlp = ff * p
-    if cfg.activation_fn != "relu" and keeps_input:
-        mlp += ff * p
+    rms = cfg.normalization == "RMSNorm"
+    # The FFN norm's consumer keeps its input, unless it is the partitioned LayerNorm (which keeps
+    # x-hat) or an RMSNorm of a 16-bit input (an fp32 copy).
+    if rms and cfg.scale_fc:
+        keeps_input = not _norm_keeps_copy(cfg, lay)
+    else:
+        keeps_input = not (cfg.scale_fc and t > 1)
+    if cfg.swiglu:
+        mlp = 3 * ff * p + (ff * p if keeps_input else 0)
+    else:
+        mlp = ff * p
+        if cfg.activation_fn != "relu" and keeps_input:
+            mlp += ff * p
     if cfg.scale_fc:
-        mlp += ff * p + (tokens * stats if t == 1 else ff * 4 + tokens * 4)
+        if rms:
+            mlp += ff * p + tokens * _norm_kept(cfg, lay, f // t) + (ff * 4 if not keeps_input else 0)
+        else:
+            mlp += ff * p + (tokens * stats if t == 1 else ff * 4 + tokens * 4)
     out["mlp"] = mlp
     return out
 
@@ -296,7 +349,10 @@ def head_activations(cfg: ModelConfig, lay: Layout) -> int:
     h, p = cfg.hidden_size, lay.dtype_bytes
     n = tokens * h * p
     if cfg.final_layernorm:
-        n += local * h * p + local * 8
+        if cfg.normalization == "LayerNorm":
+            n += local * h * p + local * 8
+        else:
+            n += local * h * (4 if _norm_keeps_copy(cfg, lay) else p) + local * _norm_kept(cfg, lay, h)
     if cfg.bidirectional:  # RoBERTa's head transform on the scored positions: dense, gelu, LN
         scored = int(tokens * MASKING_PROB)
         n += scored * h * p * 3 + scored * 8

@@ -24,6 +24,11 @@ from megatron_normformer.model.summary import summarize
 from train_utils import PYTHON, ROOT
 
 TOOL = os.path.join(ROOT, "tools", "estimate_memory.py")
+# Issue 24's options together (Llama's architecture).
+MODERN = dict(position_embedding_type="rope", swiglu=True, num_query_groups=4, normalization="RMSNorm",
+              add_bias_linear=False, untie_embeddings_and_output_weights=True)
+MODERN_FLAGS = ("--position-embedding-type rope --swiglu --group-query-attention --num-query-groups 2 "
+                "--normalization RMSNorm --disable-bias-linear")
 
 
 def run_config(*flags):
@@ -42,6 +47,11 @@ def run_config(*flags):
     (ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=1000,
                  bidirectional=True, position_embedding_type="learned", max_position_embeddings=64,
                  scale_attn=True, scale_fc=True), 2),
+    (ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=8, vocab_size=1000, **MODERN), 4),
+    (ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=8, vocab_size=1000, **MODERN,
+                 scale_attn=True, scale_fc=True, scale_heads=True, scale_resids=True), 2),
+    (ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=8, vocab_size=1000,
+                 num_query_groups=2, swiglu=True), 2),
 ])
 def test_parameters_equal_the_real_models(cfg, tp):
     real = summarize(cfg, tp)
@@ -114,20 +124,24 @@ def test_pipeline_transfers_are_counted_where_deepspeed_keeps_them():
         assert last.detail.get("pipe_received") == received
 
 
-@pytest.mark.parametrize("activation, scale_fc, dropout, dtype", [
-    ("gelu", True, 0.0, torch.float32),
-    ("gelu", True, 0.1, torch.float32),
-    ("gelu", True, 0.1, torch.bfloat16),
-    ("relu_squared", False, 0.1, torch.float32),
-    ("relu", True, 0.0, torch.bfloat16),
+@pytest.mark.parametrize("activation, scale_fc, dropout, dtype, modern", [
+    ("gelu", True, 0.0, torch.float32, False),
+    ("gelu", True, 0.1, torch.float32, False),
+    ("gelu", True, 0.1, torch.bfloat16, False),
+    ("relu_squared", False, 0.1, torch.float32, False),
+    ("relu", True, 0.0, torch.bfloat16, False),
+    (None, True, 0.0, torch.float32, True),
+    (None, True, 0.1, torch.bfloat16, True),
+    (None, False, 0.0, torch.bfloat16, True),
 ])
-def test_layer_activations_equal_what_autograd_keeps(activation, scale_fc, dropout, dtype):
+def test_layer_activations_equal_what_autograd_keeps(activation, scale_fc, dropout, dtype, modern):
     from megatron_normformer.model.layer import NormFormerLayer
     from megatron_normformer.parallel.random import seed_everything
     from megatron_normformer.parallel.state import SingleProcessState
 
     flags = (f"--num-layers 1 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
-             f"--max-position-embeddings 32 --micro-batch-size 2 --activation-fn {activation} "
+             f"--max-position-embeddings 32 --micro-batch-size 2 "
+             + (MODERN_FLAGS if modern else f"--activation-fn {activation}") + " "
              f"--hidden-dropout {dropout} --attention-dropout {dropout} --scale-attn --scale-heads "
              f"--scale-resids" + (" --scale-fc" if scale_fc else "") + (" --bf16" if dtype == torch.bfloat16 else ""))
     run = run_config(flags)

@@ -66,3 +66,36 @@ def test_padding_excluded_and_per_rank_counts():
     assert s1["total_parameters"] == s4["total_parameters"]
     assert s1["vocab_padding_parameters"] == (1024 - 1000) * 64
     assert s4["parameters_per_tp_rank"] < s1["parameters_per_tp_rank"]
+
+
+def _llama_formula(layers, d, heads, groups, ffn, vocab):
+    """Llama's count by hand: per layer q, o (d x d), k, v (d x G head_dim each), gate, up, down
+    (d x F each) and two RMSNorm weights; untied input and output embeddings; the final norm."""
+    kv = 2 * d * groups * (d // heads)
+    return layers * (2 * d * d + kv + 3 * d * ffn + 2 * d) + 2 * vocab * d + d
+
+
+@pytest.mark.parametrize("size,expected", [
+    ("llama-150M", 272_517_888),
+    ("llama-1B", 1_498_482_688),
+    ("llama-3B", 3_606_752_256),
+    ("llama-8B", 8_030_261_248),  # Llama 3.1 8B's published count
+])
+def test_llama_presets(size, expected):
+    """Each Llama-style preset (at Llama 3's 128,256-token vocabulary, a multiple of 128) against
+    the hand formula and against the model built on the meta device (summarize), through the flags."""
+    from megatron_normformer.arguments import add_model_args, model_config_from_args
+    import argparse
+
+    args = add_model_args(argparse.ArgumentParser()).parse_args(["--model-size", size])
+    cfg = model_config_from_args(args, vocab_size=128_256)
+    assert (cfg.swiglu, cfg.normalization, cfg.add_bias_linear, cfg.position_embedding_type,
+            cfg.untie_embeddings_and_output_weights, cfg.scale_embedding) == \
+        (True, "RMSNorm", False, "rope", True, False)
+    preset = MODEL_SIZE_PRESETS[size]
+    formula = _llama_formula(preset.num_layers, preset.hidden_size, preset.num_attention_heads,
+                             preset.num_query_groups, preset.ffn_hidden_size, 128_256)
+    assert formula == expected
+    assert summarize(cfg)["total_parameters"] == expected
+    from megatron_normformer.memory import total_parameters
+    assert total_parameters(cfg) == expected  # the estimator's count (no padding at this vocabulary)

@@ -270,7 +270,7 @@ class SizePreset:
 
 
 # fairseq's gpt3 presets (ffn = 4 x hidden), the RoBERTa/BERT encoders, and a Llama-style family:
-# llama-1B/3B/8B are Llama 3.2 1B / 3.2 3B / 3.1 8B's shapes, llama-160M a small sibling of 125M.
+# llama-1B/3B/8B are Llama 3.2 1B / 3.2 3B / 3.1 8B's shapes, llama-150M the 125M shape (154M with an untied 51,200-row vocabulary).
 MODEL_SIZE_PRESETS = {
     "125M": SizePreset(12, 768, 12),
     "355M": SizePreset(24, 1024, 16),
@@ -282,7 +282,7 @@ MODEL_SIZE_PRESETS = {
     "175B": SizePreset(96, 12288, 96),
     "bert-base": SizePreset(12, 768, 12),
     "bert-large": SizePreset(24, 1024, 16),
-    "llama-160M": SizePreset(12, 768, 12, ffn_hidden_size=2048, num_query_groups=4, llama=True),
+    "llama-150M": SizePreset(12, 768, 12, ffn_hidden_size=2048, num_query_groups=4, llama=True),
     "llama-1B": SizePreset(16, 2048, 32, ffn_hidden_size=8192, num_query_groups=8, llama=True),
     "llama-3B": SizePreset(28, 3072, 24, ffn_hidden_size=8192, num_query_groups=8, llama=True),
     "llama-8B": SizePreset(32, 4096, 32, ffn_hidden_size=14336, num_query_groups=8, llama=True),

@@ -121,18 +121,21 @@ class PartitionedLayerNorm(nn.Module):
 
 # -- RMSNorm ------------------------------------------------------------------------------------
 
-def _rms_normalise(x: torch.Tensor, weight: torch.Tensor, mean_square: torch.Tensor,
-                   eps: float) -> torch.Tensor:
-    """weight * (x / rms) with the division in float32 (or wider) and the product in x's dtype,
-    transformers' LlamaRMSNorm semantics."""
-    compute = torch.promote_types(x.dtype, torch.float32)
-    normed = x.to(compute) * torch.rsqrt(mean_square + eps)
-    return weight * normed.to(x.dtype)
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 (or wider), where the normalisation is computed."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _rms_normalise(x: torch.Tensor, wide: torch.Tensor, weight: torch.Tensor,
+                   mean_square: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x / rms) with the division on ``wide`` (``_wide(x)``, one copy shared with the
+    mean square) and the product in x's dtype: transformers' LlamaRMSNorm semantics."""
+    return weight * (wide * torch.rsqrt(mean_square + eps)).to(x.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    compute = torch.promote_types(x.dtype, torch.float32)
-    return _rms_normalise(x, weight, x.to(compute).square().mean(dim=-1, keepdim=True), eps)
+    wide = _wide(x)
+    return _rms_normalise(x, wide, weight, wide.square().mean(dim=-1, keepdim=True), eps)
 
 
 class RMSNorm(nn.Module):
@@ -152,10 +155,10 @@ def partitioned_rms_norm(x, weight, eps: float, group) -> torch.Tensor:
     """Exact RMSNorm over the last dimension of ``x`` concatenated across ``group``: the sum of
     squares is all-reduced forward, and its gradient (every rank's output depends on it) all-reduced
     backward: reduce_from (sum forward) composed with copy_to (sum backward)."""
-    compute = torch.promote_types(x.dtype, torch.float32)
-    square_sum = x.to(compute).square().sum(dim=-1, keepdim=True)
+    wide = _wide(x)
+    square_sum = wide.square().sum(dim=-1, keepdim=True)
     square_sum = copy_to_tensor_parallel(reduce_from_tensor_parallel(square_sum, group), group)
-    return _rms_normalise(x, weight, square_sum / (x.size(-1) * _group_size(group)), eps)
+    return _rms_normalise(x, wide, weight, square_sum / (x.size(-1) * _group_size(group)), eps)
 
 
 class PartitionedRMSNorm(nn.Module):

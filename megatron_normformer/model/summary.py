@@ -50,6 +50,11 @@ def summarize(cfg: ModelConfig, tensor_parallel_size: int = 1) -> dict:
         "hidden_size": cfg.hidden_size,
         "ffn_hidden_size": cfg.ffn_hidden_size,
         "num_attention_heads": cfg.num_attention_heads,
-        "activation_fn": cfg.activation_fn,
+        "num_query_groups": cfg.query_groups,
+        "activation_fn": "swiglu" if cfg.swiglu else cfg.activation_fn,
+        "position_embedding_type": cfg.position_embedding_type,
+        "normalization": cfg.normalization,
+        "add_bias_linear": cfg.add_bias_linear,
+        "untie_embeddings_and_output_weights": cfg.untie_embeddings_and_output_weights,
         "normformer": {k: getattr(cfg, k) for k in ("scale_attn", "scale_fc", "scale_heads", "scale_resids")},
     }

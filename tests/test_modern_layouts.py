@@ -1,0 +1,193 @@
+"""Issue 24's options on every layout: rotary positions, SwiGLU, grouped-query attention, RMSNorm,
+bias-free linears, an untied output, each alone and all together, with and without the four
+NormFormer operations.
+
+The model (one forward and backward from one seed, no DeepSpeed): TP=2 for each option alone, TP 2
+and 4 with and without sequence parallelism for all together, and grouped-query attention at TP=4
+with G = 4 (the fewest groups TP=4 allows) and G = H give bit-identical full weights, the loss and
+logits to 1e-5 and every gathered gradient to 1e-5 of one process (test_tensor_parallel's bounds).
+
+Training (DeepSpeed, 5 iterations, test_train_layout's 1e-4): all together with and without
+NormFormer at PP=2, at ZeRO-3 with every parameter partitioned (DP=2), and under sequence
+parallelism at TP=2 give one process's losses and gradient norms; a checkpoint saved at TP=2 after
+3 iterations resumes at TP=1 and at PP=2 and continues the single-process curve.
+"""
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from megatron_normformer.config import ModelConfig
+from megatron_normformer.testing import spawn
+from train_utils import assert_close, train_many
+
+# 8 heads of 8 dims (rotary_percent 0.5 still rotates an even 4), F = 128: every count divides by 4.
+BASE = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=8, ffn_hidden_size=128,
+                   vocab_size=100, max_position_embeddings=8, hidden_dropout=0.0,
+                   attention_dropout=0.0)
+NORMFORMER = dict(scale_attn=True, scale_fc=True, scale_heads=True, scale_resids=True)
+MODERN = dict(position_embedding_type="rope", swiglu=True, num_query_groups=4, normalization="RMSNorm",
+              add_bias_linear=False, untie_embeddings_and_output_weights=True)
+ALONE = {  # at TP=2, each with the NormFormer operations so that every norm kind meets them
+    "rope": dict(NORMFORMER, position_embedding_type="rope", rotary_base=500, rotary_percent=0.5),
+    "swiglu": dict(NORMFORMER, swiglu=True),
+    "gqa": dict(NORMFORMER, num_query_groups=2),
+    "rmsnorm": dict(NORMFORMER, normalization="RMSNorm"),
+    "no_bias": dict(NORMFORMER, add_bias_linear=False),
+    "untied": dict(NORMFORMER, untie_embeddings_and_output_weights=True),
+}
+TOGETHER = {"modern": MODERN, "modern_normformer": dict(MODERN, **NORMFORMER)}
+GQA_TP4 = {"gqa_g4": dict(NORMFORMER, num_query_groups=4), "gqa_g8": dict(NORMFORMER, num_query_groups=8)}
+LAYOUTS = {  # name: (TP, sequence parallel, configs)
+    "tp2": (2, False, {**ALONE, **TOGETHER}),
+    "sp2": (2, True, TOGETHER),
+    "tp4": (4, False, {**TOGETHER, **GQA_TP4}),
+    "sp4": (4, True, TOGETHER),
+}
+ALL_CONFIGS = {**ALONE, **TOGETHER, **GQA_TP4}
+
+
+def _run(tp, sequence_parallel, names):
+    import torch.distributed as dist
+
+    from megatron_normformer.checkpoint.shards import full_tensor
+    from megatron_normformer.model.gpt import GPTModel
+    from megatron_normformer.parallel.random import seed_everything
+    from megatron_normformer.parallel.state import ParallelState
+
+    pstate = ParallelState(tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel)
+    out = {}
+    for name in names:
+        cfg = dataclasses.replace(BASE, **ALL_CONFIGS[name]).validate(tp)
+        seed_everything(7, pstate.tp_rank)
+        model = GPTModel(cfg, pstate, seed=11)
+        # 16 positions, past max_position_embeddings (8): rotary positions have no table to run off.
+        tokens = torch.randint(0, cfg.vocab_size, (3, 17), generator=torch.Generator().manual_seed(5))
+        if cfg.position_embedding_type != "rope":
+            tokens = tokens[:, :9]
+        loss = model(tokens[:, :-1], tokens[:, 1:]).mean()
+        loss.backward()
+        with torch.no_grad():
+            logits = model.gather_logits(model(tokens[:, :-1]))
+        weights, grads = {}, {}
+        for pname, p in model.named_parameters():
+            w = full_tensor(p, p.detach(), pstate.tp_group)
+            g = full_tensor(p, p.grad, pstate.tp_group)
+            if pname.endswith("word_embeddings.weight") or pname == "head.weight":
+                w, g = w[: cfg.vocab_size], g[: cfg.vocab_size]  # padding differs with TP
+            weights[pname], grads[pname] = w, g
+        out[name] = dict(loss=loss.item(), logits=logits, weights=weights, grads=grads)
+    dist.barrier()
+    return out if dist.get_rank() == 0 else None
+
+
+@pytest.fixture(scope="module")
+def model_results():
+    out = {"tp1": spawn(_run, 1, 1, False, list(ALL_CONFIGS))[0]}
+    for layout, (tp, sp, configs) in LAYOUTS.items():
+        out[layout] = spawn(_run, tp, tp, sp, list(configs))[0]
+    return out
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("layout,config", [(layout, name) for layout, (_, _, configs) in LAYOUTS.items()
+                                           for name in configs])
+def test_layout_matches_single_process(model_results, layout, config):
+    ref, got = model_results["tp1"][config], model_results[layout][config]
+    assert ref["weights"].keys() == got["weights"].keys()
+    for name in ref["weights"]:
+        assert torch.equal(ref["weights"][name], got["weights"][name]), name
+    assert abs(got["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"])
+    assert _rel(got["logits"], ref["logits"]) < 1e-5
+    for name in ref["grads"]:
+        assert _rel(got["grads"][name], ref["grads"][name]) < 1e-5, name
+
+
+def test_options_shape_the_parameters(model_results):
+    """Each option changes the parameters it should, and every parameter gets a gradient."""
+    runs = model_results["tp1"]
+    shapes = {c: {n: tuple(w.shape) for n, w in runs[c]["weights"].items()} for c in runs}
+    layer = "layers.0."
+    d, f, head_dim = BASE.hidden_size, BASE.ffn_hidden_size, BASE.head_dim
+    assert shapes["swiglu"][layer + "mlp.fc1.weight"] == (2 * f, d)
+    assert shapes["gqa"][layer + "attention.qkv.weight"] == ((8 + 2 * 2) * head_dim, d)
+    assert shapes["gqa_g8"][layer + "attention.qkv.weight"] == (3 * d, d)
+    assert not any(n.endswith("layernorm.bias") for n in shapes["rmsnorm"])
+    assert shapes["rmsnorm"][layer + "mlp.ffn_layernorm.weight"] == (f,)
+    assert not any(n.endswith(("qkv.bias", "dense.bias", "fc1.bias", "fc2.bias")) for n in shapes["no_bias"])
+    assert any(n.endswith("input_layernorm.bias") for n in shapes["no_bias"])  # LayerNorm keeps its
+    assert not any("position_embeddings" in n for n in shapes["rope"])
+    assert "head.weight" in shapes["untied"] and "head.weight" not in shapes["swiglu"]
+    for config, run in runs.items():
+        for name, g in run["grads"].items():
+            assert g.abs().sum() > 0, (config, name)
+
+
+def test_each_option_changes_the_model(model_results):
+    """No option is silently ignored: each alone gives another loss than the NormFormer model
+    without it (all draw from the same seed)."""
+    runs = model_results["tp1"]
+    losses = {c: runs[c]["loss"] for c in ALONE}
+    assert len({round(v, 6) for v in losses.values()}) == len(losses), losses
+
+
+# -- training: PP=2, ZeRO-3, sequence parallelism, layout-changing resume -----------------------
+
+ITERS, GLOBAL = 5, 8
+TRAIN = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --ffn-hidden-size 64 "
+         "--seq-length 16 --max-position-embeddings 8 --vocab-size 128 --mock-data "
+         "--hidden-dropout 0 --attention-dropout 0 --lr 3e-3 --lr-warmup-iters 2 "
+         "--num-workers 0 --log-interval 1 --eval-iters 0 --seed 7 "
+         f"--train-iters {ITERS} --global-batch-size {GLOBAL} "
+         "--position-embedding-type rope --swiglu --group-query-attention --num-query-groups 2 "
+         "--normalization RMSNorm --disable-bias-linear --untie-embeddings-and-output-weights").split()
+TRAIN_NORMFORMER = "--scale-attn --scale-fc --scale-heads --scale-resids".split()
+
+
+def _argv(normformer, *extra):
+    return TRAIN + (TRAIN_NORMFORMER if normformer else []) + " ".join(map(str, extra)).split()
+
+
+@pytest.fixture(scope="module")
+def train_results(tmp_path_factory):
+    save = str(tmp_path_factory.mktemp("ckpt") / "tp2")
+    z3 = "--micro-batch-size 2 --zero-stage 3 --zero-param-persistence-threshold 0"
+    two_runs = []
+    for nf in (False, True):
+        two_runs += [_argv(nf, "--micro-batch-size 4 --pipeline-model-parallel-size 2"),
+                     _argv(nf, z3),
+                     _argv(nf, "--micro-batch-size 4 --tensor-model-parallel-size 2 --sequence-parallel")]
+    two_runs += [_argv(True, f"--micro-batch-size 4 --tensor-model-parallel-size 2 --save {save} "
+                             "--exit-interval 3"),
+                 _argv(True, f"--micro-batch-size 4 --pipeline-model-parallel-size 2 --load {save}")]
+    two = spawn(train_many, 2, two_runs)[0]
+    one = spawn(train_many, 1, [_argv(False, "--micro-batch-size 4"), _argv(True, "--micro-batch-size 4"),
+                                _argv(True, f"--micro-batch-size 4 --load {save}")])[0]
+    return one, two
+
+
+@pytest.mark.parametrize("normformer", [False, True])
+@pytest.mark.parametrize("layout", ["pp2", "zero3", "sp2"])
+def test_training_layout_matches_single_process(train_results, normformer, layout):
+    one, two = train_results
+    ref, got = one[int(normformer)], two[3 * int(normformer) + ["pp2", "zero3", "sp2"].index(layout)]
+    assert len(ref["losses"]) == ITERS
+    assert_close(got["losses"], ref["losses"], 1e-4)
+    if layout != "pp2":  # the pipeline engine reports no gradient norm without clipping
+        assert_close(got["grad_norms"], ref["grad_norms"], 1e-4, "grad norm")
+    if layout == "zero3":
+        assert got["zero3"]["partitioned"] > 0 and got["zero3"]["whole"] == 0, got["zero3"]
+
+
+def test_layout_changing_resume_continues_the_curve(train_results):
+    one, two = train_results
+    ref = one[1]["losses"]
+    saved, resumed_pp2, resumed_tp1 = two[6]["losses"], two[7]["losses"], one[2]["losses"]
+    assert_close(saved, {k: ref[k] for k in saved}, 1e-4)
+    assert sorted(saved) == [1, 2, 3] and sorted(resumed_pp2) == sorted(resumed_tp1) == [4, 5]
+    assert_close(resumed_pp2, {k: ref[k] for k in resumed_pp2}, 1e-4)
+    assert_close(resumed_tp1, {k: ref[k] for k in resumed_tp1}, 1e-4)
