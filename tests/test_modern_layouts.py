@@ -191,3 +191,77 @@ def test_layout_changing_resume_continues_the_curve(train_results):
     assert sorted(saved) == [1, 2, 3] and sorted(resumed_pp2) == sorted(resumed_tp1) == [4, 5]
     assert_close(resumed_pp2, {k: ref[k] for k in resumed_pp2}, 1e-4)
     assert_close(resumed_tp1, {k: ref[k] for k in resumed_tp1}, 1e-4)
+
+
+# -- flags ----------------------------------------------------------------------------------------
+
+def _model_flags(*argv, tp=1):
+    from megatron_normformer.arguments import build_pretrain_parser, model_config_from_args
+
+    args = build_pretrain_parser().parse_args(
+        ["--tensor-model-parallel-size", str(tp), *" ".join(argv).split()])
+    return model_config_from_args(args, vocab_size=1000)
+
+
+def test_megatron_deepspeed_spellings_equal_megatron_lm_ones():
+    lm = _model_flags("--position-embedding-type rope --rotary-base 500000 --swiglu "
+                      "--group-query-attention --num-query-groups 4 --normalization RMSNorm "
+                      "--disable-bias-linear")
+    ds = _model_flags("--use-rotary-position-embeddings --rotary-position-embeddings-theta 500000 "
+                      "--swiglu --num-key-value-heads 4 --normalization rmsnorm --disable-bias-linear")
+    assert lm == ds
+    assert (lm.rotary_base, lm.num_query_groups, lm.normalization, lm.add_bias_linear) == \
+        (500000, 4, "RMSNorm", False)
+    # Megatron-LM's rule: two thirds of 4 x 768 rounded down to a multiple of 64.
+    assert lm.ffn_hidden_size == 2048
+    assert _model_flags("--group-query-attention").num_query_groups == 1  # multi-query
+
+
+def test_rope_is_not_bounded_by_the_position_table():
+    from megatron_normformer.arguments import build_pretrain_parser, run_config_from_args
+
+    argv = "--mock-data --train-iters 1 --vocab-size 100 --seq-length 64 --max-position-embeddings 16"
+    run = run_config_from_args(build_pretrain_parser().parse_args(
+        (argv + " --position-embedding-type rope").split()))
+    assert run.train.seq_length == 64 and run.model.max_sequence_length is None
+    from megatron_normformer.config import ConfigError
+    with pytest.raises(ConfigError, match="--max-position-embeddings"):
+        run_config_from_args(build_pretrain_parser().parse_args(argv.split()))
+
+
+def test_old_configs_load_as_the_old_model():
+    saved = dataclasses.asdict(BASE)
+    for name in ("position_embedding_type", "rotary_base", "rotary_percent", "swiglu",
+                 "num_query_groups", "normalization", "add_bias_linear", "qk_layernorm"):
+        saved.pop(name)
+    old = ModelConfig.from_dict(saved)
+    assert old == dataclasses.replace(BASE, position_embedding_type="sinusoidal")
+
+
+@pytest.mark.parametrize("argv,tp,message", [
+    ("--group-query-attention --num-query-groups 5", 1,
+     "--num-query-groups (5) must be a positive divisor of --num-attention-heads (12)"),
+    ("--group-query-attention --num-query-groups 2", 4,
+     "--num-query-groups (2) must be divisible by --tensor-model-parallel-size (4)"),
+    ("--num-query-groups 2", 1, "--num-query-groups needs --group-query-attention"),
+    ("--group-query-attention --num-query-groups 2 --num-key-value-heads 4", 1,
+     "--num-query-groups 2 contradicts --num-key-value-heads 4"),
+    ("--position-embedding-type rope --rotary-percent 0.1 --num-attention-heads 24", 1,
+     "--rotary-percent 0.1 of head_dim 32 rotates 3 dims"),
+    ("--position-embedding-type rope --rotary-percent 0", 1, "--rotary-percent must be in (0, 1]"),
+    ("--position-embedding-type rope --position-embedding-offset 2", 1,
+     "--position-embedding-offset offsets a position table"),
+    ("--swiglu --activation-fn gelu", 1, "--swiglu gates with silu; --activation-fn gelu"),
+    ("--model-size llama-1B --activation-fn relu", 1, "--swiglu gates with silu; --activation-fn relu"),
+])
+def test_bad_combinations_stop_with_one_line_naming_the_flags(argv, tp, message):
+    from megatron_normformer.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        _model_flags(argv, tp=tp)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_normalization_choices():
+    with pytest.raises(SystemExit):
+        _model_flags("--normalization BatchNorm")
