@@ -3,9 +3,11 @@
     result = generate(model, [prompt_ids, ...], max_new_tokens=64, sampling=SamplingConfig(...),
                       eod=tokenizer.eod, seed=1234)
 
-Prompts of different lengths are left-padded (see ``kv_cache``). With ``use_cache`` the prompt is
-run once (prefill) and each step feeds one token; without it every step recomputes the whole
-sequence, which is the reference the cache is tested against.
+Prompts of different lengths are left-padded (see ``kv_cache``). A model with a position table
+(sinusoidal or learned) decodes up to ``--max-position-embeddings`` positions; rotary positions have
+no such bound. With ``use_cache`` the prompt is run once (prefill) and each step feeds one token;
+without it every step recomputes the whole sequence, which is the reference the cache is tested
+against.
 
 Under tensor parallelism every rank computes the same full logits (``gather_logits``); the token is
 chosen on the first rank of the TP group and broadcast, so all ranks feed the same token even when
@@ -62,7 +64,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
         raise ConfigError("every prompt needs at least one token (prefix an empty prompt with <eod>)")
     cfg = model.cfg
     longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > cfg.max_position_embeddings:
+    if cfg.max_sequence_length is not None and longest + max_new_tokens > cfg.max_sequence_length:
         raise ConfigError(
             f"prompt ({longest} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the model's "
             f"--max-position-embeddings ({cfg.max_position_embeddings})")

@@ -1,9 +1,11 @@
 """Key/value cache for incremental decoding: prefill the prompt once, then one token per step.
 
 A :class:`KVCache` holds, per layer, the keys and values of every position seen so far
-(``[batch, local_heads, length, head_dim]``; under tensor parallelism each rank caches its own
-heads). ``GPTModel.forward(tokens, kv_cache=cache)`` feeds only the new positions; the attention
-appends their keys/values and asks the cache for the mask.
+(``[batch, local key/value heads, length, head_dim]``: under tensor parallelism each rank caches its
+own, and under grouped-query attention there are G of them, not one per query head). Positions feed
+the position table or, for rotary positions, the rotation of the new queries and keys; cached keys
+keep the rotation of their own positions. ``GPTModel.forward(tokens, kv_cache=cache)`` feeds only
+the new positions; the attention appends their keys/values and asks the cache for the mask.
 
 Batches of prompts with different lengths are left-padded: ``append_padding_mask`` records which
 positions are real. Real queries never attend to padding; positions count real tokens only, so a

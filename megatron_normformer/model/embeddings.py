@@ -1,4 +1,8 @@
-"""Token embedding (vocab-parallel) plus sinusoidal or learned positions, and the vocabulary projection."""
+"""Token embedding (vocab-parallel) plus sinusoidal or learned positions, and the vocabulary projection.
+
+With rotary positions (``--position-embedding-type rope``) the embedding adds none: the attention
+rotates q and k (``model/rotary.py``), and nothing bounds the sequence length here.
+"""
 from __future__ import annotations
 
 import math
@@ -41,29 +45,31 @@ class Embedding(nn.Module):
         # Position p reads row p + offset (fairseq's tables start at its padding index + 1).
         self.position_offset = cfg.position_embedding_offset
         rows = cfg.max_position_embeddings + self.position_offset
+        self.register_parameter("position_embeddings", None)
+        self.register_buffer("sinusoid", None)  # rotary positions: neither a table nor a buffer
         if cfg.position_embedding_type == "learned":
             self.position_embeddings = mark_parallel(nn.Parameter(
                 torch.empty(rows, cfg.hidden_size, device=device)), None)
             fill_shard(self.position_embeddings, init.embedding("embedding.position_embeddings.weight"),
                        self.position_embeddings.shape)
-        else:
-            self.register_parameter("position_embeddings", None)
+        elif cfg.position_embedding_type == "sinusoidal":
             self.register_buffer(
                 "sinusoid", sinusoidal_positions(rows, cfg.hidden_size).to(device),
                 persistent=False)
 
     def forward(self, tokens: torch.Tensor, position_ids=None) -> torch.Tensor:
-        seq = tokens.size(1)
-        if seq > self.cfg.max_position_embeddings:
-            raise ValueError(f"sequence length {seq} exceeds --max-position-embeddings "
-                             f"({self.cfg.max_position_embeddings})")
         x = self.word_embeddings(tokens)
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
         table = self.position_embeddings if self.position_embeddings is not None else self.sinusoid
-        table = table[self.position_offset:]
-        positions = table[:seq].unsqueeze(0) if position_ids is None else table[position_ids]
-        x = x + positions.to(x.dtype)
+        if table is not None:
+            seq = tokens.size(1)
+            if seq > self.cfg.max_position_embeddings:
+                raise ValueError(f"sequence length {seq} exceeds --max-position-embeddings "
+                                 f"({self.cfg.max_position_embeddings})")
+            table = table[self.position_offset:]
+            positions = table[:seq].unsqueeze(0) if position_ids is None else table[position_ids]
+            x = x + positions.to(x.dtype)
         x = F.dropout(x, self.cfg.hidden_dropout, self.training)
         # Under sequence parallelism the layers take this rank's slice of the sequence.
         return scatter_to_sequence_parallel(x, self.sp_group)

@@ -114,7 +114,8 @@ def _embed(embedding: Embedding, flow: GPTFlow) -> GPTFlow:
 
 
 def _layer(layer: NormFormerLayer, flow: GPTFlow) -> GPTFlow:
-    return replace(flow, hidden=layer(flow.hidden, flow.mask(), kv_cache=flow.kv_cache))
+    return replace(flow, hidden=layer(flow.hidden, flow.mask(), kv_cache=flow.kv_cache,
+                                      position_ids=flow.position_ids))
 
 
 def _head(head: LMHead, flow: GPTFlow):

@@ -54,8 +54,12 @@ class WeightInit:
         return self._normal(name, self.std)
 
     def qkv(self, prefix: str) -> SpecPair:
+        """The fused QKV projection, drawn in its group-major layout [groups, (H/G queries, k, v),
+        head_dim] with the groups (the TP partition) outermost: with G = H that is
+        [heads, (q, k, v), head_dim], so a multi-head model draws what it always drew."""
         cfg = self.cfg
-        logical = (cfg.num_attention_heads, 3, cfg.head_dim)  # the fused output rows' layout
+        groups = cfg.query_groups
+        logical = (groups, cfg.num_attention_heads // groups + 2, cfg.head_dim)
         weight, bias = f"{prefix}.weight", f"{prefix}.bias"
         if self.fairseq:
             d = cfg.hidden_size

@@ -47,8 +47,10 @@ class NormFormerLayer(nn.Module):
         else:
             self.register_parameter("resid_scale", None)
 
-    def forward(self, x: torch.Tensor, attention_mask=None, kv_cache=None) -> torch.Tensor:
-        a = self.attention(self.input_layernorm(x), attention_mask, kv_cache=kv_cache)
+    def forward(self, x: torch.Tensor, attention_mask=None, kv_cache=None,
+                position_ids=None) -> torch.Tensor:
+        a = self.attention(self.input_layernorm(x), attention_mask, kv_cache=kv_cache,
+                           position_ids=position_ids)
         if self.post_attention_layernorm is not None:
             a = self.post_attention_layernorm(a)
         x = x + self._dropout(a)
