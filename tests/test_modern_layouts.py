@@ -265,3 +265,17 @@ def test_bad_combinations_stop_with_one_line_naming_the_flags(argv, tp, message)
 def test_normalization_choices():
     with pytest.raises(SystemExit):
         _model_flags("--normalization BatchNorm")
+
+
+def test_model_flops_count_grouped_kv_and_the_gate():
+    """MFU's FLOPs: K and V over G groups, SwiGLU's fc1 of 2F rows; G = H without SwiGLU is the
+    old 8bsh^2 + 4bs^2h + 4bshf per layer."""
+    from megatron_normformer.training.metrics import flops_per_iteration
+
+    b, s, v = 2, 16, 128
+    cfg = dataclasses.replace(BASE, num_query_groups=2, swiglu=True)
+    h, f, head_dim = cfg.hidden_size, cfg.ffn_hidden_size, cfg.head_dim
+    layer = 2 * b * s * h * ((8 + 2 * 2) * head_dim + h) + 4 * b * s * s * h + 2 * b * s * h * 3 * f
+    assert flops_per_iteration(cfg, b, s, v) == 3 * cfg.num_layers * layer + 3 * 2 * b * s * h * v
+    plain = 8 * b * s * h * h + 4 * b * s * s * h + 4 * b * s * h * f
+    assert flops_per_iteration(BASE, b, s, v) == 3 * BASE.num_layers * plain + 3 * 2 * b * s * h * v

@@ -52,7 +52,10 @@ def flops_per_iteration(cfg: ModelConfig, global_batch: int, seq: int, padded_vo
     """Model FLOPs of one iteration. ``head_fraction``: share of the positions that reach the output
     head (masked LM: the masked ones); ``head_dense``: the head has an h x h dense layer (RoBERTa)."""
     b, s, h, f, l = global_batch, seq, cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_layers
-    layer = 8 * b * s * h * h + 4 * b * s * s * h + 4 * b * s * h * f
+    # QKV (K and V over G groups), W_O, scores and context, fc1 (2F rows with SwiGLU), fc2.
+    qkv = (cfg.num_attention_heads + 2 * cfg.query_groups) * cfg.head_dim
+    fc1 = 2 * f if cfg.swiglu else f
+    layer = 2 * b * s * h * (qkv + h) + 4 * b * s * s * h + 2 * b * s * h * (fc1 + f)
     extra = 0
     if cfg.scale_attn:
         extra += LN_FLOPS_PER_ELEMENT * h
