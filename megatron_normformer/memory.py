@@ -222,6 +222,28 @@ def _norm_keeps_copy(cfg: ModelConfig, lay: Layout) -> bool:
     return cfg.normalization == "RMSNorm" and lay.dtype_bytes < 4
 
 
+def _qk_norm_activations(cfg: ModelConfig, lay: Layout, tokens: int) -> int:
+    """What ``--qk-layernorm``'s per-head norms of q and k keep: their inputs (q is a copy when
+    groups share K/V; k a view of the QKV output, kept anyway), their per-head statistics, and
+    without rotary positions the normalised q and k that SDPA keeps instead of views. Equal to what
+    autograd keeps for RMSNorm on the fused-attention path; LayerNorm q/k norms and the math path
+    keep somewhat more."""
+    if not cfg.qk_layernorm:
+        return 0
+    p, hd = lay.dtype_bytes, cfg.head_dim
+    n = 0
+    for heads, is_q in ((cfg.num_attention_heads // lay.tp, True), (cfg.query_groups // lay.tp, False)):
+        features = tokens * heads * hd
+        if _norm_keeps_copy(cfg, lay):
+            n += features * 4
+        elif is_q and cfg.query_groups != cfg.num_attention_heads:
+            n += features * p
+        n += tokens * heads * _norm_kept(cfg, lay, hd)
+        if cfg.position_embedding_type != "rope":
+            n += features * p
+    return n
+
+
 def layer_activations(cfg: ModelConfig, lay: Layout, masked: bool = False) -> Dict[str, int]:
     """Bytes one NormFormer layer keeps for its backward pass, per micro-batch, on one rank, by
     what keeps them (model/layer.py, attention.py, mlp.py, norms.py), without recomputation or
@@ -274,7 +296,7 @@ def layer_activations(cfg: ModelConfig, lay: Layout, masked: bool = False) -> Di
         score_mask = 1 if lay.device == "cuda" else 4
         score_bytes = scores * 4 + (scores * (score_mask + 4) if cfg.attention_dropout > 0 else 0)
         out["attention"] = 3 * tokens * h // t * 4 + score_bytes + context
-    out["attention"] += cos_sin
+    out["attention"] += cos_sin + _qk_norm_activations(cfg, lay, tokens)
     if cfg.scale_heads and cfg.head_scale_position == "pre-proj":
         # HeadScale scales the smaller of W_O's input and W_O (parallel/layers.py): the scaled
         # copy is what W_O's matmul keeps, the multiply the per-feature gammas.

@@ -51,7 +51,7 @@ def run_config(*flags):
     (ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=8, vocab_size=1000, **MODERN,
                  scale_attn=True, scale_fc=True, scale_heads=True, scale_resids=True), 2),
     (ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=8, vocab_size=1000,
-                 num_query_groups=2, swiglu=True), 2),
+                 num_query_groups=2, swiglu=True, qk_layernorm=True), 2),
 ])
 def test_parameters_equal_the_real_models(cfg, tp):
     real = summarize(cfg, tp)
@@ -133,6 +133,7 @@ def test_pipeline_transfers_are_counted_where_deepspeed_keeps_them():
     (None, True, 0.0, torch.float32, True),
     (None, True, 0.1, torch.bfloat16, True),
     (None, False, 0.0, torch.bfloat16, True),
+    (None, True, 0.0, torch.float32, "--qk-layernorm"),
 ])
 def test_layer_activations_equal_what_autograd_keeps(activation, scale_fc, dropout, dtype, modern):
     from megatron_normformer.model.layer import NormFormerLayer
@@ -142,6 +143,7 @@ def test_layer_activations_equal_what_autograd_keeps(activation, scale_fc, dropo
     flags = (f"--num-layers 1 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
              f"--max-position-embeddings 32 --micro-batch-size 2 "
              + (MODERN_FLAGS if modern else f"--activation-fn {activation}") + " "
+             + (modern if isinstance(modern, str) else "") + " "
              f"--hidden-dropout {dropout} --attention-dropout {dropout} --scale-attn --scale-heads "
              f"--scale-resids" + (" --scale-fc" if scale_fc else "") + (" --bf16" if dtype == torch.bfloat16 else ""))
     run = run_config(flags)

@@ -1,5 +1,5 @@
 """Issue 24's options on every layout: rotary positions, SwiGLU, grouped-query attention, RMSNorm,
-bias-free linears, an untied output, each alone and all together, with and without the four
+bias-free linears, an untied output, per-head q/k norms, each alone and all together, with and without the four
 NormFormer operations.
 
 The model (one forward and backward from one seed, no DeepSpeed): TP=2 for each option alone, TP 2
@@ -36,6 +36,7 @@ ALONE = {  # at TP=2, each with the NormFormer operations so that every norm kin
     "rmsnorm": dict(NORMFORMER, normalization="RMSNorm"),
     "no_bias": dict(NORMFORMER, add_bias_linear=False),
     "untied": dict(NORMFORMER, untie_embeddings_and_output_weights=True),
+    "qk_norm": dict(NORMFORMER, qk_layernorm=True, normalization="RMSNorm", num_query_groups=2),
 }
 TOGETHER = {"modern": MODERN, "modern_normformer": dict(MODERN, **NORMFORMER)}
 GQA_TP4 = {"gqa_g4": dict(NORMFORMER, num_query_groups=4), "gqa_g8": dict(NORMFORMER, num_query_groups=8)}
