@@ -123,3 +123,29 @@ def test_megatron_and_short_target_flags_are_the_same_option():
                               "--target-pipeline-parallel-size", "2"])
     short = parser.parse_args(["--load", "a", "--save", "b", "--target-tp", "4", "--target-pp", "2"])
     assert vars(long) == vars(short) and (long.target_tp, long.target_pp) == (4, 2)
+
+
+# -- the modern architecture (issue 24) ------------------------------------------------------------
+MODERN = BASE + ["--position-embedding-type", "rope", "--swiglu", "--group-query-attention",
+                 "--num-query-groups", "2", "--normalization", "RMSNorm", "--disable-bias-linear"]
+
+
+def test_modern_checkpoint_converts_across_layouts(tmp_path):
+    """Rotary positions, SwiGLU, two query groups, RMSNorm, no biases and the four NormFormer
+    operations, trained at TP=2 (groups and the interleaved fc1 cut over two ranks) for six
+    iterations; its iteration-3 checkpoint converted to (TP=1, PP=1) and (TP=1, PP=2) holds the same
+    tensors bit for bit, and training resumed from it at PP=2 continues the TP=2 curve."""
+    from megatron_normformer.checkpoint.convert import load_training_checkpoint, reshard
+
+    src = str(tmp_path / "tp2")
+    first = _losses(2, MODERN + ["--tensor-model-parallel-size", "2", "--save", src, "--save-interval", "3"])
+    full, cfg = load_training_checkpoint(src, "iter_0000003")
+    assert cfg.swiglu and cfg.num_query_groups == 2 and cfg.position_embedding_type == "rope"
+    for pp in (1, 2):
+        reshard(src, str(tmp_path / f"pp{pp}"), 1, pp, "iter_0000003")
+        again, cfg_again = load_training_checkpoint(str(tmp_path / f"pp{pp}"))
+        assert cfg_again == cfg and again.keys() == full.keys()
+        assert all(torch.equal(again[k], full[k]) for k in full)
+    resumed = _losses(2, MODERN + ["--pipeline-model-parallel-size", "2", "--load", str(tmp_path / "pp2")])
+    assert sorted(resumed) == [4, 5, 6]
+    _assert_continues(resumed, first)

@@ -3,12 +3,15 @@
 
 For a grid of models (each NormFormer operation alone and all four, both HeadScale placements,
 sinusoidal and learned positions with an offset, relu_squared, an untied output, fairseq's choices,
-a plain GPT-2 that goes native, and a TP=2 x PP=2 training checkpoint) the transformers model
+a plain GPT-2 that goes native, Llamas (rotary positions, SwiGLU, grouped-query attention, RMSNorm,
+no biases; tied and untied) that go native, the same with the four NormFormer operations and other
+modern mixes through the remote code, and a TP=2 x PP=2 training checkpoint) the transformers model
 computes what ours computes: logits to 1e-5, the 32 greedy tokens of a left-padded batch, the loss
 ``evaluate_perplexity`` reports; and the tensors come back bit for bit. The tokenizers give our ids;
 lm-eval's ``hf`` model gives our lm-eval adapter's numbers; the export loads in a process that cannot
 import this package; bad inputs get one line.
 """
+import argparse
 import contextlib
 import importlib.util
 import io
@@ -22,6 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from megatron_normformer.arguments import add_model_args, model_config_from_args
 from megatron_normformer.checkpoint.convert import from_full_state
 from megatron_normformer.checkpoint.inference import build_inference_model, load_full_state
 from megatron_normformer.checkpoint.release import build_model, full_state_dict, save_consolidated
@@ -60,6 +64,18 @@ GRID = {
                             final_layernorm=False, scale_embedding=False, activation_fn="relu"),
     "gpt2-native": dict(position_embedding_type="learned", scale_embedding=False),
 }
+LLAMA = dict(position_embedding_type="rope", swiglu=True, num_query_groups=2, normalization="RMSNorm",
+             add_bias_linear=False, scale_embedding=False)
+GRID.update({
+    "llama-native-tied": LLAMA,
+    "llama-native-untied": dict(LLAMA, untie_embeddings_and_output_weights=True),
+    "llama-with-normformer": dict(LLAMA, **NORMFORMER),
+    # multi-query attention, half the dims rotated, LayerNorm, biases, a plain activation
+    "rope-half-mqa-layernorm-bias": dict(NORMFORMER, position_embedding_type="rope", rotary_percent=0.5,
+                                         rotary_base=500, num_query_groups=1, activation_fn="relu"),
+})
+NATIVE = {"gpt2-native": "GPT2LMHeadModel", "llama-native-tied": "LlamaForCausalLM",
+          "llama-native-untied": "LlamaForCausalLM"}
 TRAINED = "tp2-pp2-training-checkpoint"
 
 
@@ -107,8 +123,10 @@ def convert_tool(*args):
 
 
 def load_hf(path, masked=False):
+    """The model of an export; a native one loads without trust_remote_code, which is the point."""
     auto = transformers.AutoModelForMaskedLM if masked else transformers.AutoModelForCausalLM
-    return auto.from_pretrained(str(path), trust_remote_code=True).eval()
+    remote = os.path.exists(os.path.join(path, "modeling_normformer.py"))
+    return auto.from_pretrained(str(path), trust_remote_code=remote).eval()
 
 
 def left_padded(prompts, pad=0):
@@ -149,10 +167,10 @@ def case(request, tmp_path_factory):
     return dict(name=request.param, source=source, out=out, ours=ours, hf=load_hf(out))
 
 
-def test_native_gpt2_exactly_when_the_layout_is_gpt2s(case):
+def test_native_exactly_when_the_layout_is_llamas_or_gpt2s(case):
     config = json.loads((case["out"] / "config.json").read_text())
-    native = case["name"] == "gpt2-native"
-    assert type(case["hf"]).__name__ == ("GPT2LMHeadModel" if native else "NormFormerForCausalLM")
+    native = case["name"] in NATIVE
+    assert type(case["hf"]).__name__ == NATIVE.get(case["name"], "NormFormerForCausalLM")
     assert ("auto_map" in config) != native
     assert (case["out"] / "modeling_normformer.py").exists() != native
 
@@ -217,7 +235,8 @@ def test_hf_to_ours_to_hf_is_identical_through_the_tool(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("name", ["post-proj-learned-offset-relu2-untied", "gpt2-native"])
+@pytest.mark.parametrize("name", ["post-proj-learned-offset-relu2-untied", "gpt2-native",
+                                  "llama-native-untied"])
 def test_a_model_fine_tuned_and_saved_by_transformers_comes_back(tmp_path, name):
     """One optimiser step in transformers, save_pretrained (its own file layout: a tied output is
     not stored), then our model from that directory computes what transformers' does."""
@@ -238,6 +257,37 @@ def test_a_model_fine_tuned_and_saved_by_transformers_comes_back(tmp_path, name)
     from_full_state(full, cfg_back, str(tmp_path / "continue"), 2, 1)  # what --save writes
 
 
+def test_a_transformers_llama_converts_to_a_training_checkpoint(tmp_path):
+    """How Llama weights come in: a LlamaForCausalLM made by transformers (grouped-query, rope_theta
+    500000, untied, bfloat16 on disk) -> --load DIR --save (TP=2): our model computes its logits."""
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POS, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False)
+    torch.manual_seed(5)
+    perturbed(transformers.LlamaForCausalLM(config), seed=5).to(torch.bfloat16).save_pretrained(
+        str(tmp_path / "llama"))
+    # read back in fp32: the bfloat16 model's rotary frequencies are bfloat16 too
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "llama"),
+                                                               dtype=torch.float32).eval()
+    code, out, err = convert_tool("--load", tmp_path / "llama", "--save", tmp_path / "ours", "--target-tp", 2)
+    assert code == 0 and "for TP=2, PP=1 (fresh optimizer)" in out, err
+    ours, cfg = build_inference_model(str(tmp_path / "ours"))
+    # the printed command's model flags describe this model
+    train_on = out.splitlines()[-1].split("--finetune --vocab-size 96 ")[1].split()
+    rebuilt = model_config_from_args(add_model_args(argparse.ArgumentParser()).parse_args(train_on),
+                                     vocab_size=VOCAB)
+    assert ({k: v for k, v in rebuilt.to_dict().items() if not k.endswith("dropout")}
+            == {k: v for k, v in cfg.to_dict().items() if not k.endswith("dropout")})
+    assert (cfg.num_query_groups, cfg.rotary_base, cfg.ffn_hidden_size, cfg.hidden_dropout) == (
+        2, 500000, 96, 0.0)
+    assert cfg.untie_embeddings_and_output_weights and not cfg.scale_embedding
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.gather_logits(ours(tokens)), theirs(tokens).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_a_fairseq_checkpoint_exports_straight_to_transformers(tmp_path):
     """fairseq -> --output-hf: transformers' logits equal fairseq's forward (the fairseq import
     test's float64 re-implementation), HeadScale after the projection, positions at offset 2, an
@@ -255,8 +305,9 @@ def test_a_fairseq_checkpoint_exports_straight_to_transformers(tmp_path):
 
 
 # -- the masked LM -------------------------------------------------------------------------------
-def test_masked_lm_exports_to_auto_model_for_masked_lm(tmp_path):
-    cfg = tiny_config(**NORMFORMER, bidirectional=True)
+@pytest.mark.parametrize("modern", [False, True], ids=["normformer", "normformer-rope-swiglu-gqa-rmsnorm"])
+def test_masked_lm_exports_to_auto_model_for_masked_lm(tmp_path, modern):
+    cfg = tiny_config(**NORMFORMER, **(LLAMA if modern else {}), bidirectional=True)
     ours = perturbed(BertModel(cfg, SingleProcessState(), seed=4), seed=4)
     full = full_state_dict(ours, None, VOCAB)
     hf_interop.export_hf(full, cfg, str(tmp_path / "hf"))
@@ -453,10 +504,14 @@ def test_export_loads_where_this_package_cannot_be_imported(setup, exported, tmp
 
 # -- bad input, and what the export must keep up with ----------------------------------------------
 def test_bad_inputs_get_one_line(tmp_path):
-    llama = tmp_path / "llama"
-    llama.mkdir()
-    (llama / "config.json").write_text(json.dumps({"model_type": "llama",
-                                                   "architectures": ["LlamaForCausalLM"]}))
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    (qwen / "config.json").write_text(json.dumps({"model_type": "qwen2",
+                                                  "architectures": ["Qwen2ForCausalLM"]}))
+    llama31 = tmp_path / "llama31"  # Llama 3.1's scaled rope
+    llama31.mkdir()
+    (llama31 / "config.json").write_text(json.dumps({
+        "model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}))
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
@@ -464,6 +519,10 @@ def test_bad_inputs_get_one_line(tmp_path):
     release = str(tmp_path / "release")
     full = full_state_dict(GPTModel(cfg, SingleProcessState()), None, VOCAB)
     save_consolidated(release, full, cfg)
+    modern = str(tmp_path / "modern")
+    modern_cfg = tiny_config(**dict(LLAMA, add_bias_linear=True))
+    save_consolidated(modern, full_state_dict(GPTModel(modern_cfg, SingleProcessState()), None, VOCAB),
+                      modern_cfg)
     partial = tmp_path / "partial"
     hf_interop.export_hf(full, cfg, str(partial))
     weights = load_file(str(partial / "model.safetensors"))
@@ -472,12 +531,18 @@ def test_bad_inputs_get_one_line(tmp_path):
     cases = [
         (["--load", partial, "--save", tmp_path / "t"],
          "the weights do not match config.json: missing ['layers.1.mlp.ffn_layernorm.bias'], unexpected []"),
-        (["--load", llama, "--save", tmp_path / "x"], "a transformers llama model (LlamaForCausalLM)"),
+        (["--load", qwen, "--save", tmp_path / "x"], "a transformers qwen2 model (Qwen2ForCausalLM); "
+         "only NormFormer exports (--output-hf), Llama and GPT-2 convert"),
+        (["--load", llama31, "--save", tmp_path / "x2"],
+         "rope_type 'llama3'; only unscaled rotary positions convert"),
         (["--load", broken, "--output-hf", tmp_path / "y"], "config.json: not a transformers config"),
         (["--load", tmp_path / "nothing", "--output-hf", tmp_path / "z"], "nothing"),
         (["--load", release, "--output-hf", tmp_path / "w", "--hf-native"],
          "--hf-native: this model is no GPT-2: NormFormer operations (--scale-attn, --scale-fc, "
          "--scale-heads, --scale-resids)"),
+        (["--load", modern, "--output-hf", tmp_path / "w2", "--hf-native"],
+         "--hf-native: this model is no Llama: linears with biases (Llama's have none: "
+         "--disable-bias-linear)"),
         (["--load", release, "--save", tmp_path / "v", "--tokenizer-type", "NullTokenizer"],
          "--tokenizer-type and --hf-native go with --output-hf"),
         (["--load", release, "--output-hf", tmp_path / "u", "--tokenizer-type", "GPT2BPETokenizer"],
@@ -518,7 +583,9 @@ FORWARD_FIELDS = {  # ModelConfig field -> the NormFormerConfig attribute the mo
     "untie_embeddings_and_output_weights": "tie_word_embeddings", "final_layernorm": "final_layernorm",
     "hidden_dropout": "hidden_dropout", "attention_dropout": "attention_dropout",
     "layernorm_epsilon": "layer_norm_eps", "scale_embedding": "scale_embedding",
-    "bidirectional": "bidirectional",
+    "bidirectional": "bidirectional", "rotary_base": "rotary_base", "rotary_percent": "rotary_percent",
+    "swiglu": "swiglu", "num_query_groups": "num_query_groups", "normalization": "normalization",
+    "add_bias_linear": "add_bias_linear", "qk_layernorm": "qk_layernorm",
 }
 
 

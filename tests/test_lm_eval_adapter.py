@@ -185,3 +185,47 @@ def test_lm_eval_cli_reports_the_same_accuracy(setup, api_results):
     assert len(result_files) == 1, done.stdout[-2000:]
     acc = json.loads(result_files[0].read_text())["results"]["nf_tiny_mc"]["acc,none"]
     assert acc == pytest.approx(api_results["results"]["nf_tiny_mc"]["acc,none"])
+
+
+def test_a_rope_gqa_model_scores_what_its_forward_pass_says(setup, tmp_path):
+    """Grouped-query attention with rotary positions, SwiGLU and RMSNorm, at max_length 128 past
+    its max_position_embeddings of 32 (rotary positions have no table to run off)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import megatron_normformer.inference.lm_eval  # noqa: F401 - registers the model type
+    from megatron_normformer.checkpoint.release import full_state_dict, save_consolidated
+    from megatron_normformer.config import ModelConfig
+    from megatron_normformer.model.gpt import GPTModel
+    from megatron_normformer.parallel.state import SingleProcessState
+
+    tok = setup["tok"]
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                      position_embedding_type="rope", swiglu=True, normalization="RMSNorm",
+                      add_bias_linear=False, scale_attn=True, scale_fc=True, scale_heads=True,
+                      scale_resids=True, vocab_size=tok.vocab_size, max_position_embeddings=32,
+                      make_vocab_size_divisible_by=8, hidden_dropout=0.0, attention_dropout=0.0)
+    model = GPTModel(cfg, SingleProcessState(), seed=6)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():  # away from the near-uniform initial distribution
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    base = str(tmp_path / "rope_gqa")
+    save_consolidated(base, full_state_dict(model, None, cfg.vocab_size), cfg)
+    os.environ.update(OFFLINE)
+    os.environ["HF_DATASETS_CACHE"] = str(setup["tmp"] / "hf_cache")
+    result = lm_eval.simple_evaluate(
+        model="megatron_normformer", tasks=["nf_tiny_mc"], batch_size=3, device="cpu",
+        model_args=setup["model_args"].replace(f"checkpoint={setup['base']}", f"checkpoint={base}"),
+        task_manager=TaskManager(include_path=str(setup["tasks"]), include_defaults=False),
+        log_samples=True)
+    model, _ = build_inference_model(base, device="cpu")
+    samples = sorted(result["samples"]["nf_tiny_mc"], key=lambda s: s["doc_id"])
+    assert len(samples) == 8
+    lengths = []
+    for sample, item in zip(samples, setup["items"]):
+        direct = [direct_loglikelihood(model, tok, item["context"], " " + c) for c in item["choices"]]
+        reported = [float(r[0]) for r in sample["filtered_resps"]]
+        assert reported == pytest.approx(direct, rel=1e-6, abs=1e-5)
+        lengths.append(len(tok.encode(item["context"] + " " + item["choices"][0])))
+    assert max(lengths) > cfg.max_position_embeddings
