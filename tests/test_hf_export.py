@@ -13,6 +13,7 @@ import this package; bad inputs get one line.
 """
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import json
@@ -31,6 +32,7 @@ from megatron_normformer.checkpoint.inference import build_inference_model, load
 from megatron_normformer.checkpoint.release import build_model, full_state_dict, save_consolidated
 from megatron_normformer.checkpoint.training import resolve_tag
 from megatron_normformer.config import ConfigError, ModelConfig
+from megatron_normformer.config.model import MODEL_SIZE_PRESETS
 from megatron_normformer.data.tokenizers import build_tokenizer
 from megatron_normformer.inference.generation import generate
 from megatron_normformer.inference.perplexity import evaluate_perplexity
@@ -70,9 +72,10 @@ GRID.update({
     "llama-native-tied": LLAMA,
     "llama-native-untied": dict(LLAMA, untie_embeddings_and_output_weights=True),
     "llama-with-normformer": dict(LLAMA, **NORMFORMER),
-    # multi-query attention, half the dims rotated, LayerNorm, biases, a plain activation
-    "rope-half-mqa-layernorm-bias": dict(NORMFORMER, position_embedding_type="rope", rotary_percent=0.5,
-                                         rotary_base=500, num_query_groups=1, activation_fn="relu"),
+    # multi-query attention, half the dims rotated, q/k norms, LayerNorm, biases, a plain activation
+    "rope-half-mqa-qknorm-layernorm-bias": dict(
+        NORMFORMER, position_embedding_type="rope", rotary_percent=0.5, rotary_base=500,
+        num_query_groups=1, qk_layernorm=True, activation_fn="relu"),
 })
 NATIVE = {"gpt2-native": "GPT2LMHeadModel", "llama-native-tied": "LlamaForCausalLM",
           "llama-native-untied": "LlamaForCausalLM"}
@@ -589,11 +592,17 @@ FORWARD_FIELDS = {  # ModelConfig field -> the NormFormerConfig attribute the mo
 }
 
 
+@pytest.mark.parametrize("size", [name for name in MODEL_SIZE_PRESETS if name.startswith("llama-")])
+def test_llama_presets_export_as_native_llamas(size):
+    cfg = ModelConfig(vocab_size=VOCAB, **MODEL_SIZE_PRESETS[size].fields()).validate()
+    assert hf_interop.llama_refusal(cfg) is None
+    assert hf_interop.llama_refusal(dataclasses.replace(cfg, scale_resids=True)) == (
+        "NormFormer operations (--scale-resids)")
+
+
 def test_every_model_config_field_reaches_the_exported_model():
     """A field added to ModelConfig fails here until the export carries it: either the modeling
     code reads it, or it does not change what a trained model computes."""
-    import dataclasses
-
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     assert fields == set(FORWARD_FIELDS) | set(hf_interop.TRAINING_ONLY_FIELDS)
     source = open(os.path.join(hf_interop.REMOTE_CODE_DIR, "modeling_normformer.py")).read()
