@@ -149,3 +149,17 @@ def test_modern_checkpoint_converts_across_layouts(tmp_path):
     resumed = _losses(2, MODERN + ["--pipeline-model-parallel-size", "2", "--load", str(tmp_path / "pp2")])
     assert sorted(resumed) == [4, 5, 6]
     _assert_continues(resumed, first)
+
+
+def test_target_layout_the_model_cannot_run_is_refused(tmp_path):
+    """A multi-query model (one K/V group) cannot be cut over two TP ranks: the conversion stops
+    naming the groups before it writes anything (it used to check the heads only)."""
+    from megatron_normformer.checkpoint.convert import _write_checkpoint
+    from megatron_normformer.config import ModelConfig
+    from megatron_normformer.config.base import ConfigError
+
+    cfg = ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=4, num_query_groups=1,
+                      vocab_size=100)
+    with pytest.raises(ConfigError, match=r"--target-tp 2: --num-query-groups \(1\)"):
+        _write_checkpoint(str(tmp_path / "out"), "iter_0000001", {}, {}, cfg, 2, 1, 1, {"run": {}})
+    assert not os.path.exists(tmp_path / "out")

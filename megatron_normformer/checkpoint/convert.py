@@ -78,9 +78,10 @@ def _write_checkpoint(save_dir: str, tag: str, tensors_by_name, layout: Dict[str
     """``save_dir/tag`` holding the universal shards for (tp, pp) and a ``run.json``, and
     ``latest`` naming it; returns the tag. Written into a temporary directory and renamed into
     place (``checkpoint/atomic.py``): a failed or killed conversion leaves ``save_dir`` as it was."""
-    if cfg.num_attention_heads % tp or cfg.ffn_hidden_size % tp:
-        raise ConfigError(f"--target-tp {tp}: heads ({cfg.num_attention_heads}) and FFN size "
-                          f"({cfg.ffn_hidden_size}) must be divisible by it")
+    try:  # the model's own rule: heads, query groups and FFN size divisible by the TP degree
+        cfg.validate(tp)
+    except ConfigError as e:
+        raise ConfigError(f"--target-tp {tp}: {e}") from None
     meta = json.loads(json.dumps(run_meta))
     meta["run"]["parallel"] = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}
     meta["universal_only"] = True  # no DeepSpeed files: --load goes through the universal path
