@@ -299,29 +299,41 @@ def test_masked_lm_with_rotary_positions():
     assert (changed[0, 0] - alone[0, 0]).abs().max() > 1e-4  # bidirectional: the first sees the last
 
 
-def _qk_norm_tp(tp, cfg):
+QK_NORM = {kind: dataclasses.replace(ROPE, num_query_groups=2, qk_layernorm=True, normalization=kind,
+                                     untie_embeddings_and_output_weights=True)
+           for kind in ("LayerNorm", "RMSNorm")}
+
+
+def _qk_norm_tp(tp):
     import torch.distributed as dist
 
     from megatron_normformer.checkpoint.shards import full_tensor
     from megatron_normformer.parallel.state import ParallelState
 
     pstate = ParallelState(tensor_model_parallel_size=tp)
-    model = GPTModel(cfg, pstate, seed=8)
-    tokens = torch.randint(0, 127, (2, 11), generator=torch.Generator().manual_seed(9))
-    loss = model(tokens[:, :-1], tokens[:, 1:]).mean()
-    loss.backward()
-    grads = {n: full_tensor(p, p.grad, pstate.tp_group) for n, p in model.named_parameters()}
-    with torch.no_grad():
-        logits = model.gather_logits(model(tokens))
+    out = {}
+    for kind, cfg in QK_NORM.items():
+        model = GPTModel(cfg, pstate, seed=8)
+        tokens = torch.randint(0, 127, (2, 11), generator=torch.Generator().manual_seed(9))
+        loss = model(tokens[:, :-1], tokens[:, 1:]).mean()
+        loss.backward()
+        grads = {n: full_tensor(p, p.grad, pstate.tp_group) for n, p in model.named_parameters()}
+        with torch.no_grad():
+            logits = model.gather_logits(model(tokens))
+        out[kind] = dict(loss=loss.item(), logits=logits, grads=grads)
     dist.barrier()
-    return dict(loss=loss.item(), logits=logits, grads=grads) if dist.get_rank() == 0 else None
+    return out if dist.get_rank() == 0 else None
 
 
-@pytest.mark.parametrize("normalization", ["LayerNorm", "RMSNorm"])
-def test_qk_layernorm_across_tensor_parallel_ranks(normalization):
-    cfg = dataclasses.replace(ROPE, num_query_groups=2, qk_layernorm=True, normalization=normalization,
-                              untie_embeddings_and_output_weights=True)
-    one, two = spawn(_qk_norm_tp, 1, 1, cfg)[0], spawn(_qk_norm_tp, 2, 2, cfg)[0]
+@pytest.fixture(scope="module")
+def qk_norm_runs():
+    return spawn(_qk_norm_tp, 1, 1)[0], spawn(_qk_norm_tp, 2, 2)[0]
+
+
+@pytest.mark.parametrize("normalization", list(QK_NORM))
+def test_qk_layernorm_across_tensor_parallel_ranks(qk_norm_runs, normalization):
+    cfg = QK_NORM[normalization]
+    one, two = (run[normalization] for run in qk_norm_runs)
     assert abs(one["loss"] - two["loss"]) <= 1e-5 * abs(one["loss"])
     torch.testing.assert_close(two["logits"], one["logits"], rtol=0, atol=1e-5)
     norms = [n for n in one["grads"] if ".attention.q_layernorm." in n or ".attention.k_layernorm." in n]
