@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         pstate = cli.parallel_state_from_env()
         model, cfg = cli.load_model_from_args(args, pstate)
         seq_length = args.seq_length or cfg.max_position_embeddings
-        if seq_length > cfg.max_position_embeddings:
+        if cfg.max_sequence_length is not None and seq_length > cfg.max_sequence_length:
             raise ConfigError(f"--seq-length ({seq_length}) exceeds the checkpoint's "
                               f"max_position_embeddings ({cfg.max_position_embeddings})")
         wanted = [0, 0, 0]
