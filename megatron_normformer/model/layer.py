@@ -7,7 +7,8 @@
     y = MLP(LN_pre_mlp(x))               FFN LN over all of F inside (--scale-fc)
     x = lambda * x + dropout(y)          ResScale (--scale-resids), FFN residual only
 
-With all four off this is the plain Pre-LN transformer layer.
+With all four off this is the plain Pre-LN transformer layer. Every LN above is the kind
+``--normalization`` chooses (LayerNorm or RMSNorm; ``model/norms.Norm``).
 
 Under sequence parallelism (``--sequence-parallel``) x, the LayerNorms, ResScale, the dropouts and
 the residual adds see this rank's slice of the sequence; attention and the MLP gather it on entry
