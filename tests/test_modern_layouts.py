@@ -20,7 +20,7 @@ import torch
 
 from megatron_normformer.config import ModelConfig
 from megatron_normformer.testing import spawn
-from train_utils import assert_close, train_many
+from train_utils import assert_close, rel_error, step_in_full, train_many
 
 # 8 heads of 8 dims (rotary_percent 0.5 still rotates an even 4), F = 128: every count divides by 4.
 BASE = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=8, ffn_hidden_size=128,
@@ -52,7 +52,6 @@ ALL_CONFIGS = {**ALONE, **TOGETHER, **GQA_TP4}
 def _run(tp, sequence_parallel, names):
     import torch.distributed as dist
 
-    from megatron_normformer.checkpoint.shards import full_tensor
     from megatron_normformer.model.gpt import GPTModel
     from megatron_normformer.parallel.random import seed_everything
     from megatron_normformer.parallel.state import ParallelState
@@ -67,18 +66,7 @@ def _run(tp, sequence_parallel, names):
         tokens = torch.randint(0, cfg.vocab_size, (3, 17), generator=torch.Generator().manual_seed(5))
         if cfg.position_embedding_type != "rope":
             tokens = tokens[:, :9]
-        loss = model(tokens[:, :-1], tokens[:, 1:]).mean()
-        loss.backward()
-        with torch.no_grad():
-            logits = model.gather_logits(model(tokens[:, :-1]))
-        weights, grads = {}, {}
-        for pname, p in model.named_parameters():
-            w = full_tensor(p, p.detach(), pstate.tp_group)
-            g = full_tensor(p, p.grad, pstate.tp_group)
-            if pname.endswith("word_embeddings.weight") or pname == "head.weight":
-                w, g = w[: cfg.vocab_size], g[: cfg.vocab_size]  # padding differs with TP
-            weights[pname], grads[pname] = w, g
-        out[name] = dict(loss=loss.item(), logits=logits, weights=weights, grads=grads)
+        out[name] = step_in_full(model, cfg, pstate, tokens)
     dist.barrier()
     return out if dist.get_rank() == 0 else None
 
@@ -91,10 +79,6 @@ def model_results():
     return out
 
 
-def _rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 @pytest.mark.parametrize("layout,config", [(layout, name) for layout, (_, _, configs) in LAYOUTS.items()
                                            for name in configs])
 def test_layout_matches_single_process(model_results, layout, config):
@@ -103,9 +87,9 @@ def test_layout_matches_single_process(model_results, layout, config):
     for name in ref["weights"]:
         assert torch.equal(ref["weights"][name], got["weights"][name]), name
     assert abs(got["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"])
-    assert _rel(got["logits"], ref["logits"]) < 1e-5
+    assert rel_error(got["logits"], ref["logits"]) < 1e-5
     for name in ref["grads"]:
-        assert _rel(got["grads"][name], ref["grads"][name]) < 1e-5, name
+        assert rel_error(got["grads"][name], ref["grads"][name]) < 1e-5, name
 
 
 def test_options_shape_the_parameters(model_results):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from megatron_normformer.config import ModelConfig
 from megatron_normformer.testing import spawn
+from train_utils import rel_error, step_in_full
 
 BASE = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256,
                    vocab_size=100, max_position_embeddings=32, hidden_dropout=0.0,
@@ -33,7 +34,6 @@ def _run_configs(tp, sequence_parallel=False):
     import torch.distributed as dist
 
     from megatron_normformer.model.gpt import GPTModel
-    from megatron_normformer.checkpoint.shards import full_tensor
     from megatron_normformer.parallel.random import seed_everything
     from megatron_normformer.parallel.state import ParallelState
 
@@ -46,18 +46,7 @@ def _run_configs(tp, sequence_parallel=False):
         # Train-mode forward (dropout is 0): exercises the training code path. 16 positions: the
         # sequence splits evenly over 2 and 4 ranks under sequence parallelism.
         tokens = torch.randint(0, cfg.vocab_size, (3, 17), generator=torch.Generator().manual_seed(5))
-        loss = model(tokens[:, :-1], tokens[:, 1:]).mean()
-        loss.backward()
-        with torch.no_grad():
-            logits = model.gather_logits(model(tokens[:, :-1]))
-        weights, grads = {}, {}
-        for pname, p in model.named_parameters():
-            w = full_tensor(p, p.detach(), pstate.tp_group)
-            g = full_tensor(p, p.grad, pstate.tp_group)
-            if pname.endswith("word_embeddings.weight") or pname == "head.weight":
-                w, g = w[: cfg.vocab_size], g[: cfg.vocab_size]  # padding differs with TP
-            weights[pname], grads[pname] = w, g
-        out[name] = dict(loss=loss.item(), logits=logits, weights=weights, grads=grads)
+        out[name] = step_in_full(model, cfg, pstate, tokens)
     dist.barrier()
     return out if dist.get_rank() == 0 else None
 
@@ -69,10 +58,6 @@ def results():
     return out
 
 
-def _rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("tp", [2, 4, "sp2", "sp4"])
 def test_tp_matches_single_process(results, config, tp):
@@ -82,9 +67,9 @@ def test_tp_matches_single_process(results, config, tp):
     for name in ref["weights"]:
         assert torch.equal(ref["weights"][name], got["weights"][name]), name
     assert abs(got["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"])
-    assert _rel(got["logits"], ref["logits"]) < 1e-5
+    assert rel_error(got["logits"], ref["logits"]) < 1e-5
     for name in ref["grads"]:
-        assert _rel(got["grads"][name], ref["grads"][name]) < 1e-5, name
+        assert rel_error(got["grads"][name], ref["grads"][name]) < 1e-5, name
 
 
 def test_normformer_parameters_receive_gradients(results):

@@ -62,3 +62,30 @@ def make_null_dataset(tmpdir: str, vocab: int = 128, docs: int = 300) -> str:
                     "--tokenizer-type", "NullTokenizer", "--vocab-size", str(vocab), "--append-eod",
                     "--output-prefix", prefix, "--workers", "1"], check=True, capture_output=True)
     return prefix + "_text_document"
+
+
+def step_in_full(model, cfg, pstate, tokens) -> dict:
+    """One forward and backward of a GPT ``model`` on ``tokens`` (inputs and shifted labels): the
+    mean loss, the full logits, and every weight and gradient gathered over TP with the vocabulary
+    padding dropped (the padding differs with the TP degree), so any layout compares with one process."""
+    import torch
+
+    from megatron_normformer.checkpoint.shards import full_tensor
+
+    loss = model(tokens[:, :-1], tokens[:, 1:]).mean()
+    loss.backward()
+    with torch.no_grad():
+        logits = model.gather_logits(model(tokens[:, :-1]))
+    weights, grads = {}, {}
+    for name, p in model.named_parameters():
+        w = full_tensor(p, p.detach(), pstate.tp_group)
+        g = full_tensor(p, p.grad, pstate.tp_group)
+        if name.endswith("word_embeddings.weight") or name == "head.weight":
+            w, g = w[: cfg.vocab_size], g[: cfg.vocab_size]
+        weights[name], grads[name] = w, g
+    return dict(loss=loss.item(), logits=logits, weights=weights, grads=grads)
+
+
+def rel_error(a, b) -> float:
+    """|a - b| / |b| (Frobenius norms)."""
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
